@@ -1,0 +1,1 @@
+"""Dagster objects: assets, checks, jobs, sensors, schedules and alerts."""

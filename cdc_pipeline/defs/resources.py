@@ -1,0 +1,43 @@
+"""The resources of the code location, wired to the CDC_* environment variables (see .env.example).
+
+A variable that is set is passed as an `EnvVar`, so Dagster resolves it at launch and shows only its
+name in the UI; an unset one falls back to the local-stack default from `Settings`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from dagster import EnvVar
+
+from cdc_pipeline.resources import (
+    ClickHouseResource,
+    KafkaConnectResource,
+    KafkaResource,
+    PostgresResource,
+    SparkResource,
+)
+from cdc_pipeline.settings import ENV_PREFIX, Settings
+
+
+def _value(field: str, default: Any) -> Any:
+    name = ENV_PREFIX + field.upper()
+    return EnvVar(name) if os.environ.get(name) else default
+
+
+def build_resources(settings: Settings | None = None) -> dict[str, Any]:
+    defaults = settings or Settings(_env_file=None)  # defaults only; live values come via EnvVar
+    return {
+        "postgres": PostgresResource(
+            dsn=_value("postgres_dsn", defaults.postgres_dsn), password=_value("postgres_password", None)
+        ),
+        "kafka": KafkaResource(bootstrap_servers=_value("kafka_bootstrap_servers", defaults.kafka_bootstrap_servers)),
+        "kafka_connect": KafkaConnectResource(url=_value("connect_url", defaults.connect_url)),
+        "spark": SparkResource(master=_value("spark_master", defaults.spark_master)),
+        "clickhouse": ClickHouseResource(
+            url=_value("clickhouse_url", defaults.clickhouse_endpoint),
+            user=_value("clickhouse_user", defaults.clickhouse_user),
+            password=_value("clickhouse_password", None),
+            database=_value("clickhouse_database", defaults.clickhouse_database),
+        ),
+    }

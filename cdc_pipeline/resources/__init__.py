@@ -1,0 +1,15 @@
+"""Dagster resources, one per external system, each with a `health()` probe."""
+
+from cdc_pipeline.resources.clickhouse import ClickHouseResource
+from cdc_pipeline.resources.connect import KafkaConnectResource
+from cdc_pipeline.resources.kafka import KafkaResource
+from cdc_pipeline.resources.postgres import PostgresResource
+from cdc_pipeline.resources.spark import SparkResource
+
+__all__ = [
+    "ClickHouseResource",
+    "KafkaConnectResource",
+    "KafkaResource",
+    "PostgresResource",
+    "SparkResource",
+]

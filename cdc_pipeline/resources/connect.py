@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+import requests
+from dagster import ConfigurableResource
+from pydantic import Field
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
+
+from cdc_pipeline.health import Health, connect_health
+
+
+class ConnectError(RuntimeError):
+    """The Kafka Connect REST API refused a request; the message carries Connect's own error."""
+
+
+def _retryable(exc: BaseException) -> bool:
+    # Connection trouble and 409 (a rebalance in progress) pass; other answers are final.
+    if isinstance(exc, requests.ConnectionError | requests.Timeout):
+        return True
+    return isinstance(exc, ConnectError) and "409" in str(exc).split(" ", 1)[0]
+
+
+class KafkaConnectResource(ConfigurableResource):
+    """A Kafka Connect cluster's REST API: connector configs, status, pause/resume/restart."""
+
+    url: str = Field(description="Base URL of the Connect REST API (CDC_CONNECT_URL).")
+    timeout_s: float = 30.0
+
+    @retry(
+        retry=retry_if_exception(_retryable),
+        stop=stop_after_attempt(6),
+        wait=wait_exponential(0.5, max=8),
+        reraise=True,
+    )
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        response = requests.request(method, f"{self.url.rstrip('/')}{path}", json=body, timeout=self.timeout_s)
+        if response.status_code >= 400:
+            try:
+                message = response.json().get("message", response.text)
+            except ValueError:
+                message = response.text
+            raise ConnectError(f"{response.status_code} {method} {path}: {message}")
+        return response.json() if response.content else None
+
+    def connector_plugins(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/connector-plugins")
+
+    def connectors(self) -> list[str]:
+        return self.request("GET", "/connectors")
+
+    def put_connector_config(self, name: str, config: dict[str, Any]) -> dict[str, Any]:
+        """Create or update (idempotent)."""
+        return self.request("PUT", f"/connectors/{quote(name)}/config", config)
+
+    def connector_config(self, name: str) -> dict[str, Any]:
+        return self.request("GET", f"/connectors/{quote(name)}/config")
+
+    def connector_status(self, name: str) -> dict[str, Any]:
+        return self.request("GET", f"/connectors/{quote(name)}/status")
+
+    def pause(self, name: str) -> None:
+        self.request("PUT", f"/connectors/{quote(name)}/pause")
+
+    def resume(self, name: str) -> None:
+        self.request("PUT", f"/connectors/{quote(name)}/resume")
+
+    def restart(self, name: str, *, include_tasks: bool = True, only_failed: bool = False) -> Any:
+        query = f"?includeTasks={str(include_tasks).lower()}&onlyFailed={str(only_failed).lower()}"
+        return self.request("POST", f"/connectors/{quote(name)}/restart{query}")
+
+    def delete(self, name: str) -> None:
+        self.request("DELETE", f"/connectors/{quote(name)}")
+
+    def health(self) -> Health:
+        return connect_health(self.url)

@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+from typing import Any
+
+from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import AdminClient
+from dagster import ConfigurableResource
+from pydantic import Field
+
+from cdc_pipeline.health import Health, kafka_health
+
+
+class KafkaResource(ConfigurableResource):
+    """The Kafka cluster (confluent-kafka admin, producer and consumer clients)."""
+
+    bootstrap_servers: str = Field(description="Comma-separated host:port list (CDC_KAFKA_BOOTSTRAP_SERVERS).")
+    client_config: dict[str, str] = Field(
+        default_factory=dict, description="Extra librdkafka settings, e.g. security.protocol, sasl.*."
+    )
+
+    def _config(self, **extra: Any) -> dict[str, Any]:
+        return {"bootstrap.servers": self.bootstrap_servers, **self.client_config, **extra}
+
+    def admin(self) -> AdminClient:
+        return AdminClient(self._config())
+
+    def producer(self, **extra: Any) -> Producer:
+        return Producer(self._config(**extra))
+
+    def consumer(self, group_id: str, **extra: Any) -> Consumer:
+        return Consumer(self._config(**{"group.id": group_id, "enable.auto.commit": False, **extra}))
+
+    def health(self) -> Health:
+        return kafka_health(self.bootstrap_servers)

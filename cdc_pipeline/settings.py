@@ -1,0 +1,114 @@
+"""The one settings source: environment variables (or a `.env` file), read by the stack, Dagster and
+the Spark application alike. Every variable is documented in `.env.example`."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "CDC_"
+
+
+class Settings(BaseSettings):
+    """Connection settings for every external system. Defaults match the local stack."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    # PostgreSQL source. The DSN carries no password; the password is its own (secret) variable.
+    postgres_dsn: str = "postgresql://cdc@127.0.0.1:5432/shop"
+    postgres_password: SecretStr | None = None
+
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    connect_url: str = "http://127.0.0.1:8083"
+
+    # ClickHouse. Leave CDC_CLICKHOUSE_URL unset to let `cdc-pipeline stack up` run the local
+    # chDB-backed endpoint; set it to use a real ClickHouse server (the stack then starts none).
+    clickhouse_url: str | None = None
+    clickhouse_user: str = "default"
+    clickhouse_password: SecretStr | None = None
+    clickhouse_database: str = "cdc"
+
+    spark_master: str = "local[2]"
+
+    # Local stack only.
+    stack_dir: Path = Path(".stack")
+    jvm_cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "cdc-pipeline")
+    # The local stack listens where the endpoints above point; these are the extra ports it needs.
+    kafka_controller_port: int = 9093
+    clickhouse_local_port: int = 8123
+
+    @field_validator("postgres_password", "clickhouse_password", mode="before")
+    @classmethod
+    def _empty_secret_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("postgres_dsn")
+    @classmethod
+    def _dsn_parses(cls, value: str) -> str:
+        try:
+            conninfo_to_dict(value)
+        except Exception as exc:  # psycopg raises ProgrammingError with the parse detail
+            raise ValueError(f"CDC_POSTGRES_DSN is not a valid libpq connection string: {exc}") from exc
+        return value
+
+    @cached_property
+    def postgres_params(self) -> dict[str, str]:
+        """The DSN's parts (host, port, dbname, user), without any password."""
+        params = {k: str(v) for k, v in conninfo_to_dict(self.postgres_dsn).items()}
+        params.pop("password", None)
+        params.setdefault("host", "127.0.0.1")
+        params.setdefault("port", "5432")
+        return params
+
+    def postgres_conninfo(self) -> str:
+        """The DSN with the password added: for connecting, never for printing."""
+        password = self.postgres_password.get_secret_value() if self.postgres_password else None
+        original = conninfo_to_dict(self.postgres_dsn)
+        return make_conninfo(self.postgres_dsn, password=password or original.get("password"))
+
+    @property
+    def kafka_host_port(self) -> tuple[str, int]:
+        first = self.kafka_bootstrap_servers.split(",")[0].strip()
+        host, _, port = first.rpartition(":")
+        return host or "127.0.0.1", int(port or 9092)
+
+    @property
+    def connect_host_port(self) -> tuple[str, int]:
+        parts = urlsplit(self.connect_url)
+        return parts.hostname or "127.0.0.1", parts.port or 8083
+
+    @property
+    def clickhouse_is_external(self) -> bool:
+        return self.clickhouse_url is not None
+
+    @property
+    def clickhouse_endpoint(self) -> str:
+        return self.clickhouse_url or f"http://127.0.0.1:{self.clickhouse_local_port}"
+
+    @property
+    def clickhouse_host_port(self) -> tuple[str, int, bool]:
+        parts = urlsplit(self.clickhouse_endpoint)
+        secure = parts.scheme == "https"
+        return parts.hostname or "127.0.0.1", parts.port or (8443 if secure else 8123), secure
+
+    def public_view(self) -> dict[str, str]:
+        """Every setting as text, secrets masked: safe for logs and status output."""
+        view: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                value = "********"
+            elif name == "postgres_dsn":
+                value = make_conninfo(value, password="********") if "password" in conninfo_to_dict(value) else value
+            view[ENV_PREFIX + name.upper()] = "" if value is None else str(value)
+        return view
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment and `.env`, with explicit overrides (e.g. CLI flags) on top."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,1083 @@
+"""Local ClickHouse HTTP endpoint backed by chDB (the ClickHouse engine running in-process).
+
+This is a development/test stand-in: production uses a real ClickHouse server. It speaks the
+part of ClickHouse's HTTP interface that ``clickhouse-connect`` uses, so code that talks to
+ClickHouse only through ``clickhouse-connect`` cannot tell it from a real server:
+
+* queries arrive as the ``query`` URL parameter, the request body, or both (ClickHouse joins
+  them with a newline), or as ``multipart/form-data`` fields; ``param_<name>`` parameters bind
+  ``{name:Type}`` placeholders; other URL parameters are ClickHouse settings;
+* ``INSERT ... FORMAT <fmt>`` requests stream their data (chunked and/or compressed with lz4,
+  zstd, gzip or deflate) into chDB's streaming insert;
+* responses carry the ``X-ClickHouse-*`` headers clients read, and errors are reported the way
+  ClickHouse reports them (HTTP status, ``X-ClickHouse-Exception-Code``, ``Code: N. ...`` body);
+* ``session_id`` keeps ``SET``/``USE`` state between requests of one session.
+
+One process owns the chDB data directory; MergeTree data persists there across restarts. All
+chDB calls go through one chDB connection, serialized by a lock.
+
+Run it with ``python -m cdc_pipeline.stack.clickhouse_local --port 8123 --data-dir DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import email.policy
+import hmac
+import itertools
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from email.parser import BytesParser
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import IO, Any, NamedTuple, Protocol, cast
+from urllib.parse import parse_qsl, urlsplit
+
+import lz4.frame
+import zstandard
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PASSWORD_ENV = "CDC_CLICKHOUSE_PASSWORD"
+# Statement text scanned for the start of INSERT data; ClickHouse's own max_query_size is 256 KiB.
+_MAX_STATEMENT_BYTES = 1 << 20
+# Request bodies above this size are spooled to a temporary file instead of memory.
+_SPOOL_MEMORY_BYTES = 64 << 20
+_COPY_CHUNK_BYTES = 1 << 20
+_MAX_CHUNK_LINE = 65537
+_KEEP_ALIVE_SECONDS = 30
+_DEFAULT_SESSION_TIMEOUT_SECONDS = 60
+_DEFAULT_OUTPUT_FORMAT = "TabSeparated"
+_LOGGED_QUERY_CHARS = 200
+
+# URL parameters that the HTTP layer consumes; everything else is treated as a setting.
+_TRANSPORT_PARAMS = frozenset(
+    {
+        "query",
+        "database",
+        "default_format",
+        "user",
+        "password",
+        "quota_key",
+        "query_id",
+        "session_id",
+        "session_timeout",
+        "session_check",
+        "close_session",
+        "compress",
+        "decompress",
+        "buffer_size",
+        "wait_end_of_query",
+        "client_protocol_version",
+        "role",
+        "stacktrace",
+        "enable_http_compression",
+        "send_progress_in_http_headers",
+        "http_headers_progress_interval_ms",
+        # SET readonly=1 on the shared chDB connection could never be undone.
+        "readonly",
+    }
+)
+
+# Leading keywords of statements that produce a result set (ClickHouse's "pulling" pipelines).
+_RESULT_KEYWORDS = frozenset(
+    {
+        "SELECT",
+        "WITH",
+        "SHOW",
+        "DESCRIBE",
+        "DESC",
+        "EXISTS",
+        "EXPLAIN",
+        "CHECK",
+        "FROM",
+        "KILL",
+        "(",
+    }
+)
+
+# ClickHouse's exceptionCodeToHTTPStatus, keyed by error name (the name is in every message).
+_HTTP_STATUS_BY_ERROR: dict[str, int] = {
+    "REQUIRED_PASSWORD": 401,
+    **dict.fromkeys(
+        (
+            "UNKNOWN_USER",
+            "WRONG_PASSWORD",
+            "AUTHENTICATION_FAILED",
+            "SET_NON_GRANTED_ROLE",
+            "ACCESS_DENIED",
+        ),
+        403,
+    ),
+    **dict.fromkeys(
+        (
+            "BAD_ARGUMENTS",
+            "CANNOT_COMPILE_REGEXP",
+            "CANNOT_PARSE_TEXT",
+            "CANNOT_PARSE_ESCAPE_SEQUENCE",
+            "CANNOT_PARSE_QUOTED_STRING",
+            "CANNOT_PARSE_DATE",
+            "CANNOT_PARSE_DATETIME",
+            "CANNOT_PARSE_NUMBER",
+            "CANNOT_PARSE_DOMAIN_VALUE_FROM_STRING",
+            "CANNOT_PARSE_IPV4",
+            "CANNOT_PARSE_IPV6",
+            "CANNOT_PARSE_INPUT_ASSERTION_FAILED",
+            "CANNOT_PARSE_UUID",
+            "DUPLICATE_COLUMN",
+            "ILLEGAL_COLUMN",
+            "UNKNOWN_ELEMENT_IN_AST",
+            "UNKNOWN_TYPE_OF_AST_NODE",
+            "THERE_IS_NO_COLUMN",
+            "TOO_DEEP_AST",
+            "TOO_BIG_AST",
+            "UNEXPECTED_AST_STRUCTURE",
+            "SYNTAX_ERROR",
+            "INCORRECT_DATA",
+            "TYPE_MISMATCH",
+            "VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE",
+        ),
+        400,
+    ),
+    **dict.fromkeys(
+        (
+            "UNKNOWN_TABLE",
+            "UNKNOWN_FUNCTION",
+            "UNKNOWN_IDENTIFIER",
+            "UNKNOWN_TYPE",
+            "UNKNOWN_STORAGE",
+            "UNKNOWN_DATABASE",
+            "UNKNOWN_SETTING",
+            "UNKNOWN_DIRECTION_OF_SORTING",
+            "UNKNOWN_AGGREGATE_FUNCTION",
+            "UNKNOWN_FORMAT",
+            "UNKNOWN_DATABASE_ENGINE",
+            "UNKNOWN_TYPE_OF_QUERY",
+            "UNKNOWN_ROLE",
+        ),
+        404,
+    ),
+    "QUERY_IS_TOO_LARGE": 413,
+    "NOT_IMPLEMENTED": 501,
+    "SOCKET_TIMEOUT": 503,
+    "CANNOT_OPEN_FILE": 503,
+    "HTTP_LENGTH_REQUIRED": 411,
+    "TIMEOUT_EXCEEDED": 408,
+    "CANNOT_SCHEDULE_TASK": 503,
+    "UNSUPPORTED_MEDIA_TYPE": 415,
+}
+
+_ENGINE_ERROR_RE = re.compile(r"Code: (\d+)\. (?:DB::Exception: )?(.*)", re.DOTALL)
+_ERROR_NAME_RE = re.compile(r"\(([A-Z][A-Z0-9_]*)\)\s*$")
+# Some chDB messages already end with "(version X)"; it is re-added in ClickHouse's own form.
+_VERSION_TRAILER_RE = re.compile(r"\s*\(version [^()]*(?:\([^()]*\))?\)\s*$")
+_SETTING_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Hides passwords in logged statements (CREATE USER ... IDENTIFIED WITH ... BY '...').
+_SECRET_RE = re.compile(r"(\bIDENTIFIED\b.*?\bBY\s+)'(?:[^'\\]|\\.)*'", re.IGNORECASE | re.DOTALL)
+
+_TOKEN_RE = re.compile(
+    r"""
+    (?P<space>\s+)
+  | (?P<comment>--[^\n]*|\#[ !][^\n]*|/\*.*?\*/)
+  | (?P<string>'(?:[^'\\]|\\.|'')*')
+  | (?P<identifier>"(?:[^"\\]|\\.|"")*"|`(?:[^`\\]|\\.|``)*`)
+  | (?P<heredoc>\$(?P<tag>[A-Za-z0-9_]*)\$.*?\$(?P=tag)\$)
+  | (?P<unterminated>['"`]|/\*|\$[A-Za-z0-9_]*\$)
+  | (?P<word>[A-Za-z_][A-Za-z0-9_$]*)
+  | (?P<number>[0-9][0-9A-Za-z_.]*)
+  | (?P<punct>.)
+    """,
+    re.VERBOSE | re.DOTALL,
+)
+
+
+class ClickHouseError(Exception):
+    """An error reported to the client the way ClickHouse reports it."""
+
+    def __init__(self, code: int, name: str, message: str) -> None:
+        suffix = f" ({name})" if name else ""
+        super().__init__(f"Code: {code}. DB::Exception: {message}{suffix}")
+        self.code = code
+        self.name = name
+
+    @classmethod
+    def from_engine(cls, exc: BaseException) -> ClickHouseError:
+        """Wrap a chDB exception, whose text embeds ``Code: N. DB::Exception: ... (NAME)``."""
+        text = str(exc)
+        match = _ENGINE_ERROR_RE.search(text)
+        if match is None:
+            return cls(1001, "STD_EXCEPTION", text.strip() or type(exc).__name__)
+        message = _VERSION_TRAILER_RE.sub("", match.group(2)).strip()
+        name_match = _ERROR_NAME_RE.search(message)
+        name = name_match.group(1) if name_match else ""
+        if name_match:
+            message = message[: name_match.start()].rstrip()
+        return cls(int(match.group(1)), name, message)
+
+    @property
+    def http_status(self) -> int:
+        """The HTTP status ClickHouse answers this error with."""
+        return _HTTP_STATUS_BY_ERROR.get(self.name, 500)
+
+    def body(self, version: str) -> bytes:
+        """The response body, including ClickHouse's version trailer."""
+        return f"{self} (version {version} (official build))\n".encode()
+
+
+def _syntax_error(message: str) -> ClickHouseError:
+    return ClickHouseError(62, "SYNTAX_ERROR", message)
+
+
+# ------------------------------------------------------------------------------------------------
+# Just enough SQL lexing to find statement boundaries, FORMAT clauses and SET assignments.
+
+
+class _Token(NamedTuple):
+    kind: str
+    text: str
+    start: int
+    end: int
+
+
+class _Incomplete(Exception):
+    """The text ends inside a token, so more input is needed to decide."""
+
+
+def _tokens(text: str) -> Iterator[_Token]:
+    """Yield the tokens of ``text`` lazily, skipping whitespace and comments."""
+    pos = 0
+    while pos < len(text):
+        match = _TOKEN_RE.match(text, pos)
+        # The catch-all punct branch means every position matches.
+        assert match is not None and match.lastgroup is not None
+        kind = match.lastgroup
+        if kind == "unterminated":
+            raise _Incomplete
+        pos = match.end()
+        if kind not in ("space", "comment"):
+            yield _Token(kind, match.group(), match.start(), pos)
+
+
+def _top_level(tokens: Iterable[_Token]) -> Iterator[_Token]:
+    """Yield the tokens outside any brackets; the brackets themselves are dropped."""
+    depth = 0
+    for token in tokens:
+        if token.kind == "punct" and token.text in "([{":
+            depth += 1
+        elif token.kind == "punct" and token.text in ")]}":
+            depth = max(depth - 1, 0)
+        elif depth == 0:
+            yield token
+
+
+def _first_keyword(text: str) -> str:
+    """The statement's first keyword, upper-cased; ``(`` for a parenthesized query."""
+    try:
+        first = next(_tokens(text), None)
+    except _Incomplete:
+        return ""
+    return "" if first is None else first.text.upper()
+
+
+@dataclass(frozen=True)
+class _InsertData:
+    """Where an ``INSERT ... FORMAT <fmt>`` statement ends and its inline data begins."""
+
+    statement_end: int
+    fmt: str
+    data_start: int
+
+
+def _locate_insert_data(text: str, complete: bool) -> _InsertData | None:
+    """Split ``INSERT ... FORMAT <fmt> <data>``; None when the data is SQL (VALUES, SELECT, ...).
+
+    ``text`` is the start of the request (latin-1 decoded, so offsets are byte offsets); raises
+    ``_Incomplete`` when it ends before the statement does and ``complete`` is false.
+    """
+    tokens = _top_level(_tokens(text))
+    for token in tokens:
+        keyword = token.text.upper() if token.kind == "word" else ""
+        if keyword in ("VALUES", "SELECT", "WITH", "INFILE"):
+            return None
+        if keyword != "FORMAT":
+            continue
+        name = next(tokens, None)
+        if name is None or (name.end == len(text) and not complete):
+            if complete:
+                return None
+            raise _Incomplete
+        if name.kind != "word":
+            return None
+        return _InsertData(token.start, name.text, _data_start(text, name.end, complete))
+    if complete:
+        return None
+    raise _Incomplete
+
+
+def _data_start(text: str, pos: int, complete: bool) -> int:
+    """Skip what ClickHouse skips after the format name: blanks, then one line break."""
+    if text.startswith(";", pos):
+        raise _syntax_error(
+            "You have excessive ';' symbol before data for INSERT. Note that there is no ';' just "
+            "after format name, you need to put at least one whitespace symbol before the data."
+        )
+    while pos < len(text) and text[pos] in " \t\f":
+        pos += 1
+    if text.startswith("\r", pos):
+        pos += 1
+    if text.startswith("\n", pos):
+        pos += 1
+    if pos == len(text) and not complete:
+        raise _Incomplete
+    return pos
+
+
+@dataclass(frozen=True)
+class _SqlInfo:
+    """What the HTTP layer needs to know about a (non-INSERT-data) SQL request."""
+
+    keyword: str
+    output_format: str | None
+    multi_statement: bool
+
+
+def _inspect_sql(text: str) -> _SqlInfo:
+    """Find the statement's explicit output format and whether more statements follow it."""
+    keyword = _first_keyword(text)
+    output_format: str | None = None
+    tokens = list(_top_level(_tokens_until_incomplete(text)))
+    for index, token in enumerate(tokens):
+        if token.kind == "punct" and token.text == ";":
+            return _SqlInfo(keyword, output_format, multi_statement=index + 1 < len(tokens))
+        if token.kind != "word" or token.text.upper() != "FORMAT" or index + 1 >= len(tokens):
+            continue
+        name = tokens[index + 1]
+        after = tokens[index + 2] if index + 2 < len(tokens) else None
+        # FORMAT <name> is the last clause but SETTINGS; anything else means "format" is a name.
+        if name.kind == "word" and (after is None or after.text == ";" or after.text.upper() == "SETTINGS"):
+            output_format = name.text
+    return _SqlInfo(keyword, output_format, multi_statement=False)
+
+
+def _tokens_until_incomplete(text: str) -> Iterator[_Token]:
+    """Tokens up to an unterminated literal; chDB reports the syntax error itself."""
+    try:
+        yield from _tokens(text)
+    except _Incomplete:
+        return
+
+
+def _set_assignments(text: str) -> dict[str, str]:
+    """The ``name -> value literal`` pairs of a ``SET a = 1, b = 'x'`` statement."""
+    tokens = list(_tokens_until_incomplete(text))
+    assignments: dict[str, str] = {}
+    groups: list[list[_Token]] = [[]]
+    depth = 0
+    for token in tokens[1:]:
+        if token.kind == "punct" and token.text in "([{":
+            depth += 1
+        elif token.kind == "punct" and token.text in ")]}":
+            depth -= 1
+        elif depth == 0 and token.kind == "punct" and token.text in ",;":
+            groups.append([])
+            continue
+        groups[-1].append(token)
+    for group in groups:
+        # SET ROLE / SET DEFAULT ROLE and other shapes carry no settings.
+        if len(group) >= 3 and group[0].kind == "word" and group[1].text == "=":
+            assignments[group[0].text] = text[group[2].start : group[-1].end]
+    return assignments
+
+
+def _quote_literal(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{escaped}'"
+
+
+def _quote_identifier(name: str) -> str:
+    escaped = name.replace("\\", "\\\\").replace("`", "\\`")
+    return f"`{escaped}`"
+
+
+# ------------------------------------------------------------------------------------------------
+# Request bodies: framing (Content-Length / chunked) and Content-Encoding.
+
+
+class _Decompressor(Protocol):
+    eof: bool
+    unused_data: bytes
+
+    def decompress(self, data: bytes) -> bytes: ...
+
+
+_DECOMPRESSORS: dict[str, Callable[[], _Decompressor]] = {
+    "lz4": lambda: cast(_Decompressor, lz4.frame.LZ4FrameDecompressor()),
+    "zstd": lambda: cast(_Decompressor, zstandard.ZstdDecompressor().decompressobj()),
+    "gzip": lambda: cast(_Decompressor, zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)),
+    "x-gzip": lambda: cast(_Decompressor, zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)),
+    "deflate": lambda: cast(_Decompressor, zlib.decompressobj()),
+}
+
+
+def _decompress(chunks: Iterable[bytes], encoding: str) -> Iterator[bytes]:
+    """Decode a Content-Encoding stream made of one or more concatenated frames.
+
+    clickhouse-connect compresses every insert block as its own lz4/zstd frame.
+    """
+    factory = _DECOMPRESSORS.get(encoding)
+    if factory is None:
+        raise ClickHouseError(89, "UNKNOWN_COMPRESSION_METHOD", f"Unknown HTTP Content-Encoding: {encoding!r}")
+    decoder = factory()
+    pending = False
+    try:
+        for chunk in chunks:
+            while chunk:
+                pending = True
+                output = decoder.decompress(chunk)
+                if output:
+                    yield output
+                if not decoder.eof:
+                    break
+                chunk = decoder.unused_data
+                decoder = factory()
+                pending = False
+    except (RuntimeError, zlib.error, zstandard.ZstdError) as exc:
+        raise ClickHouseError(271, "CANNOT_DECOMPRESS", f"Cannot decompress request body: {exc}") from exc
+    if pending:
+        raise ClickHouseError(271, "CANNOT_DECOMPRESS", "Unexpected end of compressed request body")
+
+
+def _content_length_body(rfile: IO[bytes], length: int) -> Iterator[bytes]:
+    remaining = length
+    while remaining > 0:
+        data = rfile.read(min(remaining, _COPY_CHUNK_BYTES))
+        if not data:
+            raise ClickHouseError(33, "CANNOT_READ_ALL_DATA", "Request body ended early")
+        remaining -= len(data)
+        yield data
+
+
+def _chunked_body(rfile: IO[bytes]) -> Iterator[bytes]:
+    while True:
+        line = rfile.readline(_MAX_CHUNK_LINE)
+        try:
+            size = int(line.split(b";", 1)[0].strip(), 16)
+        except ValueError as exc:
+            raise ClickHouseError(33, "CANNOT_READ_ALL_DATA", "Malformed chunked body") from exc
+        if size == 0:
+            # Drain optional trailer fields up to the terminating blank line.
+            while rfile.readline(_MAX_CHUNK_LINE) not in (b"\r\n", b"\n", b""):
+                pass
+            return
+        yield from _content_length_body(rfile, size)
+        rfile.readline(_MAX_CHUNK_LINE)
+
+
+def _parse_form(content_type: str, body: bytes) -> dict[str, str]:
+    """The fields of a ``multipart/form-data`` body (query text and ``param_*`` bindings)."""
+    raw = f"Content-Type: {content_type}\r\n\r\n".encode() + body
+    message = cast(EmailMessage, BytesParser(policy=email.policy.HTTP).parsebytes(raw))
+    fields: dict[str, str] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if part.get_filename() is not None:
+            raise ClickHouseError(48, "NOT_IMPLEMENTED", "External data tables are not supported by this endpoint")
+        if isinstance(name, str):
+            payload = part.get_payload(decode=True)
+            fields[name] = payload.decode() if isinstance(payload, bytes) else ""
+    return fields
+
+
+# ------------------------------------------------------------------------------------------------
+# The chDB engine.
+
+
+@dataclass
+class _Session:
+    """What a ClickHouse HTTP session keeps between requests: SET values (as SQL literals), USE."""
+
+    settings: dict[str, str] = field(default_factory=dict)
+    database: str | None = None
+    expires_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """Per-request execution state taken from the HTTP request."""
+
+    database: str | None = None
+    settings: Mapping[str, str] = field(default_factory=dict)
+    params: Mapping[str, str] = field(default_factory=dict)
+    session_id: str | None = None
+    session_timeout: float = _DEFAULT_SESSION_TIMEOUT_SECONDS
+    close_session: bool = False
+
+
+@dataclass(frozen=True)
+class QueryOutcome:
+    """A finished statement: its output bytes and ClickHouse-style summary counters."""
+
+    body: bytes
+    summary: dict[str, str]
+
+
+class ChdbEngine:
+    """The one chDB connection of the process, with HTTP-session semantics layered on top.
+
+    ClickHouse gives every HTTP request fresh settings and database (or those of its session),
+    whereas chDB keeps ``SET``/``USE`` state on the connection. The engine tracks the state it
+    has applied and diffs it against what each request needs, so requests never see each
+    other's settings and repeated identical settings cost nothing.
+    """
+
+    def __init__(self, data_dir: str, timezone: str = "UTC") -> None:
+        """Open (or create) the chDB data in ``data_dir``.
+
+        ``timezone`` becomes the server time zone; it is set as the process's TZ, which only
+        takes effect if chDB has not been imported yet (the actual zone is read back).
+        """
+        os.makedirs(data_dir, exist_ok=True)
+        # ClickHouse takes its default time zone from TZ when the engine starts.
+        os.environ["TZ"] = timezone
+        time.tzset()
+        import chdb  # noqa: PLC0415 - deferred so the TZ above applies to the engine
+
+        self._lock = threading.Lock()
+        self._conn: Any = chdb.connect(os.path.abspath(data_dir))
+        self._applied: dict[str, str] = {}
+        self._database = "default"
+        self._sessions: dict[str, _Session] = {}
+        row = self._run_locked(b"SELECT version(), timezone()", "TabSeparated", {})
+        self.version, self.timezone = row.bytes().decode().rstrip("\n").split("\t")
+
+    def query(self, ctx: RequestContext, sql: bytes, fmt: str, keyword: str) -> QueryOutcome:
+        """Run one SQL statement, returning its output in ``fmt`` unless it names a FORMAT."""
+        assignments = _set_assignments(sql.decode(errors="replace")) if keyword == "SET" else {}
+        if "readonly" in assignments:
+            raise ClickHouseError(48, "NOT_IMPLEMENTED", "SET readonly would lock this endpoint's shared chDB session")
+        with self._lock:
+            session = self._prepare_locked(ctx)
+            started = time.monotonic()
+            result = self._run_locked(sql, fmt, ctx.params)
+            elapsed = time.monotonic() - started
+            if keyword == "USE":
+                current = self._run_locked(b"SELECT currentDatabase()", "TabSeparated", {})
+                self._database = current.bytes().decode().rstrip("\n")
+                if session is not None:
+                    session.database = self._database
+            elif assignments:
+                # Without a session the next request resets these, as ClickHouse forgets them.
+                self._applied.update(assignments)
+                if session is not None:
+                    session.settings.update(assignments)
+            self._finish_session_locked(ctx)
+            body = result.bytes()
+            return QueryOutcome(
+                body,
+                {
+                    "read_rows": str(result.rows_read()),
+                    "read_bytes": str(result.bytes_read()),
+                    "written_rows": str(result.rows_written()),
+                    "written_bytes": str(result.bytes_written()),
+                    "total_rows_to_read": "0",
+                    "result_bytes": str(len(body)),
+                    "elapsed_ns": str(int(elapsed * 1e9)),
+                },
+            )
+
+    def insert(self, ctx: RequestContext, statement: str, fmt: str, data: Iterable[bytes]) -> QueryOutcome:
+        """Stream ``data`` (encoded in ``fmt``) into ``statement`` (an INSERT without FORMAT)."""
+        with self._lock:
+            self._prepare_locked(ctx)
+            started = time.monotonic()
+            try:
+                # Leaving the block without finish() cancels the insert: nothing is committed.
+                with self._connection_locked().send_insert(statement, fmt) as inserter:
+                    for chunk in data:
+                        inserter.append(chunk)
+                    written = inserter.finish()
+            except Exception as exc:
+                raise ClickHouseError.from_engine(exc) from exc
+            elapsed = time.monotonic() - started
+            self._finish_session_locked(ctx)
+        return QueryOutcome(
+            b"",
+            {
+                "read_rows": str(written.rows_written),
+                "read_bytes": str(written.bytes_written),
+                "written_rows": str(written.rows_written),
+                "written_bytes": str(written.bytes_written),
+                "total_rows_to_read": "0",
+                "result_bytes": "0",
+                "elapsed_ns": str(int(elapsed * 1e9)),
+            },
+        )
+
+    def close(self) -> None:
+        """Close the chDB connection after any in-flight call; later calls fail with ABORTED."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def _connection_locked(self) -> Any:
+        if self._conn is None:
+            raise ClickHouseError(236, "ABORTED", "Server is shutting down")
+        return self._conn
+
+    def _run_locked(self, sql: bytes, fmt: str, params: Mapping[str, str]) -> Any:
+        connection = self._connection_locked()
+        try:
+            return connection.query(sql, fmt, params=dict(params))
+        except Exception as exc:
+            raise ClickHouseError.from_engine(exc) from exc
+
+    def _prepare_locked(self, ctx: RequestContext) -> _Session | None:
+        """Bring the connection's settings and current database to what ``ctx`` asks for."""
+        session = self._session_locked(ctx)
+        desired = dict(session.settings) if session is not None else {}
+        for name, value in ctx.settings.items():
+            if not _SETTING_NAME_RE.fullmatch(name):
+                raise ClickHouseError(115, "UNKNOWN_SETTING", f"Unknown setting '{name}'")
+            desired[name] = _quote_literal(value)
+        for name in [name for name in self._applied if name not in desired]:
+            del self._applied[name]
+            try:
+                self._run_locked(f"SET {name} = DEFAULT".encode(), "TabSeparated", {})
+            except ClickHouseError as exc:
+                logger.warning("Could not reset setting %s: %s", name, exc)
+        for name, literal in desired.items():
+            if self._applied.get(name) != literal:
+                self._run_locked(f"SET {name} = {literal}".encode(), "TabSeparated", {})
+                self._applied[name] = literal
+        database = ctx.database or (session.database if session else None) or "default"
+        if database != self._database:
+            self._run_locked(f"USE {_quote_identifier(database)}".encode(), "TabSeparated", {})
+            self._database = database
+        return session
+
+    def _session_locked(self, ctx: RequestContext) -> _Session | None:
+        now = time.monotonic()
+        for session_id in [sid for sid, s in self._sessions.items() if s.expires_at < now]:
+            del self._sessions[session_id]
+        if ctx.session_id is None:
+            return None
+        session = self._sessions.setdefault(ctx.session_id, _Session())
+        session.expires_at = now + ctx.session_timeout
+        return session
+
+    def _finish_session_locked(self, ctx: RequestContext) -> None:
+        if ctx.close_session and ctx.session_id is not None:
+            self._sessions.pop(ctx.session_id, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# HTTP layer.
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """The one user the endpoint accepts; no password means any user is let in."""
+
+    user: str = "default"
+    password: str | None = None
+
+    def check(self, headers: Mapping[str, str], params: Mapping[str, str]) -> None:
+        """Raise AUTHENTICATION_FAILED unless the request carries the configured credentials."""
+        if not self.password:
+            return
+        user, password = _request_credentials(headers, params)
+        user_ok = hmac.compare_digest(user.encode(), self.user.encode())
+        password_ok = hmac.compare_digest(password.encode(), self.password.encode())
+        if not (user_ok and password_ok):
+            raise ClickHouseError(
+                516,
+                "AUTHENTICATION_FAILED",
+                f"{user}: Authentication failed: password is incorrect, or there is no user with such name.",
+            )
+
+
+def _request_credentials(headers: Mapping[str, str], params: Mapping[str, str]) -> tuple[str, str]:
+    """User and password from X-ClickHouse-* headers, else Basic auth, else URL parameters."""
+    if headers.get("X-ClickHouse-User") is not None or headers.get("X-ClickHouse-Key") is not None:
+        return headers.get("X-ClickHouse-User") or "default", headers.get("X-ClickHouse-Key") or ""
+    authorization = headers.get("Authorization") or ""
+    if authorization[:6].lower() == "basic ":
+        try:
+            decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError) as exc:
+            raise ClickHouseError(516, "AUTHENTICATION_FAILED", "Malformed Basic authorization header") from exc
+        user, _, password = decoded.partition(":")
+        return user or "default", password
+    return params.get("user") or "default", params.get("password", "")
+
+
+def _content_type(fmt: str) -> str:
+    """The Content-Type ClickHouse sends for an output format."""
+    name = fmt.lower()
+    if name.startswith(("tabseparated", "tsv")):
+        return "text/tab-separated-values; charset=UTF-8"
+    if name.startswith("csv"):
+        header = "present" if "withnames" in name else "absent"
+        return f"text/csv; charset=UTF-8; header={header}"
+    if name.startswith("json"):
+        return "application/json; charset=UTF-8"
+    if name in ("native", "arrow", "arrowstream", "parquet", "orc", "avro") or name.startswith("rowbinary"):
+        return "application/octet-stream"
+    return "text/plain; charset=UTF-8"
+
+
+def _log_text(statement: str) -> str:
+    """A statement shortened to one line for the request log, with passwords hidden."""
+    text = " ".join(_SECRET_RE.sub(r"\1'[HIDDEN]'", statement).split())
+    if len(text) > _LOGGED_QUERY_CHARS:
+        return text[:_LOGGED_QUERY_CHARS] + "..."
+    return text
+
+
+@dataclass
+class _Response:
+    status: int
+    body: bytes
+    headers: dict[str, str]
+
+
+class _SpooledBody:
+    """A decoded request body, spooled to memory or a temporary file."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._file = tempfile.SpooledTemporaryFile(max_size=_SPOOL_MEMORY_BYTES)  # noqa: SIM115
+        self.size = 0
+        try:
+            for chunk in chunks:
+                self._file.write(chunk)
+                self.size += len(chunk)
+        except BaseException:
+            self._file.close()
+            raise
+        self._file.seek(0)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._file.read(size)
+
+    def chunks(self) -> Iterator[bytes]:
+        return iter(lambda: self._file.read(_COPY_CHUNK_BYTES), b"")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class ClickHouseLocalServer(ThreadingHTTPServer):
+    """A threading HTTP server exposing a ``ChdbEngine`` through ClickHouse's HTTP protocol."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], engine: ChdbEngine, credentials: Credentials) -> None:
+        """Bind ``address`` (port 0 picks a free port) and serve ``engine``."""
+        super().__init__(address, _Handler)
+        self.engine = engine
+        self.credentials = credentials
+        self.display_name = socket.gethostname()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Log connection-level failures (e.g. a client hanging up) instead of printing them."""
+        logger.warning("Connection from %s failed", client_address[0], exc_info=True)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "clickhouse-local-chdb"
+    # Idle keep-alive connections are closed after this many seconds.
+    timeout = _KEEP_ALIVE_SECONDS
+    # Headers and body go out in separate writes; Nagle + delayed ACK would stall each reply.
+    disable_nagle_algorithm = True
+    server: ClickHouseLocalServer
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server naming
+        self._handle()
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server naming
+        self._handle()
+
+    def version_string(self) -> str:
+        """The Server header value."""
+        return self.server_version
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        """Suppress http.server's access log; ``_handle`` logs one line per request."""
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server signature
+        """Route http.server's own messages (bad request lines, idle timeouts) to debug logging."""
+        logger.debug("%s: %s", self.address_string(), format % args)
+
+    def _handle(self) -> None:
+        started = time.monotonic()
+        url = urlsplit(self.path)
+        params = dict(parse_qsl(url.query, keep_blank_values=True))
+        query_id = params.get("query_id") or str(uuid.uuid4())
+        self._body_read = False
+        self._statement = ""
+        try:
+            if url.path.rstrip("/").endswith("/ping"):
+                response = _Response(200, b"Ok.\n", {"Content-Type": "text/plain; charset=UTF-8"})
+            else:
+                self.server.credentials.check(self.headers, params)
+                response = self._execute(params)
+        except ClickHouseError as exc:
+            response = self._error_response(exc)
+        except Exception as exc:
+            logger.exception("Unexpected error handling %s %s", self.command, url.path)
+            response = self._error_response(ClickHouseError(1001, "STD_EXCEPTION", repr(exc)))
+        response.headers["X-ClickHouse-Query-Id"] = query_id
+        self._send(response)
+        error_code = response.headers.get("X-ClickHouse-Exception-Code")
+        logger.info(
+            "%s %s %d %.1fms query_id=%s%s %s",
+            self.command,
+            url.path,
+            response.status,
+            (time.monotonic() - started) * 1000,
+            query_id,
+            f" code={error_code}" if error_code else "",
+            _log_text(self._statement),
+        )
+
+    def _execute(self, params: dict[str, str]) -> _Response:
+        body = self._read_body()
+        try:
+            content_type = self.headers.get("Content-Type") or ""
+            if content_type.lower().startswith("multipart/form-data"):
+                params.update(_parse_form(content_type, body.read()))
+                # The form carried the whole request; nothing is left to treat as query text.
+                body.close()
+                body = _SpooledBody(())
+            query_param = params.get("query", "")
+            if not query_param and body.size == 0:
+                if self.command == "GET":
+                    return _Response(200, b"Ok.\n", {"Content-Type": "text/plain; charset=UTF-8"})
+                raise _syntax_error("Empty query")
+            return self._run(params, query_param, body)
+        finally:
+            body.close()
+
+    def _run(self, params: dict[str, str], query_param: str, body: _SpooledBody) -> _Response:
+        ctx = _request_context(params)
+        engine = self.server.engine
+        head = (query_param.encode() + b"\n" if query_param else b"") + body.read(_MAX_STATEMENT_BYTES)
+        complete = body.size <= _MAX_STATEMENT_BYTES
+        # latin-1 maps bytes 1:1 to characters, so text offsets are byte offsets.
+        head_text = head.decode("latin-1")
+        keyword = _first_keyword(head_text)
+        split = None
+        if keyword == "INSERT":
+            try:
+                split = _locate_insert_data(head_text, complete)
+            except _Incomplete:
+                raise _syntax_error("Max query size exceeded") from None
+        if split is not None:
+            statement = head[: split.statement_end].decode(errors="replace").strip()
+            self._statement = f"{statement} FORMAT {split.fmt}"
+            data = itertools.chain([head[split.data_start :]], body.chunks())
+            return self._ok(engine.insert(ctx, statement, split.fmt, data), None)
+        sql = head + body.read()
+        self._statement = sql.decode(errors="replace")
+        info = _inspect_sql(sql.decode("latin-1"))
+        if info.multi_statement:
+            raise _syntax_error("Multi-statements are not allowed")
+        fmt = info.output_format or params.get("default_format") or _DEFAULT_OUTPUT_FORMAT
+        outcome = engine.query(ctx, sql, fmt, keyword)
+        produces_result = keyword in _RESULT_KEYWORDS or bool(outcome.body)
+        return self._ok(outcome, fmt if produces_result else None)
+
+    def _ok(self, outcome: QueryOutcome, fmt: str | None) -> _Response:
+        headers = {
+            "Content-Type": _content_type(fmt) if fmt else "text/plain; charset=UTF-8",
+            "X-ClickHouse-Server-Display-Name": self.server.display_name,
+            "X-ClickHouse-Timezone": self.server.engine.timezone,
+            "X-ClickHouse-Summary": json.dumps(outcome.summary, separators=(",", ":")),
+        }
+        # clickhouse-connect's command() reads this header to tell result sets from DDL.
+        if fmt:
+            headers["X-ClickHouse-Format"] = fmt
+        return _Response(200, outcome.body, headers)
+
+    def _error_response(self, error: ClickHouseError) -> _Response:
+        headers = {
+            "Content-Type": "text/plain; charset=UTF-8",
+            "X-ClickHouse-Server-Display-Name": self.server.display_name,
+            "X-ClickHouse-Exception-Code": str(error.code),
+        }
+        return _Response(error.http_status, error.body(self.server.engine.version), headers)
+
+    def _read_body(self) -> _SpooledBody:
+        """Read and decode the whole request body, so the connection stays usable on errors."""
+        chunks: Iterable[bytes]
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            chunks = _chunked_body(self.rfile)
+        else:
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError as exc:
+                raise ClickHouseError(33, "CANNOT_READ_ALL_DATA", "Bad Content-Length") from exc
+            chunks = _content_length_body(self.rfile, length)
+        encoding = (self.headers.get("Content-Encoding") or "identity").strip().lower()
+        if encoding != "identity":
+            chunks = _decompress(chunks, encoding)
+        body = _SpooledBody(chunks)
+        self._body_read = True
+        return body
+
+    def _send(self, response: _Response) -> None:
+        has_body = self.headers.get("Content-Length", "0") not in ("", "0") or bool(
+            self.headers.get("Transfer-Encoding")
+        )
+        if has_body and not self._body_read:
+            # Unread request bytes would be parsed as the next request on this connection.
+            self.close_connection = True
+        self.send_response(response.status)
+        for name, value in response.headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(response.body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        else:
+            self.send_header("Keep-Alive", f"timeout={_KEEP_ALIVE_SECONDS}")
+        self.end_headers()
+        self.wfile.write(response.body)
+
+
+def _request_context(params: Mapping[str, str]) -> RequestContext:
+    """Split URL parameters into query parameters, settings and session controls."""
+    for name in ("compress", "decompress"):
+        if params.get(name) in ("1", "true"):
+            raise ClickHouseError(
+                48,
+                "NOT_IMPLEMENTED",
+                f"{name}=1 (ClickHouse's native block compression) is not supported by this "
+                "endpoint; use the Content-Encoding / Accept-Encoding HTTP headers",
+            )
+    settings = {
+        name: value for name, value in params.items() if name not in _TRANSPORT_PARAMS and not name.startswith("param_")
+    }
+    query_params = {name[6:]: value for name, value in params.items() if name.startswith("param_")}
+    try:
+        timeout = float(params.get("session_timeout") or _DEFAULT_SESSION_TIMEOUT_SECONDS)
+    except ValueError as exc:
+        raise ClickHouseError(
+            374,
+            "INVALID_SESSION_TIMEOUT",
+            f"Invalid session timeout: '{params['session_timeout']}'",
+        ) from exc
+    return RequestContext(
+        database=params.get("database") or None,
+        settings=settings,
+        params=query_params,
+        session_id=params.get("session_id") or None,
+        session_timeout=timeout,
+        close_session=params.get("close_session") in ("1", "true"),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry points.
+
+
+def serve(
+    host: str,
+    port: int,
+    data_dir: str,
+    user: str = "default",
+    password: str | None = None,
+    timezone: str = "UTC",
+) -> None:
+    """Serve ClickHouse's HTTP interface on ``host:port`` from the chDB data in ``data_dir``.
+
+    Blocks until SIGTERM or SIGINT (handled when called from the main thread), then stops
+    accepting requests and closes the chDB connection cleanly. ``password`` empty or None
+    means no authentication.
+    """
+    engine = ChdbEngine(data_dir, timezone)
+    try:
+        server = ClickHouseLocalServer((host, port), engine, Credentials(user, password or None))
+    except BaseException:
+        engine.close()
+        raise
+
+    def stop(signum: int, _frame: object) -> None:
+        logger.info("Received %s, shutting down", signal.Signals(signum).name)
+        # shutdown() waits for serve_forever(), which runs on this (the main) thread.
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, stop)
+    bound_host, bound_port = server.server_address[:2]
+    logger.info(
+        "ClickHouse %s (chDB) listening on http://%s:%d, data in %s, auth %s",
+        engine.version,
+        bound_host,
+        bound_port,
+        os.path.abspath(data_dir),
+        "on" if password else "off",
+    )
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        server.server_close()
+        engine.close()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        logger.info("Stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the process exit code."""
+    parser = argparse.ArgumentParser(
+        prog="python -m cdc_pipeline.stack.clickhouse_local",
+        description="Local ClickHouse HTTP endpoint backed by chDB (development/test only).",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind")
+    parser.add_argument("--port", type=int, default=8123, help="port to bind (0 = any free port)")
+    parser.add_argument("--data-dir", required=True, help="chDB data directory (persistent)")
+    parser.add_argument("--user", default="default", help="user name accepted with the password")
+    parser.add_argument(
+        "--password-env",
+        default=DEFAULT_PASSWORD_ENV,
+        help="environment variable holding the password (unset or empty: no authentication)",
+    )
+    parser.add_argument("--timezone", default="UTC", help="server time zone")
+    parser.add_argument("--log-level", default="INFO", help="logging level")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    serve(
+        args.host,
+        args.port,
+        args.data_dir,
+        user=args.user,
+        password=os.environ.get(args.password_env) or None,
+        timezone=args.timezone,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,409 @@
+"""The four services of the local stack. Each knows how to prepare its state, start, answer a
+health probe in its own protocol, and which ports it holds. Orchestration lives in `stack.py`."""
+
+from __future__ import annotations
+
+import base64
+import os
+import pwd
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from cdc_pipeline import health
+from cdc_pipeline.settings import Settings
+from cdc_pipeline.stack.jvm import JvmLayout
+from cdc_pipeline.stack.process import ManagedProcess
+
+CONNECT_GROUP_ID = "cdc-connect"
+CONNECT_STORAGE_TOPICS = ("cdc-connect-configs", "cdc-connect-offsets", "cdc-connect-status")
+
+
+class StackError(RuntimeError):
+    """A service of the local stack could not be prepared or started; the message says how to fix it."""
+
+
+class Service(ABC):
+    name: str
+    # Stop signal: the one each server treats as "shut down now, cleanly".
+    stop_signal: int = signal.SIGTERM
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.state_dir = settings.stack_dir.resolve()
+        self.process = ManagedProcess(
+            self.name,
+            pid_file=self.state_dir / "run" / f"{self.name}.json",
+            log_file=self.state_dir / "logs" / f"{self.name}.log",
+        )
+
+    @property
+    def managed(self) -> bool:
+        """False when the stack only watches the service (it is someone else's)."""
+        return True
+
+    @property
+    @abstractmethod
+    def endpoint(self) -> str: ...
+
+    @abstractmethod
+    def ports(self) -> list[tuple[str, int]]: ...
+
+    @abstractmethod
+    def start(self) -> None: ...
+
+    @abstractmethod
+    def health(self) -> health.Health: ...
+
+    def ready(self) -> health.Health:
+        """The service answers at all (before `after_healthy` has created users and databases)."""
+        return self.health()
+
+    def after_healthy(self) -> None:  # noqa: B027 - optional hook, most services need nothing
+        """Idempotent setup once the service answers, e.g. users and databases."""
+
+
+def java_binary() -> str:
+    """A JDK 17+ `java`, from JAVA_HOME or PATH."""
+    home = os.environ.get("JAVA_HOME")
+    java = str(Path(home) / "bin" / "java") if home else shutil.which("java")
+    if not java or not Path(java).exists():
+        raise StackError(
+            "No Java found: install a JDK 17+ (Debian: apt-get install openjdk-17-jdk-headless) or set JAVA_HOME."
+        )
+    out = subprocess.run([java, "-version"], capture_output=True, text=True).stderr
+    match = re.search(r'version "(\d+)', out)
+    if not match or int(match.group(1)) < 17:
+        raise StackError(
+            f"{java} is not Java 17+ ({out.strip().splitlines()[0] if out else 'no version'}); "
+            "set JAVA_HOME to a JDK 17+."
+        )
+    return java
+
+
+def _log4j_config(state_dir: Path) -> Path:
+    """Log to stdout (the service's log file) at INFO: enough to see why something failed."""
+    path = state_dir / "conf" / "log4j2.properties"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "status = warn\n"
+        "appender.out.type = Console\nappender.out.name = STDOUT\n"
+        "appender.out.layout.type = PatternLayout\n"
+        "appender.out.layout.pattern = [%d] %p %m (%c)%n\n"
+        "rootLogger.level = INFO\nrootLogger.appenderRef.out.ref = STDOUT\n"
+        "logger.kafka.name = org.apache.kafka\nlogger.kafka.level = WARN\n"
+        "logger.reflections.name = org.reflections\nlogger.reflections.level = ERROR\n"
+    )
+    return path
+
+
+def _write_properties(path: Path, values: dict[str, object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+
+
+# --------------------------------------------------------------------------------------------------
+class PostgresService(Service):
+    name = "postgres"
+    stop_signal = signal.SIGINT  # PostgreSQL's "fast" shutdown: roll back sessions, checkpoint, exit
+    os_user = "postgres"  # PostgreSQL refuses to run as root; as root we run it as this user
+
+    @property
+    def params(self) -> dict[str, str]:
+        return self.settings.postgres_params
+
+    @property
+    def endpoint(self) -> str:
+        p = self.params
+        return f"postgresql://{p.get('user', '')}@{p['host']}:{p['port']}/{p.get('dbname', '')}"
+
+    def ports(self) -> list[tuple[str, int]]:
+        return [(self.params["host"], int(self.params["port"]))]
+
+    @property
+    def data_dir(self) -> Path:
+        return self.state_dir / "postgres" / "data"
+
+    @property
+    def socket_dir(self) -> Path:
+        return self.state_dir / "postgres" / "run"
+
+    def _bin(self, tool: str) -> str:
+        found = shutil.which(tool)
+        if found:
+            return found
+        versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name))
+        if versions and (versions[-1] / tool).exists():
+            return str(versions[-1] / tool)
+        raise StackError(
+            f"PostgreSQL's '{tool}' was not found: install the server (Debian: apt-get install postgresql)."
+        )
+
+    def _run_as(self) -> tuple[str | None, pwd.struct_passwd | None]:
+        if os.geteuid() != 0:
+            return None, None
+        try:
+            return self.os_user, pwd.getpwnam(self.os_user)
+        except KeyError as exc:
+            raise StackError(
+                f"Running as root, PostgreSQL must run as the '{self.os_user}' system user, which does not exist "
+                "(Debian's postgresql package creates it)."
+            ) from exc
+
+    def _prepare(self) -> None:
+        user, entry = self._run_as()
+        for directory in (self.data_dir.parent, self.socket_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+            if entry:
+                os.chown(directory, entry.pw_uid, entry.pw_gid)
+        if (self.data_dir / "PG_VERSION").exists():
+            return
+        if self.data_dir.exists():
+            shutil.rmtree(self.data_dir)  # a half-made cluster from an interrupted initdb
+        argv = [
+            self._bin("initdb"), "-D", str(self.data_dir), "-U", "postgres", "-E", "UTF8", "--no-locale",
+            "--auth-local=trust", "--auth-host=scram-sha-256",
+        ]  # fmt: skip
+        result = subprocess.run(argv, capture_output=True, text=True, user=user)
+        if result.returncode != 0:
+            hint = f" (the '{user}' user must be able to enter every directory above {self.data_dir})" if user else ""
+            raise StackError(f"initdb failed{hint}:\n{result.stdout}{result.stderr}")
+
+    def start(self) -> None:
+        if not self.settings.postgres_password:
+            raise StackError(
+                "CDC_POSTGRES_PASSWORD is not set: set it in the environment or in .env (see .env.example)."
+            )
+        self._prepare()
+        user, _ = self._run_as()
+        p = self.params
+        settings = {
+            "listen_addresses": p["host"],
+            "port": p["port"],
+            "unix_socket_directories": str(self.socket_dir),
+            "wal_level": "logical",
+            "max_replication_slots": "16",
+            "max_wal_senders": "16",
+            "shared_buffers": "128MB",
+            "logging_collector": "off",
+        }
+        argv = [self._bin("postgres"), "-D", str(self.data_dir)]
+        for key, value in settings.items():
+            argv += ["-c", f"{key}={value}"]
+        self.process.start(argv, user=user, cwd=self.data_dir.parent)
+
+    def _superuser_conninfo(self) -> str:
+        return psycopg.conninfo.make_conninfo(
+            host=str(self.socket_dir), port=self.params["port"], user="postgres", dbname="postgres"
+        )
+
+    def ready(self) -> health.Health:
+        return health.postgres_health(self._superuser_conninfo())
+
+    def after_healthy(self) -> None:
+        """Make sure the product's login role (with REPLICATION) and source database exist."""
+        role = self.params.get("user") or "cdc"
+        dbname = self.params.get("dbname") or role
+        password = self.settings.postgres_password.get_secret_value() if self.settings.postgres_password else ""
+        with psycopg.connect(self._superuser_conninfo(), autocommit=True) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+            verb = "ALTER" if exists else "CREATE"
+            conn.execute(
+                sql.SQL("{} ROLE {} WITH LOGIN REPLICATION PASSWORD {}").format(
+                    sql.SQL(verb), sql.Identifier(role), sql.Literal(password)
+                )
+            )
+            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)).fetchone():
+                conn.execute(
+                    sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(dbname), sql.Identifier(role))
+                )
+
+    def health(self) -> health.Health:
+        return health.postgres_health(self.settings.postgres_conninfo())
+
+
+# --------------------------------------------------------------------------------------------------
+class KafkaService(Service):
+    name = "kafka"
+    node_id = 1
+
+    def __init__(self, settings: Settings, layout: JvmLayout | None) -> None:
+        super().__init__(settings)
+        self.layout = layout
+
+    @property
+    def endpoint(self) -> str:
+        host, port = self.settings.kafka_host_port
+        return f"{host}:{port}"
+
+    def ports(self) -> list[tuple[str, int]]:
+        host, port = self.settings.kafka_host_port
+        return [(host, port), (host, self.settings.kafka_controller_port)]
+
+    def _config(self) -> Path:
+        host, port = self.settings.kafka_host_port
+        controller = self.settings.kafka_controller_port
+        path = self.state_dir / "conf" / "kafka-server.properties"
+        _write_properties(
+            path,
+            {
+                "process.roles": "broker,controller",
+                "node.id": self.node_id,
+                "controller.quorum.voters": f"{self.node_id}@{host}:{controller}",
+                "listeners": f"PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller}",
+                "advertised.listeners": f"PLAINTEXT://{host}:{port}",
+                "controller.listener.names": "CONTROLLER",
+                "inter.broker.listener.name": "PLAINTEXT",
+                "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+                "log.dirs": self.state_dir / "kafka" / "data",
+                "num.partitions": 1,
+                "auto.create.topics.enable": "true",
+                "offsets.topic.replication.factor": 1,
+                "transaction.state.log.replication.factor": 1,
+                "transaction.state.log.min.isr": 1,
+                "share.coordinator.state.topic.replication.factor": 1,
+                "share.coordinator.state.topic.min.isr": 1,
+                "group.initial.rebalance.delay.ms": 0,
+                "log.retention.hours": 168,
+            },
+        )
+        return path
+
+    def _java(self, main: str, *args: str, heap: str = "512m") -> list[str]:
+        assert self.layout is not None
+        return [
+            java_binary(), f"-Xmx{heap}", f"-Xms{min(256, int(heap.rstrip('m')))}m", "-XX:+UseG1GC",
+            "-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={_log4j_config(self.state_dir)}",
+            "-cp", self.layout.broker_classpath, main, *args,
+        ]  # fmt: skip
+
+    def start(self) -> None:
+        config = self._config()
+        data = self.state_dir / "kafka" / "data"
+        if not (data / "meta.properties").exists():
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            argv = self._java(
+                "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config), "--ignore-formatted"
+            )
+            result = subprocess.run(argv, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise StackError(f"Formatting Kafka's KRaft storage failed:\n{result.stdout}{result.stderr}")
+        self.process.start(self._java("kafka.Kafka", str(config)))
+
+    def health(self) -> health.Health:
+        return health.kafka_health(self.settings.kafka_bootstrap_servers)
+
+
+# --------------------------------------------------------------------------------------------------
+class ConnectService(Service):
+    name = "connect"
+
+    def __init__(self, settings: Settings, layout: JvmLayout | None) -> None:
+        super().__init__(settings)
+        self.layout = layout
+
+    @property
+    def endpoint(self) -> str:
+        return self.settings.connect_url
+
+    def ports(self) -> list[tuple[str, int]]:
+        return [self.settings.connect_host_port]
+
+    def start(self) -> None:
+        assert self.layout is not None
+        host, port = self.settings.connect_host_port
+        config = self.state_dir / "conf" / "connect-distributed.properties"
+        _write_properties(
+            config,
+            {
+                "bootstrap.servers": self.settings.kafka_bootstrap_servers,
+                "group.id": CONNECT_GROUP_ID,
+                "config.storage.topic": CONNECT_STORAGE_TOPICS[0],
+                "offset.storage.topic": CONNECT_STORAGE_TOPICS[1],
+                "status.storage.topic": CONNECT_STORAGE_TOPICS[2],
+                "config.storage.replication.factor": 1,
+                "offset.storage.replication.factor": 1,
+                "status.storage.replication.factor": 1,
+                "offset.flush.interval.ms": 5000,
+                "key.converter": "org.apache.kafka.connect.json.JsonConverter",
+                "value.converter": "org.apache.kafka.connect.json.JsonConverter",
+                "listeners": f"http://{host}:{port}",
+                "rest.advertised.host.name": host,
+                "rest.advertised.port": port,
+                "plugin.path": self.layout.plugin_path,
+                # Secrets stay in the worker's environment: connector configs say ${env:CDC_...}.
+                "config.providers": "env",
+                "config.providers.env.class": "org.apache.kafka.common.config.provider.EnvVarConfigProvider",
+                "connector.client.config.override.policy": "All",
+                "plugin.discovery": "service_load",
+            },
+        )
+        argv = [
+            java_binary(), "-Xmx768m", "-Xms256m", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={_log4j_config(self.state_dir)}",
+            "-cp", self.layout.connect_classpath,
+            "org.apache.kafka.connect.cli.ConnectDistributed", str(config),
+        ]  # fmt: skip
+        env = dict(os.environ)
+        if self.settings.postgres_password:
+            env["CDC_POSTGRES_PASSWORD"] = self.settings.postgres_password.get_secret_value()
+        self.process.start(argv, env=env)
+
+    def health(self) -> health.Health:
+        return health.connect_health(self.settings.connect_url)
+
+
+# --------------------------------------------------------------------------------------------------
+class ClickHouseService(Service):
+    name = "clickhouse"
+
+    @property
+    def managed(self) -> bool:
+        return not self.settings.clickhouse_is_external
+
+    @property
+    def endpoint(self) -> str:
+        return self.settings.clickhouse_endpoint
+
+    def ports(self) -> list[tuple[str, int]]:
+        host, port, _ = self.settings.clickhouse_host_port
+        return [(host, port)] if self.managed else []
+
+    def start(self) -> None:
+        host, port, _ = self.settings.clickhouse_host_port
+        data = self.state_dir / "clickhouse"
+        data.mkdir(parents=True, exist_ok=True)
+        argv = [
+            sys.executable, "-m", "cdc_pipeline.stack.clickhouse_local",
+            "--host", host, "--port", str(port), "--data-dir", str(data),
+            "--user", self.settings.clickhouse_user,
+        ]  # fmt: skip
+        env = dict(os.environ)
+        if self.settings.clickhouse_password:
+            env["CDC_CLICKHOUSE_PASSWORD"] = self.settings.clickhouse_password.get_secret_value()
+        else:
+            env.pop("CDC_CLICKHOUSE_PASSWORD", None)
+        self.process.start(argv, env=env)
+
+    def _password(self) -> str | None:
+        return self.settings.clickhouse_password.get_secret_value() if self.settings.clickhouse_password else None
+
+    def after_healthy(self) -> None:
+        from cdc_pipeline.clickhouse import connect_clickhouse
+
+        client = connect_clickhouse(self.endpoint, self.settings.clickhouse_user, self._password())
+        try:
+            client.command(f"CREATE DATABASE IF NOT EXISTS `{self.settings.clickhouse_database}`")
+        finally:
+            client.close()
+
+    def health(self) -> health.Health:
+        return health.clickhouse_health(self.endpoint, self.settings.clickhouse_user, self._password())

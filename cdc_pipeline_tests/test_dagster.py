@@ -1,0 +1,74 @@
+"""The code location loads: `dagster definitions validate` passes and `dagster dev` serves the UI with
+the pipeline's jobs and resources."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from cdc_pipeline_tests.conftest import REPO_ROOT, free_ports
+
+DAGSTER = str(Path(sys.executable).with_name("dagster"))
+
+
+def test_definitions_validate(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [DAGSTER, "definitions", "validate", "-w", "workspace.yaml"],
+        cwd=REPO_ROOT,
+        env=dict(os.environ, DAGSTER_HOME=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "All code locations passed validation" in result.stdout + result.stderr
+
+
+@pytest.fixture
+def dagster_dev(tmp_path: Path) -> Iterator[str]:
+    (port,) = free_ports(1)
+    log = open(tmp_path / "dagster-dev.log", "wb")  # noqa: SIM115 - closed in the finally below
+    process = subprocess.Popen(
+        [DAGSTER, "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=REPO_ROOT,
+        env=dict(os.environ, DAGSTER_HOME=str(tmp_path)),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # so the webserver, daemon and code server stop together
+    )
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+
+
+def test_dagster_dev_serves_the_ui_with_the_code_location(dagster_dev: str, tmp_path: Path) -> None:
+    deadline = time.monotonic() + 240
+    jobs: list[str] = []
+    query = "{ repositoriesOrError { ... on RepositoryConnection { nodes { name jobs { name } } } } }"
+    while time.monotonic() < deadline and "check_services" not in jobs:
+        try:
+            response = requests.post(f"{dagster_dev}/graphql", json={"query": query}, timeout=10)
+            nodes = response.json()["data"]["repositoriesOrError"].get("nodes", [])
+            jobs = [job["name"] for node in nodes for job in node["jobs"]]
+        except (requests.RequestException, ValueError, KeyError, TypeError):
+            pass
+        if "check_services" not in jobs:
+            time.sleep(2)
+    assert "check_services" in jobs, (tmp_path / "dagster-dev.log").read_text()[-3000:]
+    page = requests.get(dagster_dev, timeout=10)
+    assert page.status_code == 200 and "Dagster" in page.text
