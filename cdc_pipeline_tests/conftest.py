@@ -90,3 +90,24 @@ def clickhouse_url(local_stack: LocalStack) -> str:
 def unique_name() -> str:
     """A fresh lower-case identifier, for isolating a test's tables, topics and connectors."""
     return f"t_{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="session")
+def spark():  # noqa: ANN201 - pyspark is imported lazily: most tests never need a JVM
+    """A small local SparkSession for the pure DataFrame functions."""
+    from pyspark.sql import SparkSession
+
+    session = (
+        SparkSession.builder.master("local[2]")
+        .appName("cdc-pipeline-tests")
+        .config("spark.sql.shuffle.partitions", "2")
+        .config("spark.ui.enabled", "false")
+        .config("spark.driver.memory", "1g")
+        .config("spark.driver.host", "127.0.0.1")
+        .config("spark.driver.bindAddress", "127.0.0.1")
+        .getOrCreate()
+    )
+    try:
+        yield session
+    finally:
+        session.stop()

@@ -15,7 +15,7 @@ have_java17() {
   major=$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -n1)
   [ -n "$major" ] && [ "$major" -ge 17 ]
 }
-have_python311() { command -v python3 >/dev/null 2>&1 && python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; }
+have_python311() { command -v python3 >/dev/null 2>&1 && python3 -c 'import sys, ensurepip, venv; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; }
 
 missing=()
 have_postgres || missing+=(postgresql)

@@ -4,6 +4,7 @@ health probe in its own protocol, and which ports it holds. Orchestration lives 
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import pwd
 import re
@@ -24,6 +25,8 @@ from cdc_pipeline.stack.jvm import JvmLayout
 from cdc_pipeline.stack.process import ManagedProcess
 
 CONNECT_GROUP_ID = "cdc-connect"
+# Where PostgreSQL data goes, as root, when the postgres user cannot enter the state directory.
+OUTSIDE_ROOT = Path("/var/lib/cdc-pipeline")
 CONNECT_STORAGE_TOPICS = ("cdc-connect-configs", "cdc-connect-offsets", "cdc-connect-status")
 
 
@@ -69,6 +72,9 @@ class Service(ABC):
 
     def after_healthy(self) -> None:  # noqa: B027 - optional hook, most services need nothing
         """Idempotent setup once the service answers, e.g. users and databases."""
+
+    def purge(self) -> None:  # noqa: B027 - optional hook
+        """Delete data kept outside the state directory, if any (the state directory goes anyway)."""
 
 
 def java_binary() -> str:
@@ -129,12 +135,37 @@ class PostgresService(Service):
         return [(self.params["host"], int(self.params["port"]))]
 
     @property
+    def link(self) -> Path:
+        """`<state>/postgres`; as root, a symlink to a directory the postgres user can reach when the
+        state dir itself is not reachable for it (e.g. a checkout under /root)."""
+        return self.state_dir / "postgres"
+
+    @property
+    def root(self) -> Path:
+        return self.link.resolve()  # the real path: the postgres user may not traverse the link's parents
+
+    @property
     def data_dir(self) -> Path:
-        return self.state_dir / "postgres" / "data"
+        return self.root / "data"
 
     @property
     def socket_dir(self) -> Path:
-        return self.state_dir / "postgres" / "run"
+        return self.root / "run"
+
+    def _reachable_by(self, user: str, path: Path) -> bool:
+        return subprocess.run(["test", "-x", str(path)], user=user, capture_output=True).returncode == 0
+
+    def _place_root(self, user: str | None) -> None:
+        if self.link.exists() or user is None or self._reachable_by(user, self.state_dir):
+            return
+        outside = OUTSIDE_ROOT / hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:16]
+        outside.mkdir(parents=True, exist_ok=True)
+        outside.parent.chmod(0o755)
+        self.link.symlink_to(outside, target_is_directory=True)
+
+    def purge(self) -> None:
+        if self.link.is_symlink():
+            shutil.rmtree(self.link.resolve(), ignore_errors=True)
 
     def _bin(self, tool: str) -> str:
         found = shutil.which(tool)
@@ -160,6 +191,7 @@ class PostgresService(Service):
 
     def _prepare(self) -> None:
         user, entry = self._run_as()
+        self._place_root(user)
         for directory in (self.data_dir.parent, self.socket_dir):
             directory.mkdir(parents=True, exist_ok=True)
             if entry:

@@ -122,6 +122,8 @@ class LocalStack:
                 if not wait_port_closed(host, port, timeout=30):
                     self.say(f"Warning: {host}:{port} ({service.name}) is still in use by another process.")
         if purge and self.state_dir.exists():
+            for service in self.services:
+                service.purge()
             shutil.rmtree(self.state_dir)
             self.say(f"Removed {self.state_dir}.")
         return stopped
