@@ -33,7 +33,10 @@ def build_resources(settings: Settings | None = None) -> dict[str, Any]:
         ),
         "kafka": KafkaResource(bootstrap_servers=_value("kafka_bootstrap_servers", defaults.kafka_bootstrap_servers)),
         "kafka_connect": KafkaConnectResource(url=_value("connect_url", defaults.connect_url)),
-        "spark": SparkResource(master=_value("spark_master", defaults.spark_master)),
+        "spark": SparkResource(
+            master=_value("spark_master", defaults.spark_master),
+            jvm_cache_dir=_value("jvm_cache_dir", str(defaults.jvm_cache_dir)),
+        ),
         "clickhouse": ClickHouseResource(
             url=_value("clickhouse_url", defaults.clickhouse_endpoint),
             user=_value("clickhouse_user", defaults.clickhouse_user),

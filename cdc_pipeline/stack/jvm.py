@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 POM = Path(__file__).with_name("pom.xml")
-PROFILES = ("broker", "connect", "debezium-postgres")
+STACK_PROFILES = ("broker", "connect", "debezium-postgres")
 DEBEZIUM_CONNECTOR_CLASS = "io.debezium.connector.postgresql.PostgresConnector"
 
 
@@ -36,6 +36,14 @@ class JvmLayout:
         """Kafka Connect's plugin.path: one sub-directory per plugin."""
         return self.root / "plugins"
 
+    def directory(self, profile: str) -> Path:
+        if profile == "debezium-postgres":
+            return self.plugin_path / "debezium-connector-postgres"
+        return self.root / profile
+
+    def jars(self, profile: str) -> list[str]:
+        return sorted(str(p) for p in self.directory(profile).glob("*.jar"))
+
 
 def layout_for(cache_dir: Path, overrides: dict[str, str] | None = None) -> JvmLayout:
     """Where the artifacts for this pom (and version overrides) live; versions change the path."""
@@ -45,14 +53,12 @@ def layout_for(cache_dir: Path, overrides: dict[str, str] | None = None) -> JvmL
     return JvmLayout(cache_dir.expanduser().resolve() / "jvm" / digest.hexdigest()[:16])
 
 
-def ensure_artifacts(cache_dir: Path, overrides: dict[str, str] | None = None) -> JvmLayout:
-    """Resolve every profile once; idempotent and offline after the first success."""
+def ensure_artifacts(
+    cache_dir: Path, overrides: dict[str, str] | None = None, profiles: tuple[str, ...] = STACK_PROFILES
+) -> JvmLayout:
+    """Resolve the profiles once; idempotent and offline after the first success."""
     layout = layout_for(cache_dir, overrides)
-    targets = {
-        "broker": layout.root / "broker",
-        "connect": layout.root / "connect",
-        "debezium-postgres": layout.plugin_path / "debezium-connector-postgres",
-    }
+    targets = {profile: layout.directory(profile) for profile in profiles}
     missing = {p: d for p, d in targets.items() if not (d / ".complete").exists()}
     if not missing:
         return layout

@@ -1,0 +1,105 @@
+"""The Spark Structured Streaming application: Debezium topics -> ClickHouse replica tables.
+
+A plain Spark program (nothing from Dagster): run it with `spark-submit` on any master, e.g.
+
+    spark-submit --master local[2] --packages org.apache.spark:spark-sql-kafka-0-10_2.13:<pyspark version> \\
+        cdc_pipeline/streaming/app.py --config pipeline.yaml
+
+Connection settings come from the CDC_* environment variables (see .env.example).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from pyspark.sql import SparkSession
+
+from cdc_pipeline.clickhouse import connect_clickhouse
+from cdc_pipeline.config import PipelineConfig, load_pipeline_config
+from cdc_pipeline.settings import Settings
+from cdc_pipeline.streaming.apply import ChangeApplier
+from cdc_pipeline.streaming.dlq import DeadLetters
+from cdc_pipeline.streaming.progress import ProgressRecorder, progress_table_sql
+from cdc_pipeline.streaming.sink import ClickHouseSink
+
+log = logging.getLogger("cdc_pipeline.streaming")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--config", type=Path, default=None, help="pipeline.yaml (default: CDC_PIPELINE_CONFIG or ./pipeline.yaml)"
+    )
+    parser.add_argument("--checkpoint-location", default=None, help="override stream.checkpoint_location")
+    return parser.parse_args(argv)
+
+
+def run(pipeline: PipelineConfig, settings: Settings, checkpoint_location: str) -> None:
+    """Start the query and block until it stops (SIGTERM/SIGINT stop it cleanly between batches)."""
+    password = settings.clickhouse_password.get_secret_value() if settings.clickhouse_password else None
+    database = pipeline.clickhouse_database(settings.clickhouse_database)
+    admin = connect_clickhouse(settings.clickhouse_endpoint, settings.clickhouse_user, password)
+    admin.command(f"CREATE DATABASE IF NOT EXISTS `{database}`")
+    admin.command(progress_table_sql(database))
+    admin.close()
+
+    spark = SparkSession.builder.appName(pipeline.query_name).getOrCreate()
+    # The batch writer and the progress listener run on different threads: one client each.
+    recorder = ProgressRecorder(
+        pipeline.query_name,
+        database,
+        connect_clickhouse(settings.clickhouse_endpoint, settings.clickhouse_user, password),
+        {"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": pipeline.consumer_group},
+    )
+    spark.streams.addListener(recorder)
+    applier = ChangeApplier(
+        pipeline,
+        database,
+        ClickHouseSink(connect_clickhouse(settings.clickhouse_endpoint, settings.clickhouse_user, password)),
+        DeadLetters(settings.kafka_bootstrap_servers, pipeline.dlq_topic),
+        on_batch=recorder.batch_applied,
+    )
+    source = (
+        spark.readStream.format("kafka")
+        .option("kafka.bootstrap.servers", settings.kafka_bootstrap_servers)
+        .option("subscribe", ",".join(pipeline.topics()))
+        .option("startingOffsets", pipeline.stream.starting_offsets)
+        .option("maxOffsetsPerTrigger", pipeline.stream.max_offsets_per_trigger)
+        # Missing offsets (retention, a recreated topic) stop the query loudly instead of skipping data.
+        .option("failOnDataLoss", "true")
+        .load()
+    )
+    query = (
+        source.writeStream.queryName(pipeline.query_name)
+        .foreachBatch(applier)
+        .option("checkpointLocation", checkpoint_location)
+        .trigger(processingTime=f"{pipeline.stream.trigger_interval_ms} milliseconds")
+        .start()
+    )
+
+    def stop(signum: int, _frame: object) -> None:
+        log.info("signal %s: stopping query %s", signum, pipeline.query_name)
+        query.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("query %s started, checkpoint %s, topics %s", pipeline.query_name, checkpoint_location, pipeline.topics())
+    query.awaitTermination()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    settings = Settings()
+    pipeline = load_pipeline_config(args.config)
+    checkpoint = args.checkpoint_location or pipeline.checkpoint_location(settings.stack_dir.resolve())
+    run(pipeline, settings, checkpoint)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Run the streaming application under `spark-submit` on any master (local[*], spark://, yarn, k8s://)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyspark
+
+from cdc_pipeline.stack.jvm import ensure_artifacts
+
+APPLICATION = Path(__file__).with_name("app.py")
+# The Kafka source must match the pyspark version exactly.
+KAFKA_SOURCE_PACKAGE = f"org.apache.spark:spark-sql-kafka-0-10_2.13:{pyspark.__version__}"
+
+
+def kafka_source_jars(cache_dir: Path) -> list[str]:
+    """The Kafka source jars, resolved once by Maven (from cdc_pipeline/stack/pom.xml) into the cache.
+
+    Preferred over `--packages`, whose Ivy resolution stumbles over partial ~/.m2 entries and needs
+    the network at every cold start."""
+    layout = ensure_artifacts(cache_dir, {"spark.version": pyspark.__version__}, profiles=("spark-kafka",))
+    return layout.jars("spark-kafka")
+
+
+DEFAULT_CONF = {"spark.sql.shuffle.partitions": "4", "spark.ui.showConsoleProgress": "false"}
+
+
+@dataclass(frozen=True)
+class SparkSubmit:
+    """spark-submit settings; `SparkResource` holds the same fields for Dagster."""
+
+    master: str = "local[2]"
+    spark_home: str | None = None
+    packages: Sequence[str] = ()
+    # Empty: the Kafka source jars from the Maven cache (see kafka_source_jars).
+    jars: Sequence[str] = ()
+    jvm_cache_dir: Path = Path("~/.cache/cdc-pipeline")
+    conf: Mapping[str, str] = field(default_factory=dict)
+    driver_memory: str = "1g"
+    deploy_mode: str = "client"
+
+    def spark_submit(self) -> str:
+        home = Path(self.spark_home) if self.spark_home else Path(pyspark.__file__).parent
+        return str(home / "bin" / "spark-submit")
+
+    def argv(self, application: str, *args: str, name: str | None = None) -> list[str]:
+        argv = [self.spark_submit(), "--master", self.master, "--deploy-mode", self.deploy_mode]
+        argv += ["--driver-memory", self.driver_memory]
+        if name:
+            argv += ["--name", name]
+        if self.packages:
+            argv += ["--packages", ",".join(self.packages)]
+        jars = list(self.jars) or ([] if self.packages else kafka_source_jars(self.jvm_cache_dir))
+        if jars:
+            argv += ["--jars", ",".join(jars)]
+        for key, value in sorted({**DEFAULT_CONF, **self.conf}.items()):
+            argv += ["--conf", f"{key}={value}"]
+        return [*argv, application, *args]
+
+    def stream_argv(
+        self, config_path: Path, *, checkpoint_location: str | None = None, name: str | None = None
+    ) -> list[str]:
+        """The command that runs the CDC streaming application for `config_path`."""
+        args = ["--config", str(Path(config_path).resolve())]
+        if checkpoint_location:
+            args += ["--checkpoint-location", checkpoint_location]
+        return self.argv(str(APPLICATION), *args, name=name)
+
+
+def submit_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for spark-submit: the driver runs this interpreter (where cdc_pipeline is installed)."""
+    env = dict(os.environ)
+    env.setdefault("PYSPARK_PYTHON", sys.executable)
+    env.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    env.update(extra or {})
+    return env
+
+
+def launch(
+    argv: Sequence[str], *, log_path: Path | None = None, env: Mapping[str, str] | None = None
+) -> subprocess.Popen:
+    """Start spark-submit detached (own session) with output to `log_path`."""
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
+    try:
+        return subprocess.Popen(
+            list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=submit_env(env), start_new_session=True,
+        )  # fmt: skip
+    finally:
+        if log_path:
+            out.close()

@@ -1,0 +1,103 @@
+"""After each committed micro-batch: commit the processed offsets to a Kafka consumer group (so
+`kafka-consumer-groups`, Burrow and the lag sensor see the stream's lag) and record the batch's
+progress in ClickHouse, where the control plane reads it without reaching the Spark driver."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from datetime import UTC, datetime
+
+from clickhouse_connect.driver.binding import quote_identifier
+from clickhouse_connect.driver.client import Client
+from confluent_kafka import Consumer, TopicPartition
+from pyspark.sql.streaming import StreamingQueryListener
+
+from cdc_pipeline.streaming.apply import BatchStats
+
+log = logging.getLogger(__name__)
+
+PROGRESS_TABLE = "_cdc_stream_progress"
+PROGRESS_COLUMNS = (
+    "query_name", "batch_id", "recorded_at", "num_input_rows", "input_rows_per_second",
+    "processed_rows_per_second", "batch_duration_ms", "end_offsets", "applied_rows", "deleted_rows",
+    "dlq_count", "latest_source_ts",
+)  # fmt: skip
+
+
+def progress_table_sql(database: str) -> str:
+    return (
+        f"CREATE TABLE IF NOT EXISTS {quote_identifier(database)}.{PROGRESS_TABLE} (\n"
+        "  query_name String, batch_id Int64, recorded_at DateTime64(3, 'UTC'),\n"
+        "  num_input_rows Int64, input_rows_per_second Float64, processed_rows_per_second Float64,\n"
+        "  batch_duration_ms Int64, end_offsets String, applied_rows Int64, deleted_rows Int64,\n"
+        "  dlq_count Int64, latest_source_ts Nullable(DateTime64(3, 'UTC'))\n"
+        ") ENGINE = ReplacingMergeTree ORDER BY (query_name, batch_id)"
+    )
+
+
+def offsets_to_commit(end_offset_json: str) -> list[TopicPartition]:
+    """Spark's source endOffset ({"topic": {"0": 42}}) as Kafka commit positions (next offset to read)."""
+    offsets = json.loads(end_offset_json or "{}")
+    return [
+        TopicPartition(topic, int(partition), int(offset))
+        for topic, partitions in offsets.items()
+        for partition, offset in partitions.items()
+        if int(offset) >= 0
+    ]
+
+
+class ProgressRecorder(StreamingQueryListener):
+    """A StreamingQueryListener: Spark calls onQueryProgress after each batch is committed."""
+
+    def __init__(self, query_name: str, database: str, client: Client, kafka_config: dict[str, str]) -> None:
+        self.query_name = query_name
+        self.database = database
+        self.client = client
+        self._consumer = Consumer({**kafka_config, "enable.auto.commit": False})
+        self._stats: dict[int, BatchStats] = {}
+        self._lock = threading.Lock()
+
+    def batch_applied(self, stats: BatchStats) -> None:
+        with self._lock:
+            self._stats[stats.batch_id] = stats
+
+    def onQueryStarted(self, event) -> None:  # noqa: ANN001, N802 - Spark's listener API
+        pass
+
+    def onQueryIdle(self, event) -> None:  # noqa: ANN001, N802
+        pass
+
+    def onQueryTerminated(self, event) -> None:  # noqa: ANN001, N802
+        pass
+
+    def onQueryProgress(self, event) -> None:  # noqa: ANN001, N802
+        progress = event.progress
+        if progress.name != self.query_name:
+            return
+        with self._lock:
+            stats = self._stats.pop(progress.batchId, None)
+            for old in [b for b in self._stats if b < progress.batchId]:
+                self._stats.pop(old)
+        end_offsets = progress.sources[0].endOffset if progress.sources else "{}"
+        try:
+            positions = offsets_to_commit(end_offsets)
+            if positions:
+                self._consumer.commit(offsets=positions, asynchronous=False)
+        except Exception:  # lag visibility must never stop the stream; the checkpoint is the truth
+            log.exception("could not commit processed offsets to Kafka for batch %s", progress.batchId)
+        try:
+            latest = stats.latest_source_ts_ms if stats else None
+            row = [
+                self.query_name, progress.batchId, datetime.now(UTC), progress.numInputRows,
+                float(progress.inputRowsPerSecond or 0.0), float(progress.processedRowsPerSecond or 0.0),
+                int(progress.durationMs.get("triggerExecution", 0)), end_offsets,
+                stats.applied_rows if stats else 0, stats.deleted_rows if stats else 0, stats.dlq_count if stats else 0,
+                datetime.fromtimestamp(latest / 1000, tz=UTC) if latest else None,
+            ]  # fmt: skip
+            self.client.insert(
+                f"{quote_identifier(self.database)}.{PROGRESS_TABLE}", [row], column_names=PROGRESS_COLUMNS
+            )
+        except Exception:
+            log.exception("could not record progress of batch %s", progress.batchId)

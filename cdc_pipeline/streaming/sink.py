@@ -1,0 +1,126 @@
+"""The ClickHouse replica tables: DDL from the stream's own schemas, and idempotent columnar writes.
+
+Every replica table is `ReplacingMergeTree(_version, _is_deleted)` ordered by the primary key.
+`_version` comes from the source position (see `envelope.version`), so re-applying any batch, in any
+order, can never bring back an older row; deletes are rows with `_is_deleted = 1`, which
+`SELECT ... FINAL` hides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from clickhouse_connect.driver.binding import quote_identifier
+from clickhouse_connect.driver.client import Client
+
+from cdc_pipeline.streaming.types import ColumnSpec
+
+# Bookkeeping columns every replica table has, after the source's own columns.
+META_COLUMNS = (
+    ("_version", "UInt128"),
+    ("_is_deleted", "UInt8"),
+    ("_source_ts", "DateTime64(3, 'UTC')"),
+)
+META_NAMES = tuple(name for name, _ in META_COLUMNS)
+
+
+@dataclass(frozen=True)
+class ReplicaTable:
+    database: str
+    name: str
+    key_columns: tuple[str, ...]
+    partition_by: str | None = None
+
+    @property
+    def qualified(self) -> str:
+        return f"{quote_identifier(self.database)}.{quote_identifier(self.name)}"
+
+
+def create_table_sql(table: ReplicaTable, columns: Sequence[ColumnSpec]) -> str:
+    """CREATE TABLE IF NOT EXISTS for a replica table with `columns` from the source schema."""
+    by_name = {c.name: c for c in columns}
+    missing = [k for k in table.key_columns if k not in by_name]
+    if missing:
+        raise ValueError(f"{table.name}: key column(s) {missing} are not in the change events' schema")
+    definitions = [f"{quote_identifier(c.name)} {c.clickhouse_type}" for c in columns]
+    definitions += [f"{quote_identifier(name)} {ch_type}" for name, ch_type in META_COLUMNS]
+    order_by = ", ".join(quote_identifier(k) for k in table.key_columns)
+    nullable_key = any(by_name[k].clickhouse_type.startswith("Nullable(") for k in table.key_columns)
+    sql = (
+        f"CREATE TABLE IF NOT EXISTS {table.qualified} (\n  "
+        + ",\n  ".join(definitions)
+        + "\n) ENGINE = ReplacingMergeTree(_version, _is_deleted)\n"
+    )
+    if table.partition_by:
+        sql += f"PARTITION BY {table.partition_by}\n"
+    sql += f"ORDER BY ({order_by})"
+    if nullable_key:
+        sql += "\nSETTINGS allow_nullable_key = 1"
+    return sql
+
+
+class ClickHouseSink:
+    """Writes one micro-batch's changes to the replica tables (columnar inserts, never row by row)."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self._known_columns: dict[str, set[str]] = {}
+
+    def existing_columns(self, table: ReplicaTable) -> set[str]:
+        rows = self.client.query(
+            "SELECT name FROM system.columns WHERE database = {db:String} AND table = {t:String}",
+            parameters={"db": table.database, "t": table.name},
+        ).result_rows
+        return {row[0] for row in rows}
+
+    def ensure_table(self, table: ReplicaTable, columns: Sequence[ColumnSpec]) -> list[str]:
+        """Create the table, or add the columns it lacks (schema evolution). Returns the DDL it ran."""
+        known = self._known_columns.get(table.qualified)
+        wanted = [c for c in columns if known is None or c.name not in known]
+        if known is not None and not wanted:
+            return []
+        ran: list[str] = []
+        existing = self.existing_columns(table)
+        if not existing:
+            ddl = create_table_sql(table, columns)
+            self.client.command(ddl)
+            ran.append(ddl)
+            existing = self.existing_columns(table)
+        for column in columns:
+            if column.name not in existing:
+                # New source column: rows written before it read the type's default (NULL if Nullable).
+                ddl = (
+                    f"ALTER TABLE {table.qualified} ADD COLUMN IF NOT EXISTS "
+                    f"{quote_identifier(column.name)} {column.clickhouse_type} BEFORE _version"
+                )
+                self.client.command(ddl)
+                ran.append(ddl)
+                existing.add(column.name)
+        self._known_columns[table.qualified] = existing
+        return ran
+
+    def upsert(self, table: ReplicaTable, column_names: Sequence[str], rows: Sequence[Sequence[Any]]) -> int:
+        """Insert new row states; each row ends with the META_COLUMNS values."""
+        if not rows:
+            return 0
+        self.client.insert(table.qualified, list(rows), column_names=[*column_names, *META_NAMES])
+        return len(rows)
+
+    def delete(self, table: ReplicaTable, key_rows: Sequence[Sequence[Any]]) -> int:
+        """Insert deletion markers: key values + (_version, 1, _source_ts); other columns take defaults."""
+        if not key_rows:
+            return 0
+        self.client.insert(table.qualified, list(key_rows), column_names=[*table.key_columns, *META_NAMES])
+        return len(key_rows)
+
+    def truncate(self, table: ReplicaTable, row_version: int, source_ts: Any) -> None:
+        """Mark every live row deleted as of `row_version`; newer rows (higher versions) are unaffected."""
+        keys = ", ".join(quote_identifier(k) for k in table.key_columns)
+        self.client.command(
+            f"INSERT INTO {table.qualified} ({keys}, _version, _is_deleted, _source_ts) "
+            f"SELECT {keys}, toUInt128({{v:String}}), 1, {{ts:DateTime64(3, 'UTC')}} "
+            f"FROM {table.qualified} FINAL WHERE _version < toUInt128({{v:String}})",
+            parameters={"v": str(row_version), "ts": source_ts},
+        )

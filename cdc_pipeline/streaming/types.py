@@ -1,0 +1,292 @@
+"""PostgreSQL -> ClickHouse column types and values, read from the Connect schema that every Debezium
+JSON message carries (JsonConverter with schemas.enable=true), so the sink never asks PostgreSQL.
+
+Expects the connector settings decimal.handling.mode=string, time.precision.mode=adaptive_time_microseconds,
+interval.handling.mode=string, binary.handling.mode=bytes, hstore.handling.mode=json and
+column.propagate.source.type=.* (the source type, length and scale arrive as field parameters).
+
+Pure Python on purpose: it runs on the Spark driver and executors without Spark or Dagster imports.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+__all__ = [
+    "ColumnSpec",
+    "UnsupportedTypeError",
+    "ValueConversionError",
+    "clickhouse_type",
+    "columns_from_schema",
+    "value_converter",
+]
+
+Converter = Callable[[Any], Any]
+
+SOURCE_TYPE = "__debezium.source.column.type"
+SOURCE_LENGTH = "__debezium.source.column.length"
+SOURCE_SCALE = "__debezium.source.column.scale"
+
+# ClickHouse Decimal holds at most 76 digits; wider or unconstrained numerics stay exact as text.
+MAX_DECIMAL_PRECISION = 76
+# Date32 and DateTime64 both cover 1900-01-01 .. 2299-12-31 (inclusive).
+MIN_DATE = date(1900, 1, 1)
+MAX_DATE = date(2299, 12, 31)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MIN_DAYS = (MIN_DATE - _EPOCH.date()).days
+_MAX_DAYS = (MAX_DATE - _EPOCH.date()).days
+_MIN_MICROS = _MIN_DAYS * 86_400_000_000
+_MAX_MICROS = (_MAX_DAYS + 1) * 86_400_000_000 - 1
+
+_DATE = "io.debezium.time.Date"
+_MICRO_TIME = "io.debezium.time.MicroTime"
+_TIMESTAMP = "io.debezium.time.Timestamp"
+_MICRO_TIMESTAMP = "io.debezium.time.MicroTimestamp"
+_ZONED_TIMESTAMP = "io.debezium.time.ZonedTimestamp"
+_ZONED_TIME = "io.debezium.time.ZonedTime"
+_INTERVAL = "io.debezium.time.Interval"
+_UUID = "io.debezium.data.Uuid"
+_JSON = "io.debezium.data.Json"
+_ENUM = "io.debezium.data.Enum"
+
+# Logical types that other connector settings produce, with the setting that yields a supported one.
+_MISCONFIGURED = {
+    "org.apache.kafka.connect.data.Decimal": "set decimal.handling.mode=string",
+    "io.debezium.data.VariableScaleDecimal": "set decimal.handling.mode=string",
+    "io.debezium.time.MicroDuration": "set interval.handling.mode=string",
+    "io.debezium.time.Time": "set time.precision.mode=adaptive_time_microseconds",
+    "io.debezium.time.NanoTime": "set time.precision.mode=adaptive_time_microseconds",
+    "io.debezium.time.NanoTimestamp": "set time.precision.mode=adaptive_time_microseconds",
+    "org.apache.kafka.connect.data.Date": "set time.precision.mode=adaptive_time_microseconds",
+    "org.apache.kafka.connect.data.Time": "set time.precision.mode=adaptive_time_microseconds",
+    "org.apache.kafka.connect.data.Timestamp": "set time.precision.mode=adaptive_time_microseconds",
+}
+
+_PLAIN_TYPES = {"int16": "Int16", "int32": "Int32", "int64": "Int64", "float": "Float32", "double": "Float64"}
+
+
+class UnsupportedTypeError(TypeError):
+    """A column's Connect schema has no exact ClickHouse mapping here."""
+
+
+class ValueConversionError(ValueError):
+    """A value cannot be stored exactly in its ClickHouse column; route the record to the dead-letter topic."""
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    name: str
+    clickhouse_type: str
+    convert: Converter
+    optional: bool
+
+
+def _column(field: dict[str, Any]) -> str:
+    return field.get("field", "?")
+
+
+def _source_type(field: dict[str, Any]) -> str:
+    return (field.get("parameters") or {}).get(SOURCE_TYPE, "?")
+
+
+def _unsupported(field: dict[str, Any], what: str, todo: str) -> UnsupportedTypeError:
+    return UnsupportedTypeError(
+        f"column {_column(field)!r} (PostgreSQL type {_source_type(field)}, Connect type {field.get('type')}"
+        f"{', logical type ' + field['name'] if field.get('name') else ''}): {what}. To fix: {todo}."
+    )
+
+
+def _decimal_type(field: dict[str, Any]) -> tuple[int, int] | None:
+    """(precision, scale) of the ClickHouse Decimal for a NUMERIC column, or None when it must stay text."""
+    params = field.get("parameters") or {}
+    try:
+        precision, scale = int(params[SOURCE_LENGTH]), int(params[SOURCE_SCALE])
+    except (KeyError, ValueError):
+        return None  # unconstrained numeric in snapshot events: length "0" and no scale
+    # Unconstrained numeric in streaming events: length 131089 and scale 0, caught by the 76-digit limit.
+    if precision <= 0:
+        return None
+    # PostgreSQL 15 allows scale < 0 or scale > precision; keep every integer and fraction digit.
+    ch_scale = max(scale, 0)
+    ch_precision = max(precision - scale, 0) + ch_scale
+    return (ch_precision, ch_scale) if ch_precision <= MAX_DECIMAL_PRECISION else None
+
+
+def _element_field(field: dict[str, Any]) -> dict[str, Any]:
+    # Array items carry no parameters; the array column's own (e.g. _NUMERIC, 10, 2) describe its elements.
+    params = dict(field.get("parameters") or {})
+    params[SOURCE_TYPE] = params.get(SOURCE_TYPE, "?").removeprefix("_")
+    return {**field["items"], "field": _column(field), "parameters": params}
+
+
+def _base_type(field: dict[str, Any]) -> str:
+    """The ClickHouse type of a non-array field, without Nullable."""
+    name, kind = field.get("name"), field.get("type")
+    if name in _MISCONFIGURED:
+        raise _unsupported(field, "the connector is configured for a different representation", _MISCONFIGURED[name])
+    if name is None:
+        if kind in _PLAIN_TYPES:
+            return _PLAIN_TYPES[kind]
+        if kind == "boolean":
+            return "Bool"
+        if kind == "bytes":
+            return "String"
+        if kind == "string":
+            if _source_type(field) == "NUMERIC":
+                decimal = _decimal_type(field)
+                return f"Decimal({decimal[0]}, {decimal[1]})" if decimal else "String"
+            return "String"
+    by_name = {
+        _DATE: ("int32", "Date32"),
+        _MICRO_TIME: ("int64", "Time64(6)"),
+        _TIMESTAMP: ("int64", "DateTime64(6)"),
+        _MICRO_TIMESTAMP: ("int64", "DateTime64(6)"),
+        _ZONED_TIMESTAMP: ("string", "DateTime64(6, 'UTC')"),
+        _ZONED_TIME: ("string", "String"),
+        _INTERVAL: ("string", "String"),
+        _UUID: ("string", "UUID"),
+        _JSON: ("string", "String"),
+        _ENUM: ("string", "LowCardinality(String)"),
+    }
+    if name in by_name and by_name[name][0] == kind:
+        return by_name[name][1]
+    raise _unsupported(
+        field,
+        "no ClickHouse mapping is defined for this schema",
+        "add one in cdc_pipeline/streaming/types.py, or leave the column out with the connector's column.exclude.list",
+    )
+
+
+def clickhouse_type(field: dict[str, Any]) -> str:
+    """The ClickHouse column type for a Connect field schema of a Debezium `after` struct.
+
+    Optional scalars become Nullable(T) (LowCardinality(Nullable(String)) for enums). Arrays become
+    Array(T), with Nullable(T) elements when the items are optional; ClickHouse has no Nullable(Array),
+    so a NULL array is stored as an empty array. Raises UnsupportedTypeError for anything without an
+    exact mapping.
+    """
+    if field.get("type") == "array":
+        return f"Array({clickhouse_type(_element_field(field))})"
+    base = _base_type(field)
+    if not field.get("optional"):
+        return base
+    if base.startswith("LowCardinality("):
+        return f"LowCardinality(Nullable({base.removeprefix('LowCardinality(')})"
+    return f"Nullable({base})"
+
+
+def _fail(field: dict[str, Any], value: Any, why: str) -> ValueConversionError:
+    return ValueConversionError(f"column {_column(field)!r} ({_source_type(field)}): value {value!r} {why}")
+
+
+def _scalar_converter(field: dict[str, Any], ch_type: str) -> Converter:
+    name = field.get("name")
+
+    def to_decimal(value: str) -> Decimal:
+        try:
+            result = Decimal(value)
+        except InvalidOperation:
+            raise _fail(field, value, "is not a number") from None
+        if not result.is_finite():
+            raise _fail(field, value, f"cannot be stored in {ch_type}; only unconstrained numeric keeps NaN")
+        return result
+
+    def to_date(days: int) -> date:
+        if not _MIN_DAYS <= days <= _MAX_DAYS:
+            raise _fail(field, days, f"(days since 1970-01-01) is outside Date32's {MIN_DATE}..{MAX_DATE}")
+        return _EPOCH.date() + timedelta(days=days)
+
+    def to_datetime(micros: int) -> datetime:
+        if not _MIN_MICROS <= micros <= _MAX_MICROS:
+            raise _fail(field, micros, f"(epoch microseconds) is outside DateTime64's {MIN_DATE}..{MAX_DATE}")
+        # Aware UTC datetimes: clickhouse-connect turns naive ones into epochs with the client's local zone.
+        return _EPOCH + timedelta(microseconds=micros)
+
+    def to_zoned(text: str) -> datetime:
+        try:
+            parsed = datetime.fromisoformat(text)
+        except ValueError:
+            raise _fail(field, text, "is not an ISO 8601 timestamp Python can hold") from None
+        if parsed.tzinfo is None:
+            raise _fail(field, text, "has no time zone offset")
+        if not MIN_DATE <= parsed.astimezone(UTC).date() <= MAX_DATE:
+            raise _fail(field, text, f"is outside DateTime64's {MIN_DATE}..{MAX_DATE}")
+        return parsed.astimezone(UTC)
+
+    def to_bytes(text: str) -> bytes:
+        try:
+            return base64.b64decode(text, validate=True)
+        except binascii.Error:
+            raise _fail(field, text, "is not base64") from None
+
+    def to_uuid(text: str) -> uuid.UUID:
+        try:
+            return uuid.UUID(text)
+        except ValueError:
+            raise _fail(field, text, "is not a UUID") from None
+
+    if name == _DATE:
+        return to_date
+    if name == _MICRO_TIME:
+        return lambda micros: timedelta(microseconds=micros)
+    if name == _TIMESTAMP:
+        return lambda millis: to_datetime(millis * 1000)
+    if name == _MICRO_TIMESTAMP:
+        return to_datetime
+    if name == _ZONED_TIMESTAMP:
+        return to_zoned
+    if name == _UUID:
+        return to_uuid
+    if ch_type.startswith("Decimal("):
+        return to_decimal
+    if _source_type(field) == "NUMERIC":
+        # Debezium spells numeric NaN "NAN"; store PostgreSQL's own text.
+        return lambda text: "NaN" if text == "NAN" else text
+    if field.get("type") in ("float", "double"):
+        # NaN and ±Infinity arrive as the JSON strings "NaN", "Infinity", "-Infinity".
+        return float
+    if field.get("type") == "bytes":
+        return to_bytes
+    return lambda value: value
+
+
+def value_converter(field: dict[str, Any]) -> Callable[[Any], Any]:
+    """A function from the field's JSON value to what clickhouse-connect inserts into `clickhouse_type(field)`.
+
+    NULL gives None (an empty list for arrays). Decimal columns get Decimal, DateTime64 columns aware UTC
+    datetimes, Date32 date, Time64 timedelta, UUID uuid.UUID, bytea bytes; JSON, interval, timetz and
+    wide numerics keep Debezium's text. Raises ValueConversionError for values the column cannot hold
+    exactly (dates outside 1900-01-01..2299-12-31, NaN in a Decimal column): dead-letter the record.
+    """
+    if field.get("type") == "array":
+        element = value_converter(_element_field(field))
+        return lambda values: [] if values is None else [element(v) for v in values]
+    convert = _scalar_converter(field, _base_type(field))
+    return lambda value: None if value is None else convert(value)
+
+
+def columns_from_schema(value_schema: dict[str, Any]) -> list[ColumnSpec]:
+    """The replica columns of a Debezium envelope schema (the `schema` of a message value): one per
+    field of its `after` struct, in order."""
+    after = next((f for f in value_schema.get("fields", []) if f.get("field") == "after"), None)
+    if after is None or after.get("type") != "struct":
+        raise UnsupportedTypeError(
+            f"schema {value_schema.get('name', '?')!r} is not a Debezium envelope with an `after` struct; "
+            "enable schemas on the value converter (value.converter.schemas.enable=true)"
+        )
+    return [
+        ColumnSpec(
+            name=_column(field),
+            clickhouse_type=clickhouse_type(field),
+            convert=value_converter(field),
+            optional=bool(field.get("optional")),
+        )
+        for field in after["fields"]
+    ]

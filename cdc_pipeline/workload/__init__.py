@@ -1,0 +1,1 @@
+"""Synthetic e-commerce workload for demos, tests and benchmarks."""
