@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from clickhouse_connect.driver.exceptions import OperationalError
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
@@ -90,8 +91,7 @@ class ChangeApplier:
     def _dead_letter_invalid(self, decoded: DataFrame, stats: BatchStats) -> None:
         bad = decoded.filter(F.col("error").isNotNull()).select("topic", "partition", "offset", "key", "value", "error")
         for row in bad.toLocalIterator():
-            self.dead_letters.send(row.key, row.value, row.error, row.topic, row.partition, row.offset)
-            stats.dlq_count += 1
+            self._dead_letter(row, row.error, stats)
 
     def _apply(self, decoded: DataFrame, stats: BatchStats) -> None:
         valid = decoded.filter(F.col("error").isNull() & F.col("op").isin(*ROW_OPS))
@@ -140,29 +140,50 @@ class ChangeApplier:
     def _write_rows(
         self, table: ReplicaTable, specs: dict[str, ColumnSpec], rows: list[Any], stats: BatchStats
     ) -> None:
-        upserts: dict[tuple[str, ...], list[list[Any]]] = defaultdict(list)
-        deletes: list[list[Any]] = []
+        upserts: dict[tuple[str, ...], list[tuple[Any, list[Any]]]] = defaultdict(list)
+        deletes: list[tuple[Any, list[Any]]] = []
         for row in rows:
             meta = [version(row.commit_lsn, row.change_lsn), 1 if row.op == "d" else 0, _ts(row.source_ts_ms)]
             try:
                 if row.op == "d":
                     key = json.loads(row.key_json)
-                    deletes.append([self._convert(specs, name, key.get(name)) for name in table.key_columns] + meta)
+                    deletes.append(
+                        (row, [self._convert(specs, name, key.get(name)) for name in table.key_columns] + meta)
+                    )
                 else:
                     after = json.loads(row.after_json)
                     names = tuple(after)
-                    upserts[names].append([self._convert(specs, name, after[name]) for name in names] + meta)
+                    upserts[names].append((row, [self._convert(specs, name, after[name]) for name in names] + meta))
             except (ValueConversionError, KeyError, ValueError, TypeError) as exc:
-                self.dead_letters.send(
-                    row.key, row.value, f"conversion failed: {exc}", row.topic, row.partition, row.offset
-                )
-                stats.dlq_count += 1
+                self._dead_letter(row, f"conversion failed: {exc}", stats)
                 continue
             stats.saw_source_ts(row.source_ts_ms)
-        for names, values in upserts.items():
-            stats.applied_rows += self.sink.upsert(table, names, values)
-        stats.deleted_rows += self.sink.delete(table, deletes)
+        for names, group in upserts.items():
+            stats.applied_rows += self._insert(lambda values, n=names: self.sink.upsert(table, n, values), group, stats)
+        stats.deleted_rows += self._insert(lambda values: self.sink.delete(table, values), deletes, stats)
         stats.tables[table.name] = stats.tables.get(table.name, 0) + len(rows)
+
+    def _insert(
+        self, write: Callable[[list[list[Any]]], int], group: list[tuple[Any, list[Any]]], stats: BatchStats
+    ) -> int:
+        """Columnar insert of the group; if ClickHouse rejects the data, isolate the bad rows (halving)
+        and dead-letter them. Connection errors propagate: the batch fails and Spark retries it."""
+        if not group:
+            return 0
+        try:
+            return write([values for _, values in group])
+        except OperationalError:
+            raise
+        except Exception as exc:
+            if len(group) == 1:
+                self._dead_letter(group[0][0], f"ClickHouse rejected the row: {str(exc).splitlines()[0][:500]}", stats)
+                return 0
+            middle = len(group) // 2
+            return self._insert(write, group[:middle], stats) + self._insert(write, group[middle:], stats)
+
+    def _dead_letter(self, row: Any, reason: str, stats: BatchStats) -> None:
+        self.dead_letters.send(row.key, row.value, reason, row.topic, row.partition, row.offset)
+        stats.dlq_count += 1
 
     @staticmethod
     def _convert(specs: dict[str, ColumnSpec], name: str, value: Any) -> Any:

@@ -68,12 +68,13 @@ class ClickHouseSink:
         self.client = client
         self._known_columns: dict[str, set[str]] = {}
 
-    def existing_columns(self, table: ReplicaTable) -> set[str]:
+    def existing_columns(self, table: ReplicaTable) -> list[str]:
+        """Column names in table order (empty if the table does not exist)."""
         rows = self.client.query(
-            "SELECT name FROM system.columns WHERE database = {db:String} AND table = {t:String}",
+            "SELECT name FROM system.columns WHERE database = {db:String} AND table = {t:String} ORDER BY position",
             parameters={"db": table.database, "t": table.name},
         ).result_rows
-        return {row[0] for row in rows}
+        return [row[0] for row in rows]
 
     def ensure_table(self, table: ReplicaTable, columns: Sequence[ColumnSpec]) -> list[str]:
         """Create the table, or add the columns it lacks (schema evolution). Returns the DDL it ran."""
@@ -88,17 +89,20 @@ class ClickHouseSink:
             self.client.command(ddl)
             ran.append(ddl)
             existing = self.existing_columns(table)
+        source_columns = [name for name in existing if name not in META_NAMES]
         for column in columns:
-            if column.name not in existing:
-                # New source column: rows written before it read the type's default (NULL if Nullable).
+            if column.name not in source_columns:
+                # New source column, kept before the bookkeeping columns; rows written before it read the
+                # type's default (NULL when Nullable) until they change again.
                 ddl = (
                     f"ALTER TABLE {table.qualified} ADD COLUMN IF NOT EXISTS "
-                    f"{quote_identifier(column.name)} {column.clickhouse_type} BEFORE _version"
+                    f"{quote_identifier(column.name)} {column.clickhouse_type} "
+                    f"AFTER {quote_identifier(source_columns[-1])}"
                 )
                 self.client.command(ddl)
                 ran.append(ddl)
-                existing.add(column.name)
-        self._known_columns[table.qualified] = existing
+                source_columns.append(column.name)
+        self._known_columns[table.qualified] = set(source_columns)
         return ran
 
     def upsert(self, table: ReplicaTable, column_names: Sequence[str], rows: Sequence[Sequence[Any]]) -> int:

@@ -254,7 +254,33 @@ def _scalar_converter(field: dict[str, Any], ch_type: str) -> Converter:
         return float
     if field.get("type") == "bytes":
         return to_bytes
-    return lambda value: value
+    return _checked(field)
+
+
+# JSON types each Connect primitive may arrive as; anything else is a malformed record, not a value.
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "int8": (int,), "int16": (int,), "int32": (int,), "int64": (int,), "boolean": (bool,), "string": (str,),
+}  # fmt: skip
+_INT_BITS = {"int8": 8, "int16": 16, "int32": 32, "int64": 64}
+
+
+def _checked(field: dict[str, Any]) -> Converter:
+    """Pass the value through after checking it is what the schema promises (so a bad record fails
+    here, alone, instead of failing the whole columnar insert)."""
+    connect_type = field.get("type", "")
+    expected = _JSON_TYPES.get(connect_type)
+    bits = _INT_BITS.get(connect_type)
+
+    def check(value: Any) -> Any:
+        if expected is not None and (
+            not isinstance(value, expected) or (bool not in expected and isinstance(value, bool))
+        ):
+            raise _fail(field, value, f"is not a JSON {connect_type}")
+        if bits is not None and not -(2 ** (bits - 1)) <= value < 2 ** (bits - 1):
+            raise _fail(field, value, f"does not fit {connect_type}")
+        return value
+
+    return check
 
 
 def value_converter(field: dict[str, Any]) -> Callable[[Any], Any]:
@@ -269,7 +295,15 @@ def value_converter(field: dict[str, Any]) -> Callable[[Any], Any]:
         element = value_converter(_element_field(field))
         return lambda values: [] if values is None else [element(v) for v in values]
     convert = _scalar_converter(field, _base_type(field))
-    return lambda value: None if value is None else convert(value)
+    if field.get("optional"):
+        return lambda value: None if value is None else convert(value)
+
+    def required(value: Any) -> Any:
+        if value is None:
+            raise _fail(field, value, "is null but the column is NOT NULL")
+        return convert(value)
+
+    return required
 
 
 def columns_from_schema(value_schema: dict[str, Any]) -> list[ColumnSpec]:
