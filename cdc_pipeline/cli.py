@@ -87,5 +87,100 @@ def status(state_dir: Path | None, as_json: bool) -> None:
     sys.exit(0 if all(s.healthy for s in statuses) else 1)
 
 
+config_option = click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    help="pipeline.yaml [env CDC_PIPELINE_CONFIG; default ./pipeline.yaml].",
+)  # fmt: skip
+
+
+def _pipeline(config_path: Path | None):  # noqa: ANN202 - PipelineConfig, imported lazily
+    from cdc_pipeline.config import PipelineConfigError, default_config_path, load_pipeline_config
+
+    try:
+        return load_pipeline_config(config_path or default_config_path())
+    except PipelineConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@config_option
+def provision(config_path: Path | None) -> None:
+    """Prepare the source (signal and heartbeat tables) and create or update the Debezium connector."""
+    from cdc_pipeline.connector import connector_name, prepare_source, provision_connector
+    from cdc_pipeline.resources import KafkaConnectResource
+
+    settings = _settings(None)
+    pipeline = _pipeline(config_path)
+    try:
+        for step in prepare_source(settings.postgres_conninfo(), pipeline):
+            click.echo(step)
+        provision_connector(KafkaConnectResource(url=settings.connect_url), pipeline, settings)
+    except Exception as exc:  # psycopg / Connect errors carry the server's own explanation
+        raise click.ClickException(f"provisioning failed: {exc}") from exc
+    click.echo(f"Connector {connector_name(pipeline)} is configured ({len(pipeline.tables)} tables).")
+
+
+@main.command()
+@click.option("--schema", default="public", show_default=True, help="PostgreSQL schema of the e-commerce tables.")
+@click.option("--changes", default=1000, show_default=True, help="How many random changes to make.")
+@click.option("--seed", default=0, show_default=True)
+def workload(schema: str, changes: int, seed: int) -> None:
+    """Create the e-commerce tables if needed and make random inserts, updates and deletes."""
+    import psycopg
+
+    from cdc_pipeline.workload.ecommerce import Workload, create_schema
+
+    settings = _settings(None)
+    with psycopg.connect(settings.postgres_conninfo(), autocommit=True) as conn:
+        create_schema(conn, schema)
+        generator = Workload(schema, seed=seed)
+        generator.resume(conn)
+        generator.run(conn, changes)
+    click.echo(f"Made {changes} changes in {schema}.")
+
+
+@main.group()
+def stream() -> None:
+    """The Spark Structured Streaming application (PostgreSQL changes -> ClickHouse)."""
+
+
+@stream.command("run")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="pipeline.yaml [env CDC_PIPELINE_CONFIG; default ./pipeline.yaml].",
+)
+@click.option("--master", default=None, help="Spark master [env CDC_SPARK_MASTER; default local[2]].")
+@click.option("--checkpoint-location", default=None, help="Override stream.checkpoint_location.")
+@click.option("--conf", "confs", multiple=True, metavar="KEY=VALUE", help="Extra Spark conf (repeatable).")
+@click.option("--dry-run", is_flag=True, help="Print the spark-submit command instead of running it.")
+def stream_run(
+    config_path: Path | None, master: str | None, checkpoint_location: str | None, confs: tuple[str, ...], dry_run: bool
+) -> None:
+    """Run the streaming application under spark-submit in the foreground (Ctrl-C stops it cleanly)."""
+    import shlex
+    import subprocess
+
+    from cdc_pipeline.config import default_config_path
+    from cdc_pipeline.stack.jvm import ArtifactError
+    from cdc_pipeline.streaming.launch import SparkSubmit, submit_env
+
+    settings = _settings(None)
+    path = config_path or default_config_path()
+    pipeline = _pipeline(path)
+    try:
+        conf = dict(item.split("=", 1) for item in confs)
+        submit = SparkSubmit(master=master or settings.spark_master, conf=conf, jvm_cache_dir=settings.jvm_cache_dir)
+        argv = submit.stream_argv(path, checkpoint_location=checkpoint_location, name=pipeline.query_name)
+    except (ArtifactError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if dry_run:
+        click.echo(shlex.join(argv))
+        return
+    sys.exit(subprocess.call(argv, env=submit_env()))
+
+
 if __name__ == "__main__":
     main()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import socket
 import tempfile
 import uuid
@@ -18,6 +19,15 @@ from cdc_pipeline.settings import Settings
 from cdc_pipeline.stack.stack import LocalStack
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A terminated test run (CI timeout, kill) still runs fixture teardown: the stack is stopped.
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 def free_ports(count: int) -> list[int]:

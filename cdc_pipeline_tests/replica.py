@@ -4,15 +4,18 @@ replica (`FINAL`, deleted rows hidden) with the source row for row, every column
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
+import re
 import signal
+import struct
 import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -47,6 +50,55 @@ def normalize(value: Any) -> Any:
     return str(value)
 
 
+_INTERVAL_PART = re.compile(r"(-?[\d.]+)([YMDHS])")
+
+
+def _interval(text: str) -> tuple[Decimal, ...]:
+    """ISO 8601 interval (PostgreSQL's iso_8601 style or Debezium's) as (years, months, days, h, m, s)."""
+    date_part, _, time_part = text.lstrip("P").partition("T")
+    parts = dict.fromkeys("YMDhms", Decimal(0))
+    for number, unit in _INTERVAL_PART.findall(date_part):
+        parts[unit] = Decimal(number)
+    for number, unit in _INTERVAL_PART.findall(time_part):
+        parts[{"H": "h", "M": "m", "S": "s"}[unit]] = Decimal(number)
+    months = parts["Y"] * 12 + parts["M"]
+    seconds = parts["h"] * 3600 + parts["m"] * 60 + parts["s"]
+    return (months, parts["D"], seconds)
+
+
+def canonical(pg_type: str, value: Any) -> Any:
+    """Both sides' values in one form per PostgreSQL type (after `normalize`)."""
+    if pg_type == "ARRAY":
+        if isinstance(value, str):  # psycopg leaves arrays of user types (enum[]) as their text form
+            value = next(csv.reader([value[1:-1]], escapechar="\\")) if value != "{}" else []
+        return [] if value is None else [canonical("element", v) for v in value]
+    if value is None:
+        return None
+    if pg_type == "numeric" or (pg_type == "element" and isinstance(value, Decimal)):
+        number = Decimal(str(value))
+        return "NaN" if number.is_nan() else number
+    if pg_type == "real":
+        value = float(value)
+        return "NaN" if value != value else struct.unpack("f", struct.pack("f", value))[0]
+    if pg_type == "double precision":
+        value = float(value)
+        return "NaN" if value != value else value
+    if pg_type == "time without time zone":
+        if isinstance(value, timedelta):
+            return value
+        if isinstance(value, str):  # clickhouse-connect reads Time64 as text
+            hours, minutes, seconds = value.split(":")
+            return timedelta(hours=int(hours), minutes=int(minutes), seconds=float(Decimal(seconds)))
+        return timedelta(hours=value.hour, minutes=value.minute, seconds=value.second, microseconds=value.microsecond)
+    if pg_type == "interval":
+        return _interval(str(value))
+    if pg_type in ("json", "jsonb"):
+        return json.loads(value) if isinstance(value, str) else value
+    if pg_type == "bytea":
+        return bytes(value)
+    return value
+
+
 def source_columns(conn: psycopg.Connection, schema: str, table: str) -> list[tuple[str, str]]:
     return conn.execute(
         "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = %s AND table_name = %s "
@@ -68,12 +120,18 @@ def source_rows(conn: psycopg.Connection, schema: str, table: str) -> dict[tuple
     columns = source_columns(conn, schema, table)
     key = primary_key(conn, schema, table)
     names = [c for c, _ in columns]
+    types = dict(columns)
+    # Intervals as ISO 8601 text: psycopg's timedelta cannot hold months.
+    selected = [
+        sql.SQL("{}::text").format(sql.Identifier(n)) if types[n] == "interval" else sql.Identifier(n) for n in names
+    ]
     query = sql.SQL("SELECT {} FROM {}.{}").format(
-        sql.SQL(", ").join(sql.Identifier(n) for n in names), sql.Identifier(schema), sql.Identifier(table)
+        sql.SQL(", ").join(selected), sql.Identifier(schema), sql.Identifier(table)
     )
+    conn.execute("SET intervalstyle = 'iso_8601'")
     rows = {}
     for record in conn.execute(query):
-        row = {n: normalize(v) for n, v in zip(names, record, strict=True)}
+        row = {n: canonical(types[n], normalize(v)) for n, v in zip(names, record, strict=True)}
         rows[tuple(row[k] for k in key)] = row
     return rows
 
@@ -82,16 +140,17 @@ def replica_rows(
     client: Client, database: str, table: str, columns: list[tuple[str, str]], key: list[str]
 ) -> dict[tuple, dict[str, Any]]:
     names = [c for c, _ in columns]
-    json_columns = {c for c, t in columns if t in ("json", "jsonb")}
+    types = dict(columns)
     result = client.query(
         f"SELECT {', '.join(quote_identifier(n) for n in names)} "
-        f"FROM {quote_identifier(database)}.{quote_identifier(table)} FINAL WHERE _is_deleted = 0"
+        f"FROM {quote_identifier(database)}.{quote_identifier(table)} FINAL WHERE _is_deleted = 0",
+        column_formats={n: "bytes" for n in names if types[n] == "bytea"},
     )
     rows = {}
     for record in result.result_rows:
         row = {}
         for name, value in zip(names, record, strict=True):
-            row[name] = json.loads(value) if name in json_columns and value is not None else normalize(value)
+            row[name] = canonical(types[name], normalize(value))
         key_value = tuple(row[k] for k in key)
         if key_value in rows:
             raise AssertionError(f"{database}.{table}: duplicate key {key_value} in the FINAL view")

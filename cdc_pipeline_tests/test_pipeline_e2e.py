@@ -4,13 +4,16 @@ stream catches up, ClickHouse `FINAL` (deleted rows hidden) equals PostgreSQL ro
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
+import pyspark
 import pytest
 from clickhouse_connect.driver.client import Client
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
@@ -18,9 +21,12 @@ from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 from cdc_pipeline.clickhouse import connect_clickhouse
 from cdc_pipeline.resources import KafkaResource
 from cdc_pipeline.settings import Settings
+from cdc_pipeline.stack.process import port_open
 from cdc_pipeline.stack.stack import LocalStack
 from cdc_pipeline.workload.ecommerce import TABLES, Workload, create_schema
+from cdc_pipeline_tests.conftest import free_ports
 from cdc_pipeline_tests.replica import RunningPipeline, pipeline_for_schema
+from cdc_pipeline_tests.test_stack_services import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -52,11 +58,38 @@ def shop(
         yield running, workload
 
 
-def test_snapshot_and_random_changes_arrive_exactly(shop, source: psycopg.Connection, clickhouse: Client) -> None:  # noqa: ANN001
+def test_snapshot_and_random_changes_arrive_exactly(
+    shop,
+    settings: Settings,
+    source: psycopg.Connection,
+    clickhouse: Client,  # noqa: ANN001
+) -> None:
     running, workload = shop
     running.start_stream()
     workload.run(source, 3000)
     assert running.wait_until_replica_matches(source, clickhouse, list(TABLES), timeout=600) > 500
+
+    # Progress is readable without the driver, and the consumer group shows what was processed.
+    applied = clickhouse.command(
+        "SELECT sum(applied_rows) + sum(deleted_rows) FROM {db:Identifier}._cdc_stream_progress "
+        "WHERE query_name = {q:String}",
+        parameters={"db": running.database, "q": running.config.query_name},
+    )
+    assert int(applied) > 0
+    consumer = KafkaResource(bootstrap_servers=settings.kafka_bootstrap_servers).consumer(running.config.consumer_group)
+    try:
+
+        def committed_to_the_end() -> bool:
+            for topic in running.config.topics():
+                _, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
+                (committed,) = consumer.committed([TopicPartition(topic, 0)], timeout=10)
+                if committed.offset != high:
+                    return False
+            return True
+
+        wait_for(committed_to_the_end, 120, "the stream's consumer group to reach the end of every topic")
+    finally:
+        consumer.close()
 
 
 def test_driver_killed_mid_stream_resumes_without_loss_or_duplicates(
@@ -156,3 +189,133 @@ def test_added_column_appears_while_the_stream_runs(shop, source: psycopg.Connec
         parameters={"d": running.database},
     ).result_columns[0]
     assert "nickname" in columns
+
+
+def test_connect_killed_and_restarted_mid_stream(
+    shop,
+    local_stack: LocalStack,
+    source: psycopg.Connection,
+    clickhouse: Client,  # noqa: ANN001
+) -> None:
+    running, workload = shop
+    running.start_stream()
+    workload.run(source, 500)
+    local_stack.connect.process.stop(sig=signal.SIGKILL)
+    workload.run(source, 500)  # changes made while Debezium is down wait in the replication slot
+    local_stack.up()
+    workload.run(source, 500)
+    assert running.wait_until_replica_matches(source, clickhouse, list(TABLES), timeout=600) > 500
+
+
+@pytest.fixture(scope="module")
+def spark_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Spark standalone master and one worker, started from the pyspark distribution with spark-class."""
+    spark_class = str(Path(pyspark.__file__).parent / "bin" / "spark-class")
+    master_port, master_ui, worker_ui = free_ports(3)
+    master_url = f"spark://127.0.0.1:{master_port}"
+    logs = tmp_path_factory.mktemp("spark-cluster")
+    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_WORKER_DIR": str(logs / "work")}
+    commands = [
+        [spark_class, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
+         "--port", str(master_port), "--webui-port", str(master_ui)],
+        [spark_class, "org.apache.spark.deploy.worker.Worker", master_url, "--host", "127.0.0.1",
+         "--cores", "1", "--memory", "1536m", "--webui-port", str(worker_ui)],
+    ]  # fmt: skip
+    processes = []
+    try:
+        for index, argv in enumerate(commands):
+            with open(logs / f"{index}.log", "wb") as log:
+                processes.append(
+                    subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                )
+            if index == 0:
+                wait_for(lambda: port_open("127.0.0.1", master_port), 120, "the Spark master")
+        wait_for(
+            lambda: b"Successfully registered with master" in (logs / "1.log").read_bytes(), 120, "the Spark worker"
+        )
+        yield master_url
+    finally:
+        for process in reversed(processes):
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def test_end_to_end_on_a_spark_standalone_cluster(
+    shop,
+    spark_cluster: str,
+    source: psycopg.Connection,
+    clickhouse: Client,  # noqa: ANN001
+) -> None:
+    running, workload = shop
+    running.start_stream(
+        master=spark_cluster,
+        conf={"spark.executor.memory": "768m", "spark.cores.max": "1", "spark.driver.host": "127.0.0.1"},
+    )
+    workload.run(source, 1000)
+    assert running.wait_until_replica_matches(source, clickhouse, list(TABLES), timeout=600) > 500
+    # The query really ran on the cluster: the driver registered an application with the master.
+    assert f"Connecting to master {spark_cluster}" in running.log_tail(100_000)
+
+
+ALL_TYPES_DDL = """
+CREATE TYPE {s}.mood AS ENUM ('sad', 'ok', 'très 😀');
+CREATE TABLE {s}.all_types (
+    id bigint PRIMARY KEY,
+    c_smallint smallint, c_int integer, c_bigint bigint,
+    c_numeric numeric(38, 9), c_numeric_wide numeric(50, 10), c_numeric_any numeric,
+    c_real real, c_double double precision,
+    c_text text, c_varchar varchar(20), c_char char(5), c_bool boolean,
+    c_date date, c_time time, c_timestamp timestamp(6), c_timestamp3 timestamp(3), c_timestamptz timestamptz,
+    c_interval interval, c_uuid uuid, c_json json, c_jsonb jsonb,
+    c_int_array integer[], c_text_array text[], c_numeric_array numeric(10, 2)[],
+    c_enum {s}.mood, c_enum_array {s}.mood[], c_bytea bytea
+);
+"""
+ALL_TYPES_ROWS = """
+INSERT INTO {s}.all_types (id) VALUES (1);
+INSERT INTO {s}.all_types VALUES (2,
+    32767, 2147483647, 9223372036854775807,
+    99999999999999999999999999999.999999999, 1234567890123456789012345678901234567890.0123456789,
+    123456789012345678901234567890123456789.123456789,
+    3.4e38, 1.7976931348623157e308,
+    'Zoë 李 😀 \\ "quoted"', 'ünïcödé', 'ab', true,
+    '2299-12-31', '23:59:59.999999', '2262-04-11 23:47:16.854775', '2200-01-01 00:00:00.123',
+    '2299-12-31 23:59:59.999999+00',
+    '1 year 2 mons 3 days 04:05:06.789', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
+    '{{"a": {{"b": [1, 2, {{"c": "ü"}}]}}, "n": 12345678901234567890}}',
+    '{{"a": {{"b": [1, 2, {{"c": "ü"}}]}}, "n": 12345678901234567890}}',
+    '{{1,2,3}}', '{{"a","ü",""}}', '{{1.50,-2.25}}', 'très 😀', '{{ok,sad}}', '\\x00ff10'
+);
+INSERT INTO {s}.all_types VALUES (3,
+    -32768, -2147483648, -9223372036854775808,
+    -99999999999999999999999999999.999999999, -0.0000000001, 'NaN',
+    '-Infinity', 'NaN',
+    '', '', '', false,
+    '1900-01-01', '00:00:00', '1900-01-01 00:00:00', '1969-12-31 23:59:59.999', '1950-06-15 12:34:56.123456+05:30',
+    '-1 year -2 mons -3 days -04:05:06.789', '00000000-0000-0000-0000-000000000000', '[]', '{{}}',
+    '{{}}', '{{NULL,"x"}}', '{{}}', 'sad', '{{}}', ''
+);
+"""
+
+
+def test_every_mapped_type_arrives_exactly(
+    settings: Settings, source: psycopg.Connection, clickhouse: Client, unique_name: str, tmp_path: Path
+) -> None:
+    source.execute(f'CREATE SCHEMA "{unique_name}"')
+    source.execute(ALL_TYPES_DDL.format(s=f'"{unique_name}"'))
+    source.execute(ALL_TYPES_ROWS.format(s=f'"{unique_name}"'))  # before the connector: snapshot
+    with pipeline_for_schema(settings, unique_name, ["all_types"], tmp_path) as running:
+        running.start_stream()
+        # and the same values again through streaming (inserts and an update)
+        source.execute(
+            f'INSERT INTO "{unique_name}".all_types SELECT id + 10, c_smallint, c_int, c_bigint, c_numeric, '
+            "c_numeric_wide, c_numeric_any, c_real, c_double, c_text, c_varchar, c_char, c_bool, c_date, c_time, "
+            "c_timestamp, c_timestamp3, c_timestamptz, c_interval, c_uuid, c_json, c_jsonb, c_int_array, "
+            f'c_text_array, c_numeric_array, c_enum, c_enum_array, c_bytea FROM "{unique_name}".all_types'
+        )
+        source.execute(f"UPDATE \"{unique_name}\".all_types SET c_text = 'updated ✓' WHERE id = 12")
+        assert running.wait_until_replica_matches(source, clickhouse, ["all_types"], timeout=240) == 6

@@ -75,6 +75,18 @@ class Workload:
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
 
+    def resume(self, conn: psycopg.Connection) -> None:
+        """Continue from the rows already in the tables (new keys after the largest existing ones)."""
+        for table in TABLES:
+            if table == "order_items":
+                query = sql.SQL("SELECT order_id, line_no FROM {}").format(self._t(table))
+                self.live[table] = [tuple(row) for row in conn.execute(query)]
+                self.next_id[table] = max((key[1] for key in self.live[table]), default=0) + 1
+            else:
+                query = sql.SQL("SELECT id FROM {}").format(self._t(table))
+                self.live[table] = [row[0] for row in conn.execute(query)]
+                self.next_id[table] = max(self.live[table], default=0) + 1
+
     def _t(self, table: str) -> sql.Composed:
         return sql.SQL("{}.{}").format(sql.Identifier(self.schema), sql.Identifier(table))
 
