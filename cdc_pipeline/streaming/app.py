@@ -14,6 +14,7 @@ import argparse
 import logging
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from pyspark.sql import SparkSession
@@ -83,7 +84,8 @@ def run(pipeline: PipelineConfig, settings: Settings, checkpoint_location: str) 
 
     def stop(signum: int, _frame: object) -> None:
         log.info("signal %s: stopping query %s", signum, pipeline.query_name)
-        query.stop()
+        # Not from the handler itself: the main thread is inside a py4j call (awaitTermination).
+        threading.Thread(target=query.stop, name="stop-query", daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
