@@ -96,18 +96,6 @@ class Settings(BaseSettings):
         secure = parts.scheme == "https"
         return parts.hostname or "127.0.0.1", parts.port or (8443 if secure else 8123), secure
 
-    def public_view(self) -> dict[str, str]:
-        """Every setting as text, secrets masked: safe for logs and status output."""
-        view: dict[str, str] = {}
-        for name in type(self).model_fields:
-            value = getattr(self, name)
-            if isinstance(value, SecretStr):
-                value = "********"
-            elif name == "postgres_dsn":
-                value = make_conninfo(value, password="********") if "password" in conninfo_to_dict(value) else value
-            view[ENV_PREFIX + name.upper()] = "" if value is None else str(value)
-        return view
-
 
 def load_settings(**overrides: object) -> Settings:
     """Settings from the environment and `.env`, with explicit overrides (e.g. CLI flags) on top."""

@@ -59,10 +59,10 @@ def shop(
 
 
 def test_snapshot_and_random_changes_arrive_exactly(
-    shop,
+    shop: tuple[RunningPipeline, Workload],
     settings: Settings,
     source: psycopg.Connection,
-    clickhouse: Client,  # noqa: ANN001
+    clickhouse: Client,
 ) -> None:
     running, workload = shop
     running.start_stream()
@@ -94,7 +94,7 @@ def test_snapshot_and_random_changes_arrive_exactly(
 
 def test_driver_killed_mid_stream_resumes_without_loss_or_duplicates(
     shop, source: psycopg.Connection, clickhouse: Client
-) -> None:  # noqa: ANN001
+) -> None:
     running, workload = shop
     rng = random.Random(7)
     for _round in range(3):
@@ -109,10 +109,10 @@ def test_driver_killed_mid_stream_resumes_without_loss_or_duplicates(
 
 
 def test_poison_records_go_to_the_dlq_and_the_stream_keeps_going(
-    shop,
+    shop: tuple[RunningPipeline, Workload],
     settings: Settings,
     source: psycopg.Connection,
-    clickhouse: Client,  # noqa: ANN001
+    clickhouse: Client,
 ) -> None:
     running, workload = shop
     running.start_stream()
@@ -175,7 +175,9 @@ def test_poison_records_go_to_the_dlq_and_the_stream_keeps_going(
         assert expected in reasons, reasons
 
 
-def test_added_column_appears_while_the_stream_runs(shop, source: psycopg.Connection, clickhouse: Client) -> None:  # noqa: ANN001
+def test_added_column_appears_while_the_stream_runs(
+    shop: tuple[RunningPipeline, Workload], source: psycopg.Connection, clickhouse: Client
+) -> None:
     running, workload = shop
     running.start_stream()
     workload.run(source, 200)
@@ -190,12 +192,33 @@ def test_added_column_appears_while_the_stream_runs(shop, source: psycopg.Connec
     ).result_columns[0]
     assert "nickname" in columns
 
+    # A dropped column does not break the stream: it stays in ClickHouse, new rows get its default.
+    source.execute(f'ALTER TABLE "{running.schema}".customers DROP COLUMN nickname')
+    workload.run(source, 200)
+    running.wait_until_replica_matches(source, clickhouse, list(TABLES), timeout=600)
+    assert running.stream_alive()
+
+
+def test_truncate_empties_the_replica_and_later_changes_apply(
+    shop: tuple[RunningPipeline, Workload], source: psycopg.Connection, clickhouse: Client
+) -> None:
+    running, workload = shop
+    running.start_stream()
+    workload.run(source, 300)
+    with source.transaction():
+        workload.insert(source, "order_items")
+        source.execute(f'TRUNCATE "{running.schema}".order_items')
+        workload.live["order_items"].clear()
+        workload.insert(source, "order_items")  # same transaction, after the truncate: must survive
+    workload.run(source, 300)
+    assert running.wait_until_replica_matches(source, clickhouse, list(TABLES), timeout=600) > 100
+
 
 def test_connect_killed_and_restarted_mid_stream(
-    shop,
+    shop: tuple[RunningPipeline, Workload],
     local_stack: LocalStack,
     source: psycopg.Connection,
-    clickhouse: Client,  # noqa: ANN001
+    clickhouse: Client,
 ) -> None:
     running, workload = shop
     running.start_stream()
@@ -245,10 +268,10 @@ def spark_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def test_end_to_end_on_a_spark_standalone_cluster(
-    shop,
+    shop: tuple[RunningPipeline, Workload],
     spark_cluster: str,
     source: psycopg.Connection,
-    clickhouse: Client,  # noqa: ANN001
+    clickhouse: Client,
 ) -> None:
     running, workload = shop
     running.start_stream(
