@@ -132,8 +132,7 @@ class ChangeApplier:
             table = ReplicaTable(self.database, self.pipeline.sink_table(table_config), keys, table_config.partition_by)
             if columns:
                 self.sink.ensure_table(table, columns)
-            if topic in truncates:
-                self.sink.truncate(table, truncates[topic], _ts(None))
+            if topic in truncates and self.sink.truncate(table, truncates[topic], _ts(None)):
                 stats.truncates += 1
             self._write_rows(table, {c.name: c for c in columns}, changes.get(topic, []), stats)
 

@@ -119,12 +119,22 @@ class ClickHouseSink:
         self.client.insert(table.qualified, list(key_rows), column_names=[*table.key_columns, *META_NAMES])
         return len(key_rows)
 
-    def truncate(self, table: ReplicaTable, row_version: int, source_ts: Any) -> None:
-        """Mark every live row deleted as of `row_version`; newer rows (higher versions) are unaffected."""
-        keys = ", ".join(quote_identifier(k) for k in table.key_columns)
+    def truncate(self, table: ReplicaTable, row_version: int, source_ts: Any) -> bool:
+        """Mark every live row deleted as of `row_version`; newer rows (higher versions) are unaffected.
+        Returns False when the table does not exist yet (nothing was replicated, nothing to delete)."""
+        # The table's own ORDER BY columns: a truncate-only batch carries no key schema.
+        found = self.client.query(
+            "SELECT name FROM system.columns WHERE database = {db:String} AND table = {t:String} "
+            "AND is_in_sorting_key ORDER BY position",
+            parameters={"db": table.database, "t": table.name},
+        ).result_rows
+        if not found:
+            return False
+        keys = ", ".join(quote_identifier(row[0]) for row in found)
         self.client.command(
             f"INSERT INTO {table.qualified} ({keys}, _version, _is_deleted, _source_ts) "
             f"SELECT {keys}, toUInt128({{v:String}}), 1, {{ts:DateTime64(3, 'UTC')}} "
             f"FROM {table.qualified} FINAL WHERE _version < toUInt128({{v:String}})",
             parameters={"v": str(row_version), "ts": source_ts},
         )
+        return True
