@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import os
 import re
 import signal
 import struct
@@ -31,6 +30,7 @@ from cdc_pipeline.connector import connector_name, prepare_source, provision_con
 from cdc_pipeline.resources import KafkaConnectResource
 from cdc_pipeline.settings import Settings
 from cdc_pipeline.streaming.launch import SparkSubmit, launch
+from cdc_pipeline_tests.conftest import stop_process_group
 
 
 def normalize(value: Any) -> Any:
@@ -189,13 +189,8 @@ class RunningPipeline:
         self.stream = launch(argv, log_path=self.log_path)
 
     def kill_stream(self, sig: int = signal.SIGKILL) -> None:
-        if self.stream is not None and self.stream.poll() is None:
-            os.killpg(self.stream.pid, sig)
-            try:
-                self.stream.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.stream.pid, signal.SIGKILL)
-                self.stream.wait()
+        if self.stream is not None:
+            stop_process_group(self.stream, timeout=60, sig=sig)
         self.stream = None
 
     def stream_alive(self) -> bool:

@@ -4,7 +4,6 @@ the pipeline's jobs and resources."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from cdc_pipeline_tests.conftest import REPO_ROOT, free_ports
+from cdc_pipeline_tests.conftest import REPO_ROOT, free_ports, stop_process_group
 
 DAGSTER = str(Path(sys.executable).with_name("dagster"))
 
@@ -47,12 +46,7 @@ def dagster_dev(tmp_path: Path) -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_process_group(process, timeout=60)
         log.close()
 
 

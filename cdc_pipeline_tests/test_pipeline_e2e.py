@@ -24,7 +24,7 @@ from cdc_pipeline.settings import Settings
 from cdc_pipeline.stack.process import port_open
 from cdc_pipeline.stack.stack import LocalStack
 from cdc_pipeline.workload.ecommerce import TABLES, Workload, create_schema
-from cdc_pipeline_tests.conftest import free_ports
+from cdc_pipeline_tests.conftest import free_ports, stop_process_group
 from cdc_pipeline_tests.replica import RunningPipeline, pipeline_for_schema
 from cdc_pipeline_tests.test_stack_services import wait_for
 
@@ -259,12 +259,7 @@ def spark_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield master_url
     finally:
         for process in reversed(processes):
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            stop_process_group(process)
 
 
 def test_end_to_end_on_a_spark_standalone_cluster(
