@@ -111,6 +111,7 @@ def connector_config(pipeline: PipelineConfig, settings: Settings) -> dict[str, 
     keys = [f"{_table_regex(t.name)}:{','.join(t.primary_key)}" for t in pipeline.tables if t.primary_key]
     if keys:
         config["message.key.columns"] = ";".join(keys)
+    config.update(pipeline.source.connector_properties)
     return config
 
 

@@ -35,6 +35,19 @@ class Settings(BaseSettings):
 
     spark_master: str = "local[2]"
 
+    # Control plane (Dagster). Alerts go to this Slack-compatible incoming webhook (secret: the URL is
+    # the credential) and to the Dagster logs; unset, to the logs only.
+    alert_webhook_url: SecretStr | None = None
+    # Where the control plane tracks the streaming application (pid, desired state, log).
+    # Default: <stack_dir>/control. Must be shared by the Dagster run workers and the daemon.
+    control_dir: Path | None = None
+    # Consumer lag (messages) above which, held over the sensor's window, the lag sensor alerts.
+    lag_threshold: int = 10_000
+    # Let the checkpoint sensor restart a stream that died (with backoff), and the connector sensor
+    # restart failed connector tasks.
+    auto_restart_stream: bool = False
+    auto_restart_connector: bool = False
+
     # Local stack only.
     stack_dir: Path = Path(".stack")
     jvm_cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "cdc-pipeline")
@@ -42,7 +55,7 @@ class Settings(BaseSettings):
     kafka_controller_port: int = 9093
     clickhouse_local_port: int = 8123
 
-    @field_validator("postgres_password", "clickhouse_password", mode="before")
+    @field_validator("postgres_password", "clickhouse_password", "alert_webhook_url", mode="before")
     @classmethod
     def _empty_secret_is_unset(cls, value: object) -> object:
         return None if value == "" else value

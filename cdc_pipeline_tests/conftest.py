@@ -9,10 +9,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -20,6 +24,8 @@ from cdc_pipeline.settings import Settings
 from cdc_pipeline.stack.stack import LocalStack
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+DAGSTER = str(Path(sys.executable).with_name("dagster"))
 
 
 def _interrupt(signum: int, _frame: object) -> None:
@@ -54,6 +60,54 @@ def stop_process_group(process: subprocess.Popen, timeout: float = 30, sig: int 
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+def wait_for(probe: Callable[[], T | None], timeout: float, what: str, interval: float = 0.5) -> T:
+    """Poll `probe` until it returns something truthy (returned); AssertionError after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@contextmanager
+def dagster_dev_server(tmp_path: Path) -> Iterator[str]:
+    """`dagster dev` on a free port with the repo's workspace.yaml and the current os.environ; yields its URL.
+
+    DAGSTER_HOME and the working directory are `tmp_path/dagster_home`, not the repo: `dagster dev`
+    loads `.env` from its working directory over the environment, and a developer's (or CI's, written
+    by scripts/setup.sh) `.env` would point the code location away from the test stack. The pipeline
+    definition is the repo's `pipeline.yaml` unless CDC_PIPELINE_CONFIG says otherwise. Output goes to
+    `tmp_path/dagster-dev.log`. The webserver, daemon, code server and runs are stopped on exit."""
+    home = tmp_path / "dagster_home"
+    home.mkdir(exist_ok=True)
+    env = dict(os.environ, DAGSTER_HOME=str(home))
+    env.setdefault("CDC_PIPELINE_CONFIG", str(REPO_ROOT / "pipeline.yaml"))
+    (port,) = free_ports(1)
+    log = open(tmp_path / "dagster-dev.log", "wb")  # noqa: SIM115 - closed in the finally below
+    process = subprocess.Popen(
+        [DAGSTER, "dev", "-w", str(REPO_ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
+        cwd=home,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # so the webserver, daemon, code server and runs stop together
+    )
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_process_group(process, timeout=60)
+        log.close()
+
+
+@pytest.fixture
+def dagster_dev(tmp_path: Path) -> Iterator[str]:
+    """`dagster dev` without a stack: enough to load the code location and serve the UI."""
+    with dagster_dev_server(tmp_path) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -5,17 +5,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import requests
 
-from cdc_pipeline_tests.conftest import REPO_ROOT, free_ports, stop_process_group
-
-DAGSTER = str(Path(sys.executable).with_name("dagster"))
+from cdc_pipeline_tests.conftest import DAGSTER, REPO_ROOT
 
 
 def test_definitions_validate(tmp_path: Path) -> None:
@@ -29,25 +24,6 @@ def test_definitions_validate(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "All code locations passed validation" in result.stdout + result.stderr
-
-
-@pytest.fixture
-def dagster_dev(tmp_path: Path) -> Iterator[str]:
-    (port,) = free_ports(1)
-    log = open(tmp_path / "dagster-dev.log", "wb")  # noqa: SIM115 - closed in the finally below
-    process = subprocess.Popen(
-        [DAGSTER, "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
-        cwd=REPO_ROOT,
-        env=dict(os.environ, DAGSTER_HOME=str(tmp_path)),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # so the webserver, daemon and code server stop together
-    )
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_process_group(process, timeout=60)
-        log.close()
 
 
 def test_dagster_dev_serves_the_ui_with_the_code_location(dagster_dev: str, tmp_path: Path) -> None:

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import psycopg
 import pytest
@@ -25,19 +24,9 @@ from cdc_pipeline.resources import (
 from cdc_pipeline.settings import Settings
 from cdc_pipeline.stack.jvm import DEBEZIUM_CONNECTOR_CLASS
 from cdc_pipeline.stack.stack import LocalStack
+from cdc_pipeline_tests.conftest import wait_for
 
 pytestmark = pytest.mark.integration
-T = TypeVar("T")
-
-
-def wait_for(probe: Callable[[], T | None], timeout: float, what: str, interval: float = 0.5) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def test_postgres_logical_replication_slot_sees_an_insert(local_stack: LocalStack, unique_name: str) -> None:

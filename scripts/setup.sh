@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine for cdc-pipeline: system prerequisites (PostgreSQL server, a JDK 17+,
-# Maven), a virtualenv in .venv with the project, and a .env with a generated PostgreSQL password.
+# Maven, Chromium for the browser test of the Dagster UI), a virtualenv in .venv with the project,
+# and a .env with a generated PostgreSQL password.
 # Idempotent: run it again any time. Installs system packages only when missing, and only with
 # apt-get as root; otherwise it says what to install.
 set -euo pipefail
@@ -22,6 +23,7 @@ have_postgres || missing+=(postgresql)
 have_java17 || missing+=(openjdk-17-jdk-headless)
 command -v mvn >/dev/null 2>&1 || missing+=(maven)
 have_python311 || missing+=(python3 python3-venv)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)  # headless, for cdc_pipeline_tests/test_dagster_ui.py
 
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -31,7 +33,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   else
     echo "Missing prerequisites: ${missing[*]}." >&2
-    echo "Install them with your package manager (they are: a PostgreSQL 14+ server, a JDK 17+, Maven, Python 3.11+) and rerun." >&2
+    echo "Install them with your package manager (they are: a PostgreSQL 14+ server, a JDK 17+, Maven, Python 3.11+, Chromium) and rerun." >&2
     exit 1
   fi
 fi

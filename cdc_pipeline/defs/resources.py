@@ -10,10 +10,14 @@ from typing import Any
 
 from dagster import EnvVar
 
+from cdc_pipeline.config import default_config_path
 from cdc_pipeline.resources import (
     ClickHouseResource,
     KafkaConnectResource,
     KafkaResource,
+    MonitorResource,
+    NotifierResource,
+    PipelineResource,
     PostgresResource,
     SparkResource,
 )
@@ -25,9 +29,22 @@ def _value(field: str, default: Any) -> Any:
     return EnvVar(name) if os.environ.get(name) else default
 
 
-def build_resources(settings: Settings | None = None) -> dict[str, Any]:
+def build_resources(settings: Settings | None = None, config_path: str | None = None) -> dict[str, Any]:
     defaults = settings or Settings(_env_file=None)  # defaults only; live values come via EnvVar
+    # Thresholds and switches are not secret: read once (environment and .env) and shown in the UI.
+    tuning = settings or Settings()
     return {
+        "pipeline": PipelineResource(
+            config_path=config_path or str(default_config_path()),
+            stack_dir=_value("stack_dir", str(defaults.stack_dir)),
+            control_dir=_value("control_dir", None),
+        ),
+        "notifier": NotifierResource(webhook_url=_value("alert_webhook_url", None)),
+        "monitor": MonitorResource(
+            lag_threshold=tuning.lag_threshold,
+            restart_stream=tuning.auto_restart_stream,
+            restart_connector_tasks=tuning.auto_restart_connector,
+        ),
         "postgres": PostgresResource(
             dsn=_value("postgres_dsn", defaults.postgres_dsn), password=_value("postgres_password", None)
         ),

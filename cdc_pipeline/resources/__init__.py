@@ -3,6 +3,8 @@
 from cdc_pipeline.resources.clickhouse import ClickHouseResource
 from cdc_pipeline.resources.connect import KafkaConnectResource
 from cdc_pipeline.resources.kafka import KafkaResource
+from cdc_pipeline.resources.notifier import NotifierResource
+from cdc_pipeline.resources.pipeline import MonitorResource, PipelineResource
 from cdc_pipeline.resources.postgres import PostgresResource
 from cdc_pipeline.resources.spark import SparkResource
 
@@ -10,6 +12,9 @@ __all__ = [
     "ClickHouseResource",
     "KafkaConnectResource",
     "KafkaResource",
+    "MonitorResource",
+    "NotifierResource",
+    "PipelineResource",
     "PostgresResource",
     "SparkResource",
 ]

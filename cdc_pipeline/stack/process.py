@@ -84,8 +84,9 @@ class ManagedProcess:
         self.pid_file.write_text(json.dumps({"pid": popen.pid, "create_time": proc.create_time(), "argv": list(argv)}))
         return proc
 
-    def stop(self, *, timeout: float = 60.0, sig: int = signal.SIGTERM) -> bool:
-        """Stop the process (and anything it spawned). Returns True if something was stopped."""
+    def stop(self, *, timeout: float = 60.0, sig: int = signal.SIGTERM, group: bool = False) -> bool:
+        """Stop the process (and anything it spawned). Returns True if something was stopped.
+        `group`: signal its whole process group (it leads one: started in its own session)."""
         proc = self.running()
         if proc is None:
             self.pid_file.unlink(missing_ok=True)
@@ -94,8 +95,11 @@ class ManagedProcess:
             family = [proc, *proc.children(recursive=True)]
         except psutil.Error:
             family = [proc]
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.send_signal(sig)
+        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError, PermissionError):
+            if group:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
         alive = _wait_exited(family, timeout)
         for straggler in alive:
             with contextlib.suppress(psutil.NoSuchProcess):

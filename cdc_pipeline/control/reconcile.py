@@ -1,0 +1,226 @@
+"""Reconcile a replica with its source, row by row: every captured column of every row, compared in
+one canonical form per PostgreSQL type (the two client libraries return different Python types for
+the same value, and some mappings are lossy by design, see the README's type table).
+
+Both sides are read whole into memory: meant for tables up to a few million rows per run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import struct
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+from clickhouse_connect.driver.binding import quote_identifier
+from clickhouse_connect.driver.client import Client
+from psycopg import sql
+
+
+class DuplicateKeyError(AssertionError):
+    """The replica's FINAL view has two live rows for one key (it never should)."""
+
+
+def normalize(value: Any) -> Any:
+    """One comparable form for a value from either side (psycopg or clickhouse-connect)."""
+    if isinstance(value, datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(UTC).replace(tzinfo=None)
+        return value
+    if isinstance(value, list | tuple):
+        return [normalize(v) for v in value]
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, memoryview):
+        return bytes(value)
+    if isinstance(value, float | int | Decimal | date | str | bytes | bool) or value is None:
+        return value
+    return str(value)
+
+
+_INTERVAL_PART = re.compile(r"(-?[\d.]+)([YMDHS])")
+
+
+def _interval(text: str) -> tuple[Decimal, ...]:
+    """ISO 8601 interval (PostgreSQL's iso_8601 style or Debezium's) as (years, months, days, h, m, s)."""
+    date_part, _, time_part = text.lstrip("P").partition("T")
+    parts = dict.fromkeys("YMDhms", Decimal(0))
+    for number, unit in _INTERVAL_PART.findall(date_part):
+        parts[unit] = Decimal(number)
+    for number, unit in _INTERVAL_PART.findall(time_part):
+        parts[{"H": "h", "M": "m", "S": "s"}[unit]] = Decimal(number)
+    months = parts["Y"] * 12 + parts["M"]
+    seconds = parts["h"] * 3600 + parts["m"] * 60 + parts["s"]
+    return (months, parts["D"], seconds)
+
+
+def canonical(pg_type: str, value: Any) -> Any:
+    """Both sides' values in one form per PostgreSQL type (after `normalize`)."""
+    if pg_type == "ARRAY":
+        if isinstance(value, str):  # psycopg leaves arrays of user types (enum[]) as their text form
+            value = next(csv.reader([value[1:-1]], escapechar="\\")) if value != "{}" else []
+        return [] if value is None else [canonical("element", v) for v in value]
+    if value is None:
+        return None
+    if pg_type == "numeric" or (pg_type == "element" and isinstance(value, Decimal)):
+        number = Decimal(str(value))
+        return "NaN" if number.is_nan() else number
+    if pg_type == "real":
+        value = float(value)
+        return "NaN" if value != value else struct.unpack("f", struct.pack("f", value))[0]
+    if pg_type == "double precision":
+        value = float(value)
+        return "NaN" if value != value else value
+    if pg_type == "time without time zone":
+        if isinstance(value, timedelta):
+            return value
+        if isinstance(value, str):  # clickhouse-connect reads Time64 as text
+            hours, minutes, seconds = value.split(":")
+            return timedelta(hours=int(hours), minutes=int(minutes), seconds=float(Decimal(seconds)))
+        return timedelta(hours=value.hour, minutes=value.minute, seconds=value.second, microseconds=value.microsecond)
+    if pg_type == "interval":
+        return _interval(str(value))
+    if pg_type in ("json", "jsonb"):
+        return json.loads(value) if isinstance(value, str) else value
+    if pg_type == "bytea":
+        return bytes(value)
+    return value
+
+
+def source_columns(conn: psycopg.Connection, schema: str, table: str) -> list[tuple[str, str]]:
+    return conn.execute(
+        "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = %s AND table_name = %s "
+        "ORDER BY ordinal_position",
+        (schema, table),
+    ).fetchall()
+
+
+def primary_key(conn: psycopg.Connection, schema: str, table: str) -> list[str]:
+    rows = conn.execute(
+        "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
+        "WHERE i.indrelid = %s::regclass AND i.indisprimary ORDER BY array_position(i.indkey, a.attnum)",
+        (f'"{schema}"."{table}"',),
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def source_rows(
+    conn: psycopg.Connection,
+    schema: str,
+    table: str,
+    columns: list[tuple[str, str]] | None = None,
+    key: list[str] | None = None,
+    condition: str | None = None,
+) -> dict[tuple, dict[str, Any]]:
+    """Rows by key (default: every column, the table's primary key), optionally filtered by SQL."""
+    columns = columns or source_columns(conn, schema, table)
+    key = key or primary_key(conn, schema, table)
+    names = [c for c, _ in columns]
+    types = dict(columns)
+    # Intervals as ISO 8601 text: psycopg's timedelta cannot hold months.
+    selected = [
+        sql.SQL("{}::text").format(sql.Identifier(n)) if types[n] == "interval" else sql.Identifier(n) for n in names
+    ]
+    query = sql.SQL("SELECT {} FROM {}.{}").format(
+        sql.SQL(", ").join(selected), sql.Identifier(schema), sql.Identifier(table)
+    )
+    if condition:
+        query += sql.SQL(" WHERE ") + sql.SQL(condition)  # an operator-supplied filter
+    conn.execute("SET intervalstyle = 'iso_8601'")
+    rows = {}
+    for record in conn.execute(query):
+        row = {n: canonical(types[n], normalize(v)) for n, v in zip(names, record, strict=True)}
+        rows[tuple(row[k] for k in key)] = row
+    return rows
+
+
+def replica_rows(
+    client: Client, database: str, table: str, columns: list[tuple[str, str]], key: list[str]
+) -> dict[tuple, dict[str, Any]]:
+    names = [c for c, _ in columns]
+    types = dict(columns)
+    result = client.query(
+        f"SELECT {', '.join(quote_identifier(n) for n in names)} "
+        f"FROM {quote_identifier(database)}.{quote_identifier(table)} FINAL WHERE _is_deleted = 0",
+        column_formats={n: "bytes" for n in names if types[n] == "bytea"},
+    )
+    rows = {}
+    for record in result.result_rows:
+        row = {}
+        for name, value in zip(names, record, strict=True):
+            row[name] = canonical(types[name], normalize(value))
+        key_value = tuple(row[k] for k in key)
+        if key_value in rows:
+            raise DuplicateKeyError(f"{database}.{table}: duplicate key {key_value} in the FINAL view")
+        rows[key_value] = row
+    return rows
+
+
+def diff(source: dict[tuple, dict], replica: dict[tuple, dict], limit: int = 5) -> list[str]:
+    problems = [f"missing in replica: {k}" for k in list(source.keys() - replica.keys())[:limit]]
+    problems += [f"extra in replica: {k}" for k in list(replica.keys() - source.keys())[:limit]]
+    for k in sorted(source.keys() & replica.keys())[:100_000]:
+        if source[k] != replica[k]:
+            different = {c: (source[k][c], replica[k].get(c)) for c in source[k] if source[k][c] != replica[k].get(c)}
+            problems.append(f"row {k} differs: {different}")
+            if len(problems) > 3 * limit:
+                break
+    return problems
+
+
+@dataclass
+class Differences:
+    """A row-level diff by key: `missing` (in the source, not the replica), `extra` (in the replica,
+    not the source), `different` (both, with the differing columns as (source, replica) values)."""
+
+    source_rows: int
+    replica_rows: int
+    missing: list[tuple] = field(default_factory=list)
+    extra: list[tuple] = field(default_factory=list)
+    different: dict[tuple, dict[str, tuple[Any, Any]]] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return len(self.missing) + len(self.extra) + len(self.different)
+
+    def keys_to_backfill(self) -> list[tuple]:
+        """Keys a snapshot of the source repairs (extra rows are not in the source to snapshot)."""
+        return sorted(self.missing, key=repr) + sorted(self.different, key=repr)
+
+
+def compare(source: dict[tuple, dict[str, Any]], replica: dict[tuple, dict[str, Any]]) -> Differences:
+    result = Differences(len(source), len(replica))
+    result.missing = sorted(source.keys() - replica.keys(), key=repr)
+    result.extra = sorted(replica.keys() - source.keys(), key=repr)
+    for key in sorted(source.keys() & replica.keys(), key=repr):
+        if source[key] != replica[key]:
+            result.different[key] = {
+                c: (source[key][c], replica[key].get(c)) for c in source[key] if source[key][c] != replica[key].get(c)
+            }
+    return result
+
+
+def reconcile(
+    conn: psycopg.Connection,
+    client: Client,
+    schema: str,
+    table: str,
+    database: str,
+    sink_table: str,
+    key: list[str],
+    captured: list[str] | None = None,
+) -> Differences:
+    """Diff the source table with its replica (FINAL, live rows), on the `captured` columns."""
+    columns = source_columns(conn, schema, table)
+    if captured is not None:
+        columns = [(name, pg_type) for name, pg_type in columns if name in captured]
+    # One snapshot of the source; the replica is read after it, so in-flight changes show as differences
+    # that a second pass (after the stream caught up) clears.
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        source = source_rows(conn, schema, table, columns, key)
+    return compare(source, replica_rows(client, database, sink_table, columns, key))

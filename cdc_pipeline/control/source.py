@@ -1,0 +1,205 @@
+"""The PostgreSQL side of the control plane: pre-flight checks before the connector is provisioned,
+table observations, and Debezium signals (incremental snapshots for backfills)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from cdc_pipeline.config import PipelineConfig, TableConfig
+
+
+@dataclass(frozen=True)
+class SourceCheck:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+    def line(self) -> str:
+        fix = "" if self.ok else f" (fix: {self.fix})"
+        return f"{'ok' if self.ok else 'FAILED'} {self.name}: {self.detail}{fix}"
+
+
+def _identity(conn: psycopg.Connection, table: TableConfig) -> tuple[str | None, bool]:
+    row = conn.execute(
+        "SELECT c.relreplident, EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) "
+        "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
+        (table.schema_name, table.table_name),
+    ).fetchone()
+    return (row[0], row[1]) if row else (None, False)
+
+
+def check_source(conn: psycopg.Connection, pipeline: PipelineConfig) -> list[SourceCheck]:
+    """Everything the connector needs from PostgreSQL, each with the fix when it is missing."""
+    checks: list[SourceCheck] = []
+    wal_level = conn.execute("SHOW wal_level").fetchone()[0]
+    checks.append(
+        SourceCheck(
+            "wal_level", wal_level == "logical", f"wal_level = {wal_level}",
+            "set wal_level = logical in postgresql.conf and restart PostgreSQL",
+        )
+    )  # fmt: skip
+    role = conn.execute(
+        "SELECT rolreplication OR rolsuper, current_user FROM pg_roles WHERE rolname = current_user"
+    ).fetchone()
+    checks.append(
+        SourceCheck(
+            "replication privilege", bool(role[0]), f"role {role[1]} {'has' if role[0] else 'lacks'} REPLICATION",
+            f"ALTER ROLE {role[1]} REPLICATION",
+        )
+    )  # fmt: skip
+    slots = conn.execute("SHOW max_replication_slots").fetchone()[0]
+    slot = conn.execute(
+        "SELECT plugin, active, database, wal_status FROM pg_replication_slots WHERE slot_name = %s",
+        (pipeline.slot_name,),
+    ).fetchone()
+    if slot is None:
+        used = conn.execute("SELECT count(*) FROM pg_replication_slots").fetchone()[0]
+        free = int(slots) - used
+        checks.append(
+            SourceCheck(
+                "replication slot", free > 0, f"{pipeline.slot_name} will be created ({free} of {slots} slots free)",
+                "raise max_replication_slots or drop an unused slot",
+            )
+        )  # fmt: skip
+    else:
+        plugin, active, database, wal_status = slot
+        good = plugin == "pgoutput" and wal_status != "lost" and database == conn.info.dbname
+        checks.append(
+            SourceCheck(
+                "replication slot", good,
+                f"{pipeline.slot_name}: plugin {plugin}, database {database}, {'active' if active else 'inactive'}, "
+                f"WAL {wal_status}",
+                f"drop the slot (SELECT pg_drop_replication_slot('{pipeline.slot_name}')) and re-provision: "
+                "a lost slot or another plugin cannot be resumed; the initial snapshot runs again",
+            )
+        )  # fmt: skip
+    publication = conn.execute(
+        "SELECT pubinsert AND pubupdate AND pubdelete AND pubtruncate FROM pg_publication WHERE pubname = %s",
+        (pipeline.publication_name,),
+    ).fetchone()
+    if publication is None:
+        detail, ok = f"{pipeline.publication_name} will be created by the connector (filtered)", True
+    else:
+        detail, ok = f"{pipeline.publication_name} exists, publishes every operation: {publication[0]}", publication[0]
+    checks.append(
+        SourceCheck(
+            "publication", ok, detail,
+            f"ALTER PUBLICATION {pipeline.publication_name} SET (publish = 'insert, update, delete, truncate')",
+        )
+    )  # fmt: skip
+    for table in pipeline.tables:
+        identity, has_pk = _identity(conn, table)
+        if identity is None:
+            checks.append(
+                SourceCheck(
+                    f"table {table.name}", False, "does not exist", f"create {table.name} or drop it from pipeline.yaml"
+                )
+            )
+            continue
+        good = identity == "f" or (identity in ("d", "i") and has_pk) or (identity == "i")
+        kind = {"d": "default", "f": "full", "i": "index", "n": "nothing"}.get(identity, identity)
+        checks.append(
+            SourceCheck(
+                f"replica identity {table.name}", good,
+                f"REPLICA IDENTITY {kind}{'' if has_pk else ', no primary key'}",
+                f"ALTER TABLE {table.name} REPLICA IDENTITY FULL (or add a primary key): "
+                "updates and deletes must carry the row's key",
+            )
+        )  # fmt: skip
+    helpers = (("signal table", pipeline.signal_table_parts), ("heartbeat table", pipeline.heartbeat_table_parts))
+    for label, parts in helpers:
+        if parts is None:
+            continue
+        exists = conn.execute("SELECT 1 FROM pg_tables WHERE schemaname = %s AND tablename = %s", parts).fetchone()
+        checks.append(
+            SourceCheck(
+                label, exists is not None, f"{'.'.join(parts)} {'exists' if exists else 'is missing'}",
+                "run the provision job (it creates the table) or create it as in the README",
+            )
+        )  # fmt: skip
+    return checks
+
+
+def table_stats(conn: psycopg.Connection, table: TableConfig) -> dict[str, Any]:
+    """Cheap observations of a source table: the planner's live-row estimate, write counters, size."""
+    row = conn.execute(
+        "SELECT n_live_tup, n_tup_ins, n_tup_upd, n_tup_del, pg_total_relation_size(relid) "
+        "FROM pg_stat_user_tables WHERE schemaname = %s AND relname = %s",
+        (table.schema_name, table.table_name),
+    ).fetchone()
+    if row is None:
+        return {"exists": False}
+    return {
+        "exists": True, "estimated_rows": row[0], "inserted": row[1], "updated": row[2], "deleted": row[3],
+        "total_bytes": row[4],
+    }  # fmt: skip
+
+
+def wal_position(conn: psycopg.Connection, pipeline: PipelineConfig) -> dict[str, Any]:
+    """The server's current WAL position, and how far the pipeline's slot trails it."""
+    current = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]
+    slot = conn.execute(
+        "SELECT confirmed_flush_lsn::text, pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint "
+        "FROM pg_replication_slots WHERE slot_name = %s",
+        (pipeline.slot_name,),
+    ).fetchone()
+    return {
+        "current_wal_lsn": current,
+        "slot_confirmed_flush_lsn": slot[0] if slot else None,
+        "slot_retained_wal_bytes": slot[1] if slot else None,
+    }
+
+
+def exact_count(conn: psycopg.Connection, table: TableConfig, condition: str | None = None) -> int:
+    query = sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table.schema_name, table.table_name))
+    if condition:
+        query += sql.SQL(" WHERE ") + sql.SQL(condition)  # an operator-supplied filter, like Debezium's own
+    return conn.execute(query).fetchone()[0]
+
+
+def source_columns(conn: psycopg.Connection, table: TableConfig) -> list[str]:
+    """The table's captured columns (after the pipeline's column filter), in table order."""
+    rows = conn.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND table_name = %s "
+        "ORDER BY ordinal_position",
+        (table.schema_name, table.table_name),
+    ).fetchall()
+    return [r[0] for r in rows if table.columns is None or table.columns.captures(r[0])]
+
+
+def primary_key(conn: psycopg.Connection, table: TableConfig) -> list[str]:
+    """The replica key of `table`: the configured override, else the source table's primary key."""
+    if table.primary_key:
+        return list(table.primary_key)
+    rows = conn.execute(
+        "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
+        "WHERE i.indrelid = %s::regclass AND i.indisprimary ORDER BY array_position(i.indkey, a.attnum)",
+        (sql.Identifier(table.schema_name, table.table_name).as_string(conn),),
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def request_incremental_snapshot(
+    conn: psycopg.Connection, pipeline: PipelineConfig, table: TableConfig, condition: str | None = None
+) -> str:
+    """Ask Debezium for an incremental snapshot of `table` (optionally only rows matching the SQL
+    `condition`) by inserting an `execute-snapshot` row into the signal table; returns the signal id.
+    The snapshot runs in chunks interleaved with streaming, so nothing stops while it runs."""
+    data: dict[str, Any] = {"data-collections": [table.name], "type": "incremental"}
+    if condition:
+        data["additional-conditions"] = [{"data-collection": table.name, "filter": condition}]
+    signal_id = f"backfill-{uuid.uuid4()}"
+    conn.execute(
+        sql.SQL("INSERT INTO {} (id, type, data) VALUES (%s, 'execute-snapshot', %s)").format(
+            sql.Identifier(*pipeline.signal_table_parts)
+        ),
+        (signal_id, json.dumps(data)),
+    )
+    return signal_id

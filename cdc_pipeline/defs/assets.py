@@ -1,0 +1,297 @@
+"""The pipeline as assets: observable source tables, the connector (materialized by provisioning),
+the Kafka topics, the streaming query and the ClickHouse replicas with their asset checks."""
+
+import time
+from typing import Any
+
+from clickhouse_connect.driver.binding import quote_identifier
+from confluent_kafka import TopicPartition
+from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    ObserveResult,
+    multi_asset,
+    multi_asset_check,
+    multi_observable_source_asset,
+)
+
+from cdc_pipeline.config import PipelineConfig, TableConfig
+from cdc_pipeline.connector import connector_name, prepare_source, provision_connector
+from cdc_pipeline.control.lag import measure_lag
+from cdc_pipeline.control.source import (
+    check_source,
+    exact_count,
+    primary_key,
+    source_columns,
+    table_stats,
+    wal_position,
+)
+from cdc_pipeline.defs.common import database_of, group_consumer, source_settings
+from cdc_pipeline.defs.translator import CdcTranslator, mask_secrets
+from cdc_pipeline.resources import (
+    ClickHouseResource,
+    KafkaConnectResource,
+    KafkaResource,
+    MonitorResource,
+    PipelineResource,
+    PostgresResource,
+)
+from cdc_pipeline.resources.connect import ConnectError
+from cdc_pipeline.streaming.sink import META_NAMES
+
+CHECKS = ("row_count_matches_source", "no_duplicate_keys", "freshness", "no_schema_drift")
+
+
+def wait_connector_running(connect: KafkaConnectResource, name: str, timeout: float = 120.0) -> dict[str, Any]:
+    """The connector's status once it and its tasks run; Failure with the task's error if one fails."""
+    deadline = time.monotonic() + timeout
+    status: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        try:
+            status = connect.connector_status(name)
+        except ConnectError as exc:  # just created: the status appears after the first assignment
+            if not str(exc).startswith("404 "):
+                raise
+            time.sleep(2)
+            continue
+        states = [status["connector"]["state"], *(t["state"] for t in status.get("tasks", []))]
+        failed = [t for t in status.get("tasks", []) if t["state"] == "FAILED"]
+        if status["connector"]["state"] == "FAILED" or failed:
+            trace = (failed[0] if failed else status["connector"]).get("trace", "")
+            raise Failure(f"connector {name} failed: {trace.splitlines()[0] if trace else 'no trace'}")
+        if status.get("tasks") and all(s == "RUNNING" for s in states):
+            return status
+        time.sleep(2)
+    raise Failure(f"connector {name} not RUNNING after {timeout:.0f} s: {status}")
+
+
+def build_assets(pipeline: PipelineConfig, translator: CdcTranslator) -> list[Any]:
+    prefix = pipeline.name
+    source_specs = {t.name: translator.source_spec(t) for t in pipeline.tables}
+
+    @multi_observable_source_asset(specs=list(source_specs.values()), name=f"{prefix}_observe_source_tables")
+    def observe_source_tables(pipeline: PipelineResource, postgres: PostgresResource):  # noqa: ANN202
+        config = pipeline.load()
+        with postgres.connect(autocommit=True) as conn:
+            wal = wal_position(conn, config)
+            for table in config.tables:
+                if table.name not in source_specs:
+                    continue
+                stats = table_stats(conn, table)
+                yield ObserveResult(asset_key=source_specs[table.name].key, metadata={**stats, **wal})
+
+    @multi_asset(specs=[translator.connector_spec()], name=f"{prefix}_provision_connector")
+    def provision(
+        context: AssetExecutionContext,
+        pipeline: PipelineResource,
+        postgres: PostgresResource,
+        kafka_connect: KafkaConnectResource,
+    ) -> MaterializeResult:
+        """Check the source, create the signal/heartbeat tables, then create or update the connector."""
+        config = pipeline.load()
+        created = prepare_source(postgres.conninfo(), config)
+        for line in created:
+            context.log.info(line)
+        with postgres.connect(autocommit=True) as conn:
+            checks = check_source(conn, config)
+        for check in checks:
+            (context.log.info if check.ok else context.log.error)(check.line())
+        report = MetadataValue.md("\n".join(f"- {c.line()}" for c in checks))
+        failed = [c for c in checks if not c.ok]
+        if failed:
+            raise Failure(
+                description="source checks failed: " + "; ".join(c.line() for c in failed),
+                metadata={"source_checks": report},
+            )
+        stored = provision_connector(kafka_connect, config, source_settings(postgres))
+        name = connector_name(config)
+        status = wait_connector_running(kafka_connect, name)
+        return MaterializeResult(
+            metadata={
+                "connector": name, "state": status["connector"]["state"], "tasks": len(status["tasks"]),
+                "worker": status["connector"].get("worker_id", ""), "source_checks": report,
+                "created": MetadataValue.json(created), "config": MetadataValue.json(mask_secrets(stored)),
+            }
+        )  # fmt: skip
+
+    assets: list[Any] = [observe_source_tables, provision]
+    assets += [translator.topic_spec(t) for t in pipeline.tables]
+    assets.append(translator.stream_spec())
+    assets += [translator.sink_spec(t) for t in pipeline.tables]
+    return assets
+
+
+def _sink_columns(client: Any, database: str, table: str) -> list[str]:
+    rows = client.query(
+        "SELECT name FROM system.columns WHERE database = {db:String} AND table = {t:String} ORDER BY position",
+        parameters={"db": database, "t": table},
+    ).result_rows
+    return [r[0] for r in rows if r[0] not in META_NAMES]
+
+
+def _oldest_pending_ts(
+    kafka: KafkaResource, pipeline: PipelineConfig, topic: str, committed: int | None
+) -> float | None:
+    """Timestamp (epoch s) of the first record of `topic` the stream has not applied yet."""
+    consumer = kafka.consumer(f"{pipeline.consumer_group}-freshness-probe")
+    try:
+        consumer.assign([TopicPartition(topic, 0, committed if committed is not None else -2)])
+        message = consumer.poll(10.0)
+        if message is None or message.error():
+            return None
+        kind, ts_ms = message.timestamp()
+        return ts_ms / 1000 if ts_ms > 0 else None
+    finally:
+        consumer.close()
+
+
+def table_checks(
+    table: TableConfig,
+    config: PipelineConfig,
+    postgres: PostgresResource,
+    kafka: KafkaResource,
+    clickhouse: ClickHouseResource,
+    monitor: MonitorResource,
+    key: Any,
+    log: Any,
+) -> list[AssetCheckResult]:
+    """The four checks of one replica table, with their numbers as metadata."""
+    database = database_of(config, clickhouse)
+    sink = config.sink_table(table)
+    qualified = f"{quote_identifier(database)}.{quote_identifier(sink)}"
+    topic = config.topic_for(table)
+    client = clickhouse.client()
+    results: list[AssetCheckResult] = []
+    try:
+        with postgres.connect(autocommit=True) as conn:
+            keys = primary_key(conn, table)
+            columns = source_columns(conn, table)
+            exists = int(client.command(f"EXISTS TABLE {qualified}"))
+
+            def measure() -> tuple[int, int, int]:
+                with group_consumer(kafka, config) as consumer:
+                    lag = measure_lag(consumer, [topic])
+                source_count = exact_count(conn, table)
+                sink_count = (
+                    int(client.command(f"SELECT count() FROM {qualified} FINAL WHERE _is_deleted = 0")) if exists else 0
+                )
+                return source_count, sink_count, lag.total
+
+            # Counts agree only when nothing is in flight: wait (bounded) for the stream to catch up.
+            deadline = time.monotonic() + monitor.check_wait_s
+            source_count, sink_count, lag = measure()
+            while source_count != sink_count and time.monotonic() < deadline:
+                time.sleep(3)
+                source_count, sink_count, lag = measure()
+            difference = source_count - sink_count
+            explained = lag > 0 and abs(difference) <= lag
+            passed = difference == 0 or explained
+            note = (
+                "equal" if difference == 0
+                else f"differs by {difference}, within the {lag} changes not applied yet" if explained
+                else f"differs by {difference} with {lag} changes in flight: rows were lost or changed behind the "
+                "pipeline's back; run the reconcile job (it can backfill the differences)"
+            )  # fmt: skip
+            results.append(
+                AssetCheckResult(
+                    asset_key=key, check_name="row_count_matches_source", passed=passed,
+                    severity=AssetCheckSeverity.ERROR,
+                    description=note,
+                    metadata={"source_rows": source_count, "replica_rows": sink_count, "difference": difference,
+                              "consumer_lag": lag, "explained_by_lag": explained and difference != 0},
+                )
+            )  # fmt: skip
+
+            if exists and keys:
+                key_list = ", ".join(quote_identifier(k) for k in keys)
+                duplicates = client.query(
+                    f"SELECT {key_list}, count() AS n FROM {qualified} FINAL WHERE _is_deleted = 0 "
+                    f"GROUP BY {key_list} HAVING n > 1 ORDER BY n DESC LIMIT 20"
+                ).result_rows
+            else:
+                duplicates = []
+            results.append(
+                AssetCheckResult(
+                    asset_key=key, check_name="no_duplicate_keys", passed=not duplicates,
+                    metadata={"duplicate_keys": len(duplicates), "key": ", ".join(keys),
+                              "examples": MetadataValue.json([list(map(str, d)) for d in duplicates])},
+                )
+            )  # fmt: skip
+
+            newest = client.command(f"SELECT max(_source_ts) FROM {qualified}") if exists else None
+            with group_consumer(kafka, config) as consumer:
+                lag_now = measure_lag(consumer, [topic])
+            pending = lag_now.total
+            committed = lag_now.partitions[0].committed if lag_now.partitions else None
+            oldest_pending = _oldest_pending_ts(kafka, config, topic, committed) if pending else None
+            age = (time.time() - oldest_pending) if oldest_pending else 0.0
+            newest_text = str(newest) if newest else "none"
+            results.append(
+                AssetCheckResult(
+                    asset_key=key, check_name="freshness", passed=age <= monitor.freshness_max_age_s,
+                    severity=AssetCheckSeverity.WARN,
+                    description=(
+                        "every captured change is applied" if not pending
+                        else f"{pending} changes wait, the oldest for {age:.0f} s "
+                        f"(limit {monitor.freshness_max_age_s:.0f} s): is the stream running?"
+                    ),
+                    metadata={"newest_applied_change": newest_text, "pending_changes": pending,
+                              "oldest_pending_age_s": round(age, 1), "max_age_s": monitor.freshness_max_age_s},
+                )
+            )  # fmt: skip
+
+            sink_columns = _sink_columns(client, database, sink) if exists else []
+            missing = [c for c in columns if c not in sink_columns]
+            extra = [c for c in sink_columns if c not in columns]
+            ddl = client.command(f"SHOW CREATE TABLE {qualified}") if exists else "(not created yet)"
+            results.append(
+                AssetCheckResult(
+                    asset_key=key, check_name="no_schema_drift", passed=not missing,
+                    severity=AssetCheckSeverity.WARN,
+                    description=(
+                        "every captured source column is in the replica" if not missing
+                        else f"source columns {missing} are not in the replica yet: added columns appear with their "
+                        "first change; backfill the table to fill them now"
+                    ),
+                    metadata={"source_columns": len(columns), "replica_columns": len(sink_columns),
+                              "missing_in_replica": MetadataValue.json(missing),
+                              "only_in_replica": MetadataValue.json(extra),
+                              "ddl": MetadataValue.md(f"```sql\n{ddl}\n```")},
+                )
+            )  # fmt: skip
+    finally:
+        client.close()
+    log.info("; ".join(f"{r.check_name}: {'passed' if r.passed else 'FAILED'}" for r in results))
+    return results
+
+
+def build_checks(pipeline: PipelineConfig, translator: CdcTranslator) -> list[Any]:
+    checks = []
+    for table in pipeline.tables:
+        key = translator.sink_key(table)
+        specs = [AssetCheckSpec(name, asset=key) for name in CHECKS]
+
+        def make(table: TableConfig = table, key: Any = key, specs: list = specs) -> Any:
+            @multi_asset_check(specs=specs, name=f"{pipeline.name}_{pipeline.sink_table(table)}_checks")
+            def check_replica(
+                context: AssetCheckExecutionContext,
+                pipeline: PipelineResource,
+                postgres: PostgresResource,
+                kafka: KafkaResource,
+                clickhouse: ClickHouseResource,
+                monitor: MonitorResource,
+            ):  # noqa: ANN202
+                config = pipeline.load()
+                current = config.table(table.name)
+                yield from table_checks(current, config, postgres, kafka, clickhouse, monitor, key, context.log)
+
+            return check_replica
+
+        checks.append(make())
+    return checks

@@ -1,0 +1,493 @@
+"""Jobs an operator launches from the Dagster UI (or a schedule): stream control, connector
+pause/resume, backfill, replay and reconcile. Provisioning and checks are asset jobs (definitions.py)."""
+
+import json
+import subprocess
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from clickhouse_connect.driver.binding import quote_identifier
+from confluent_kafka import TopicPartition
+from dagster import (
+    AssetObservation,
+    Config,
+    Failure,
+    MetadataValue,
+    OpExecutionContext,
+    Output,
+    job,
+    op,
+)
+from psycopg import sql
+from pydantic import Field
+
+from cdc_pipeline.config import PipelineConfig, TableConfig
+from cdc_pipeline.connector import connector_name
+from cdc_pipeline.control.backfill import end_offsets, follow_snapshot
+from cdc_pipeline.control.reconcile import Differences, reconcile
+from cdc_pipeline.control.source import exact_count, primary_key, request_incremental_snapshot, source_columns
+from cdc_pipeline.defs import common
+from cdc_pipeline.defs.common import database_of, lag_metadata, stream_env, stream_lag
+from cdc_pipeline.defs.translator import CdcTranslator
+from cdc_pipeline.resources import (
+    ClickHouseResource,
+    KafkaConnectResource,
+    KafkaResource,
+    PipelineResource,
+    PostgresResource,
+    SparkResource,
+)
+from cdc_pipeline.streaming import replay as replay_app
+from cdc_pipeline.streaming.launch import submit_env
+
+
+def _stream_key(pipeline: PipelineConfig):  # noqa: ANN202
+    return CdcTranslator(pipeline).stream_key()
+
+
+def _observe_status(context: OpExecutionContext, pipeline: PipelineConfig, status: Any, **extra: Any) -> None:
+    metadata = {k: v for k, v in status.as_dict().items() if v is not None}
+    context.log_event(AssetObservation(asset_key=_stream_key(pipeline), metadata={**metadata, **extra}))
+
+
+# --- stream control -------------------------------------------------------------------------------
+
+
+@op(description="Start the streaming query with spark-submit (idempotent: a running stream is left alone).")
+def start_stream_op(
+    context: OpExecutionContext,
+    pipeline: PipelineResource,
+    spark: SparkResource,
+    kafka: KafkaResource,
+    clickhouse: ClickHouseResource,
+) -> None:
+    config = pipeline.load()
+    status = common.start_stream(pipeline, spark, kafka, clickhouse, started_by=context.run_id)
+    context.log.info(f"stream {config.query_name} runs as pid {status.pid} on {status.master}; log {status.log_path}")
+    _observe_status(context, config, status)
+
+
+@op(description="Stop the streaming query: it finishes its batch and exits; SIGKILL only after a timeout.")
+def stop_stream_op(context: OpExecutionContext, pipeline: PipelineResource) -> None:
+    config = pipeline.load()
+    controller = pipeline.controller(config)
+    stopped = controller.stop()
+    context.log.info(f"stream {config.query_name}: {'stopped' if stopped else 'was not running'}")
+    _observe_status(context, config, controller.status())
+
+
+@op(description="Stop, then start the streaming query (e.g. after changing pipeline.yaml or Spark settings).")
+def restart_stream_op(
+    context: OpExecutionContext,
+    pipeline: PipelineResource,
+    spark: SparkResource,
+    kafka: KafkaResource,
+    clickhouse: ClickHouseResource,
+) -> None:
+    config = pipeline.load()
+    pipeline.controller(config).stop(desired="running")
+    status = common.start_stream(pipeline, spark, kafka, clickhouse, started_by=context.run_id)
+    context.log.info(f"stream {config.query_name} restarted as pid {status.pid}")
+    _observe_status(context, config, status)
+
+
+@op(description="Report whether the stream runs, its lag, and the connector's state.")
+def stream_status_op(
+    context: OpExecutionContext, pipeline: PipelineResource, kafka: KafkaResource, kafka_connect: KafkaConnectResource
+) -> None:
+    config = pipeline.load()
+    status = pipeline.controller(config).status()
+    lag = stream_lag(kafka, config)
+    try:
+        connector = kafka_connect.connector_status(connector_name(config))
+        connector_state = connector["connector"]["state"]
+        tasks = ", ".join(f"{t['id']}:{t['state']}" for t in connector.get("tasks", []))
+    except Exception as exc:  # a status report reports problems rather than failing on them
+        connector_state, tasks = f"unknown ({str(exc).splitlines()[0][:200]})", ""
+    context.log.info(
+        f"stream {'RUNNING' if status.running else 'NOT RUNNING'} (desired {status.desired}), lag {lag.total}, "
+        f"connector {connector_state} [{tasks}]"
+    )
+    _observe_status(
+        context, config, status, total_lag=lag.total, connector_state=connector_state,
+        lag_by_partition=MetadataValue.json(lag_metadata(lag)["lag_by_partition"]),
+    )  # fmt: skip
+
+
+@job(description="Start the pipeline's streaming query (spark-submit on the Spark resource's master).")
+def start_stream() -> None:
+    start_stream_op()
+
+
+@job(description="Stop the pipeline's streaming query gracefully.")
+def stop_stream() -> None:
+    stop_stream_op()
+
+
+@job(description="Restart the pipeline's streaming query.")
+def restart_stream() -> None:
+    restart_stream_op()
+
+
+@job(description="Show whether the stream runs, its consumer lag and the connector state.")
+def stream_status() -> None:
+    stream_status_op()
+
+
+# --- connector ------------------------------------------------------------------------------------
+
+
+@op(description="Pause the Debezium connector (changes accumulate in the slot's WAL until resumed).")
+def pause_connector_op(context: OpExecutionContext, pipeline: PipelineResource, kafka_connect: KafkaConnectResource):  # noqa: ANN201
+    name = connector_name(pipeline.load())
+    kafka_connect.pause(name)
+    context.log.info(f"paused {name}; PostgreSQL retains WAL for slot until it resumes: do not leave it paused long")
+
+
+@op(description="Resume the Debezium connector.")
+def resume_connector_op(context: OpExecutionContext, pipeline: PipelineResource, kafka_connect: KafkaConnectResource):  # noqa: ANN201
+    name = connector_name(pipeline.load())
+    kafka_connect.resume(name)
+    context.log.info(f"resumed {name}")
+
+
+@job(description="Pause the Debezium connector.")
+def pause_connector() -> None:
+    pause_connector_op()
+
+
+@job(description="Resume the Debezium connector.")
+def resume_connector() -> None:
+    resume_connector_op()
+
+
+# --- backfill -------------------------------------------------------------------------------------
+
+
+class BackfillConfig(Config):
+    table: str = Field(description="Source table (`schema.table`) of the pipeline to backfill.")
+    condition: str | None = Field(
+        default=None, description="Optional SQL filter on the source table, e.g. `updated_at > '2026-01-01'`."
+    )
+    timeout_s: float = Field(default=3600, description="Fail if the snapshot has not finished by then.")
+    wait_applied: bool = Field(default=True, description="Also wait until the stream applied the snapshot.")
+
+
+def run_backfill(
+    context: OpExecutionContext,
+    config: PipelineConfig,
+    table: TableConfig,
+    condition: str | None,
+    postgres: PostgresResource,
+    kafka: KafkaResource,
+    timeout: float,
+    wait_applied: bool,
+) -> dict[str, Any]:
+    """Signal an incremental snapshot of `table`, follow it on its topic, wait until it is applied."""
+    topic = config.topic_for(table)
+    consumer = kafka.consumer(f"{config.consumer_group}-backfill", **{"enable.partition.eof": False})
+    try:
+        start = end_offsets(consumer, topic)
+        with postgres.connect(autocommit=True) as conn:
+            expected = exact_count(conn, table, condition)
+            signal_id = request_incremental_snapshot(conn, config, table, condition)
+        context.log.info(f"signal {signal_id}: incremental snapshot of {expected} rows of {table.name} requested")
+
+        def report(progress: Any) -> None:
+            context.log.info(
+                f"backfill {table.name}: {progress.seen} of {progress.expected} rows snapshotted "
+                f"({progress.fraction:.0%})"
+            )
+
+        progress = follow_snapshot(consumer, topic, start, expected, timeout=timeout, on_progress=report)
+    finally:
+        consumer.close()
+    applied_lag = None
+    if wait_applied and progress.last_offsets:
+        deadline = time.monotonic() + timeout
+        while True:
+            lag = stream_lag(kafka, config)
+            behind = [
+                p for p in lag.partitions
+                if p.topic == topic and p.partition in progress.last_offsets
+                and (p.committed or 0) <= progress.last_offsets[p.partition]
+            ]  # fmt: skip
+            if not behind:
+                applied_lag = lag.total
+                break
+            if time.monotonic() > deadline:
+                raise Failure(
+                    f"the snapshot of {table.name} is in Kafka but the stream has not applied it after "
+                    f"{timeout:.0f} s (lag {lag.total}): is the stream running? (stream_status job)"
+                )
+            time.sleep(3)
+        context.log.info(f"backfill {table.name}: applied by the stream")
+    return {
+        "table": table.name, "signal_id": signal_id, "condition": condition or "", "expected_rows": expected,
+        "snapshotted_rows": progress.seen, "snapshot_records": progress.records,
+        "applied": applied_lag is not None, "lag_after": applied_lag if applied_lag is not None else -1,
+    }  # fmt: skip
+
+
+@op(description="Re-read a table (or the rows matching a filter) from PostgreSQL through Debezium.")
+def backfill_table_op(
+    context: OpExecutionContext,
+    config: BackfillConfig,
+    pipeline: PipelineResource,
+    postgres: PostgresResource,
+    kafka: KafkaResource,
+) -> None:
+    pipeline_config = pipeline.load()
+    try:
+        table = pipeline_config.table(config.table)
+    except KeyError as exc:
+        raise Failure(f"{exc.args[0]}; tables: {[t.name for t in pipeline_config.tables]}") from None
+    result = run_backfill(
+        context, pipeline_config, table, config.condition, postgres, kafka, config.timeout_s, config.wait_applied
+    )
+    context.log_event(
+        AssetObservation(asset_key=CdcTranslator(pipeline_config).sink_key(table), metadata={"backfill": result})
+    )
+    context.log.info(json.dumps(result))
+
+
+@job(description="Backfill a table through a Debezium incremental snapshot (signal table), with progress.")
+def backfill_table() -> None:
+    backfill_table_op()
+
+
+# --- replay ---------------------------------------------------------------------------------------
+
+
+class ReplayConfig(Config):
+    table: str = Field(description="Source table (`schema.table`) whose topic is replayed.")
+    start_offset: int | None = Field(default=None, description="First offset (partition 0), inclusive.")
+    end_offset: int | None = Field(default=None, description="Last offset, exclusive; default the current end.")
+    start_time: str | None = Field(default=None, description="ISO 8601 start of a time window (instead of offsets).")
+    end_time: str | None = Field(default=None, description="ISO 8601 end of the time window; default now.")
+
+
+def _offset_for_time(consumer: Any, topic: str, partition: int, when: str, default: int) -> int:
+    moment = datetime.fromisoformat(when)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    found = consumer.offsets_for_times([TopicPartition(topic, partition, int(moment.timestamp() * 1000))], timeout=10)
+    return found[0].offset if found and found[0].offset >= 0 else default
+
+
+@op(description="Replay a range of a table's topic into ClickHouse (Spark batch job, same writer as the stream).")
+def replay_op(
+    context: OpExecutionContext,
+    config: ReplayConfig,
+    pipeline: PipelineResource,
+    spark: SparkResource,
+    kafka: KafkaResource,
+    clickhouse: ClickHouseResource,
+) -> None:
+    pipeline_config = pipeline.load()
+    try:
+        table = pipeline_config.table(config.table)
+    except KeyError as exc:
+        raise Failure(f"{exc.args[0]}; tables: {[t.name for t in pipeline_config.tables]}") from None
+    if (config.start_offset is None) == (config.start_time is None):
+        raise Failure("give exactly one of start_offset or start_time")
+    topic = pipeline_config.topic_for(table)
+    consumer = kafka.consumer(f"{pipeline_config.consumer_group}-replay")
+    try:
+        ends = end_offsets(consumer, topic)
+        if not ends:
+            raise Failure(f"topic {topic} does not exist: nothing was captured for {table.name} yet")
+        low, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10, cached=False)
+        if config.start_time is not None:
+            start = _offset_for_time(consumer, topic, 0, config.start_time, high)
+            end = _offset_for_time(consumer, topic, 0, config.end_time, high) if config.end_time else high
+        else:
+            start = config.start_offset
+            end = config.end_offset if config.end_offset is not None else high
+    finally:
+        consumer.close()
+    if start < low:
+        raise Failure(f"offset {start} of {topic} is gone (retention); the earliest is {low}: backfill instead")
+    end = min(end, high)
+    if end <= start:
+        context.log.info(f"{topic}: empty range [{start}, {end}), nothing to replay")
+        return
+    argv = spark.submit().argv(
+        replay_app.__file__, "--config", str(pipeline.resolved_config_path),
+        "--starting-offsets", json.dumps({topic: {"0": start}}), "--ending-offsets", json.dumps({topic: {"0": end}}),
+        name=f"{pipeline_config.query_name}_replay",
+    )  # fmt: skip
+    context.log.info(f"replaying {topic} offsets [{start}, {end}) with spark-submit on {spark.master}")
+    completed = subprocess.run(
+        argv, env=submit_env(stream_env(kafka, clickhouse, pipeline)), capture_output=True, text=True, check=False
+    )
+    lines = (completed.stdout + completed.stderr).splitlines()
+    result_lines = [line for line in lines if line.startswith(replay_app.RESULT_PREFIX)]
+    if completed.returncode != 0 or not result_lines:
+        raise Failure(f"replay of {topic} failed (exit {completed.returncode}):\n" + "\n".join(lines[-40:]))
+    summary = json.loads(result_lines[-1].removeprefix(replay_app.RESULT_PREFIX))
+    summary.update(topic=topic, start_offset=start, end_offset=end)
+    context.log.info(f"replayed: {summary}")
+    context.log_event(
+        AssetObservation(asset_key=CdcTranslator(pipeline_config).sink_key(table), metadata={"replay": summary})
+    )
+
+
+@job(description="Replay a topic range (offsets or a time window) into ClickHouse; idempotent.")
+def replay() -> None:
+    replay_op()
+
+
+# --- reconcile ------------------------------------------------------------------------------------
+
+
+class ReconcileConfig(Config):
+    tables: list[str] = Field(default_factory=list, description="Tables to reconcile; empty: every table.")
+    backfill_differences: bool = Field(
+        default=False, description="Backfill missing and different rows (incremental snapshot of their keys)."
+    )
+    settle_s: float = Field(default=120, description="Wait for the stream's lag to reach zero before comparing.")
+    max_filter_keys: int = Field(default=500, description="More differing keys than this: backfill the whole table.")
+
+
+def _key_filter(conn: psycopg.Connection, key: list[str], values: list[tuple]) -> str:
+    columns = sql.SQL(", ").join(sql.Identifier(k) for k in key)
+    tuples = sql.SQL(", ").join(
+        sql.SQL("({})").format(sql.SQL(", ").join(sql.Literal(v) for v in row)) for row in values
+    )
+    return sql.SQL("({}) IN ({})").format(columns, tuples).as_string(conn)
+
+
+def _differences_md(diff: Differences, limit: int = 50) -> str:
+    lines = ["| kind | key | columns (source → replica) |", "|---|---|---|"]
+    for key in diff.missing[:limit]:
+        lines.append(f"| missing | {key} | |")
+    for key in diff.extra[:limit]:
+        lines.append(f"| extra | {key} | |")
+    for key, columns in list(diff.different.items())[:limit]:
+        change = ", ".join(f"{c}: {s!r} → {r!r}" for c, (s, r) in columns.items())
+        lines.append(f"| different | {key} | {change[:300]} |")
+    return "\n".join(lines)
+
+
+@op(description="Row-level diff by primary key between each source table and its replica.")
+def reconcile_op(
+    context: OpExecutionContext,
+    config: ReconcileConfig,
+    pipeline: PipelineResource,
+    postgres: PostgresResource,
+    kafka: KafkaResource,
+    clickhouse: ClickHouseResource,
+) -> Output[dict]:
+    pipeline_config = pipeline.load()
+    try:
+        tables = [pipeline_config.table(name) for name in config.tables] or pipeline_config.tables
+    except KeyError as exc:
+        raise Failure(exc.args[0]) from None
+    database = database_of(pipeline_config, clickhouse)
+    translator = CdcTranslator(pipeline_config)
+    report: dict[str, Any] = {}
+    unresolved: list[str] = []
+    client = clickhouse.client()
+    try:
+        for table in tables:
+            diff = _reconcile_settled(context, pipeline_config, table, postgres, kafka, client, database, config)
+            summary = {
+                "source_rows": diff.source_rows, "replica_rows": diff.replica_rows, "missing": len(diff.missing),
+                "extra": len(diff.extra), "different": len(diff.different),
+                "missing_keys": [list(map(str, k)) for k in diff.missing[:100]],
+                "extra_keys": [list(map(str, k)) for k in diff.extra[:100]],
+                "different_keys": [list(map(str, k)) for k in list(diff.different)[:100]],
+            }  # fmt: skip
+            context.log.info(
+                f"{table.name}: {diff.source_rows} source rows, {diff.replica_rows} replica rows; "
+                f"missing {len(diff.missing)}, extra {len(diff.extra)}, different {len(diff.different)}"
+            )
+            if diff.total and config.backfill_differences:
+                summary["backfill"] = _repair(
+                    context, pipeline_config, table, diff, postgres, kafka, client, database, config
+                )
+                diff = _reconcile_settled(context, pipeline_config, table, postgres, kafka, client, database, config)
+                summary["after_backfill"] = {"missing": len(diff.missing), "extra": len(diff.extra),
+                                             "different": len(diff.different)}  # fmt: skip
+            if diff.total:
+                unresolved.append(table.name)
+            report[table.name] = summary
+            context.log_event(
+                AssetObservation(
+                    asset_key=translator.sink_key(table),
+                    metadata={"reconcile": MetadataValue.json(summary),
+                              "differences": MetadataValue.md(_differences_md(diff))},
+                )
+            )  # fmt: skip
+    finally:
+        client.close()
+    if unresolved:
+        raise Failure(
+            description=f"replicas differ from their source: {unresolved} (run with backfill_differences: true)",
+            metadata={"report": MetadataValue.json(report)},
+        )
+    return Output(report, metadata={"report": MetadataValue.json(report)})
+
+
+def _reconcile_settled(
+    context: OpExecutionContext, config: PipelineConfig, table: TableConfig, postgres: PostgresResource,
+    kafka: KafkaResource, client: Any, database: str, options: ReconcileConfig,
+) -> Differences:  # fmt: skip
+    """Compare after the stream caught up; keys that differ are compared once more after a pause,
+    so a change in flight at the first pass is not reported."""
+    deadline = time.monotonic() + options.settle_s
+    while stream_lag(kafka, config).total and time.monotonic() < deadline:
+        time.sleep(2)
+    with postgres.connect(autocommit=True) as conn:
+        key = primary_key(conn, table)
+        captured = source_columns(conn, table)
+        sink = config.sink_table(table)
+        diff = reconcile(conn, client, table.schema_name, table.table_name, database, sink, key, captured)
+        if diff.total:
+            time.sleep(min(10.0, options.settle_s))
+            again = reconcile(conn, client, table.schema_name, table.table_name, database, sink, key, captured)
+            diff.missing = [k for k in diff.missing if k in set(again.missing)]
+            diff.extra = [k for k in diff.extra if k in set(again.extra)]
+            diff.different = {k: v for k, v in again.different.items() if k in diff.different}
+    return diff
+
+
+def _repair(
+    context: OpExecutionContext, config: PipelineConfig, table: TableConfig, diff: Differences,
+    postgres: PostgresResource, kafka: KafkaResource, client: Any, database: str, options: ReconcileConfig,
+) -> dict[str, Any]:  # fmt: skip
+    """Backfill the missing and different keys; mark extra rows deleted (they are not in the source,
+    so a snapshot cannot remove them)."""
+    result: dict[str, Any] = {}
+    sink = f"{quote_identifier(database)}.{quote_identifier(config.sink_table(table))}"
+    with postgres.connect(autocommit=True) as conn:
+        key = primary_key(conn, table)
+        keys = diff.keys_to_backfill()
+        condition = _key_filter(conn, key, keys) if 0 < len(keys) <= options.max_filter_keys else None
+    if diff.extra:
+        # A delete marker one version above the stale row: any later real change has a higher version still.
+        _delete_extra(client, sink, key, diff.extra)
+        result["extra_marked_deleted"] = len(diff.extra)
+    if keys:
+        context.log.info(
+            f"backfilling {len(keys)} rows of {table.name}" + ("" if condition else " (whole table: too many keys)")
+        )
+        result.update(run_backfill(context, config, table, condition, postgres, kafka, 3600, True))
+    return result
+
+
+def _delete_extra(client: Any, sink: str, key: list[str], extra: list[tuple]) -> None:
+    key_sql = ", ".join(quote_identifier(k) for k in key)
+    wanted = set(extra)
+    rows = client.query(f"SELECT {key_sql}, _version FROM {sink} FINAL WHERE _is_deleted = 0").result_rows
+    markers = [[*row[:-1], row[-1] + 1, 1, datetime.now(UTC)] for row in rows if tuple(row[:-1]) in wanted]
+    if markers:
+        client.insert(sink, markers, column_names=[*key, "_version", "_is_deleted", "_source_ts"])
+
+
+@job(description="Diff each replica with its source by primary key; optionally backfill what differs.")
+def reconcile_tables() -> None:
+    reconcile_op()

@@ -1,0 +1,370 @@
+"""Sensors: consumer lag, checkpoint health, connector status, run failures and streaming metrics.
+Each keeps its state (sliding window, open incidents, restart backoff) in its cursor, so an incident
+alerts once when it opens and once when it clears, across daemon restarts."""
+
+import json
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from dagster import (
+    AssetObservation,
+    DefaultSensorStatus,
+    JobDefinition,
+    MetadataValue,
+    RunFailureSensorContext,
+    RunRequest,
+    SensorDefinition,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    run_failure_sensor,
+    sensor,
+)
+
+from cdc_pipeline.config import PipelineConfig
+from cdc_pipeline.connector import connector_name
+from cdc_pipeline.control.alerts import Alert, Incidents
+from cdc_pipeline.control.checkpoint import UnsupportedCheckpoint, inspect_checkpoint
+from cdc_pipeline.control.lag import LagSnapshot, evaluate_window
+from cdc_pipeline.defs.common import progress_rows, stream_lag
+from cdc_pipeline.defs.translator import CdcTranslator
+from cdc_pipeline.resources import (
+    ClickHouseResource,
+    KafkaConnectResource,
+    KafkaResource,
+    MonitorResource,
+    NotifierResource,
+    PipelineResource,
+)
+from cdc_pipeline.resources.connect import ConnectError
+
+log = logging.getLogger(__name__)
+
+
+def _cursor(context: SensorEvaluationContext) -> dict[str, Any]:
+    try:
+        return json.loads(context.cursor) if context.cursor else {}
+    except ValueError:
+        return {}
+
+
+def _update(
+    context: SensorEvaluationContext,
+    incidents: Incidents,
+    notifier: NotifierResource,
+    incident: str,
+    active: bool,
+    make,
+) -> Alert | None:  # noqa: ANN001
+    """Open/close `incident`, delivering the alert; a delivery failure is logged and retried next time."""
+    try:
+        alert = incidents.update(incident, active, make, notifier.send)
+    except Exception as exc:
+        context.log.error(f"could not deliver the alert for {incident}: {exc}")
+        return None
+    if alert:
+        context.log.info(f"alert sent: {alert.text().splitlines()[0]}")
+    return alert
+
+
+def _lag_observations(translator: CdcTranslator, pipeline: PipelineConfig, snapshot: LagSnapshot) -> list:
+    by_topic = snapshot.by_topic()
+    events = [
+        AssetObservation(
+            asset_key=translator.stream_key(),
+            metadata={
+                "total_lag": snapshot.total,
+                "lag_by_partition": MetadataValue.json(
+                    {f"{p.topic}[{p.partition}]": p.lag for p in snapshot.partitions}
+                ),
+            },
+        )
+    ]
+    for table in pipeline.tables:
+        topic = pipeline.topic_for(table)
+        ends = [p.end_offset for p in snapshot.partitions if p.topic == topic]
+        events.append(
+            AssetObservation(
+                asset_key=translator.topic_key(table),
+                metadata={"consumer_lag": by_topic.get(topic, 0), "end_offset": sum(ends), "partitions": len(ends)},
+            )
+        )
+    return events
+
+
+def build_sensors(restart_stream_job: JobDefinition) -> list[SensorDefinition]:
+    @sensor(
+        name="consumer_lag",
+        minimum_interval_seconds=30,
+        default_status=DefaultSensorStatus.RUNNING,
+        description="Lag of the stream's consumer group per topic-partition; alerts when it stays above the "
+        "threshold, keeps growing or stops moving over the window, and when it recovers.",
+    )
+    def consumer_lag(
+        context: SensorEvaluationContext,
+        pipeline: PipelineResource,
+        kafka: KafkaResource,
+        notifier: NotifierResource,
+        monitor: MonitorResource,
+    ) -> SensorResult:
+        config = pipeline.load()
+        state = _cursor(context)
+        snapshot = stream_lag(kafka, config)
+        window = [*state.get("window", []), snapshot.to_json()][-monitor.lag_window :]
+        verdict = evaluate_window(window, monitor.lag_threshold, monitor.lag_window)
+        incidents = Incidents(state.get("incidents"))
+        worst = sorted(snapshot.partitions, key=lambda p: -p.lag)[:3]
+
+        def make(resolved: bool) -> Alert:
+            return Alert(
+                incident=f"lag:{config.name}",
+                title=f"Consumer lag of pipeline {config.name}",
+                where=f"consumer group {config.consumer_group}, query {config.query_name}",
+                summary=(
+                    f"lag is back to {snapshot.total} messages" if resolved
+                    else f"{snapshot.total} messages not applied to ClickHouse: "
+                    + "; ".join(verdict.reasons(monitor.lag_threshold))
+                ),
+                action=(
+                    "run the stream_status job; if the stream is down, start_stream (or restart_stream); if it runs "
+                    "but cannot keep up, raise stream.max_offsets_per_trigger or give Spark more cores"
+                ),
+                severity="critical" if verdict.stalled else "warning",
+                details={
+                    "total_lag": snapshot.total, "worst": ", ".join(f"{p.topic}[{p.partition}]={p.lag}" for p in worst)
+                },
+                resolved=resolved,
+            )  # fmt: skip
+
+        _update(context, incidents, notifier, f"lag:{config.name}", not verdict.ok, make)
+        translator = CdcTranslator(config)
+        return SensorResult(
+            asset_events=_lag_observations(translator, config, snapshot),
+            cursor=json.dumps({"window": window, "incidents": incidents.state}),
+        )
+
+    @sensor(
+        name="checkpoint_health",
+        minimum_interval_seconds=60,
+        default_status=DefaultSensorStatus.RUNNING,
+        job=restart_stream_job,
+        description="The stream is alive, commits batches while there is lag, no batch hangs uncommitted and the "
+        "checkpoint is readable; alerts otherwise and, if enabled, restarts the stream with backoff.",
+    )
+    def checkpoint_health(
+        context: SensorEvaluationContext,
+        pipeline: PipelineResource,
+        kafka: KafkaResource,
+        notifier: NotifierResource,
+        monitor: MonitorResource,
+    ) -> SensorResult:
+        config = pipeline.load()
+        state = _cursor(context)
+        controller = pipeline.controller(config)
+        status = controller.status()
+        location = pipeline.checkpoint(config)
+        now = time.time()
+        problems: dict[str, str] = {}
+        try:
+            checkpoint = inspect_checkpoint(location)
+        except UnsupportedCheckpoint as exc:
+            checkpoint = None
+            context.log.debug(str(exc))
+        if status.desired == "running" and not status.running:
+            problems["dead"] = f"the stream (pid {status.pid or '-'}) is not running though it should"
+        if checkpoint is not None and checkpoint.exists and not checkpoint.readable:
+            problems["unreadable"] = f"checkpoint {location} is unreadable: {checkpoint.error}"
+        if checkpoint is not None and checkpoint.pending_batch is not None and checkpoint.pending_since is not None:
+            age = now - checkpoint.pending_since
+            if age > monitor.stall_after_s:
+                problems["stalled"] = f"batch {checkpoint.pending_batch} started {age:.0f} s ago and never committed"
+        lag = stream_lag(kafka, config)
+        if status.running and lag.total and checkpoint is not None and checkpoint.last_commit_at is not None:
+            idle = now - checkpoint.last_commit_at
+            if idle > monitor.stall_after_s and "stalled" not in problems:
+                problems["no_progress"] = f"no batch committed for {idle:.0f} s while {lag.total} messages wait"
+
+        incidents = Incidents(state.get("incidents"))
+        restart = state.get("restart", {"attempts": 0, "next_at": 0.0})
+        will_restart = (
+            monitor.restart_stream and ("dead" in problems or "stalled" in problems or "no_progress" in problems)
+            and "unreadable" not in problems and status.desired == "running" and now >= restart["next_at"]
+        )  # fmt: skip
+
+        def make(resolved: bool) -> Alert:
+            summary = "the stream runs and commits batches again" if resolved else "; ".join(problems.values())
+            if "unreadable" in problems:
+                action = (
+                    "restore the checkpoint from a backup, or move it aside and start the stream again: it resumes "
+                    "from stream.starting_offsets and the versioned sink keeps the result exact (README: recovery)"
+                )
+            else:
+                action = "look at the stream log (stream_status job) and run restart_stream" + (
+                    " (automatic restart is on, with backoff)" if monitor.restart_stream else ""
+                )
+            return Alert(
+                incident=f"checkpoint:{config.name}",
+                title=f"Streaming query {config.query_name} is unhealthy" if not resolved
+                else f"Streaming query {config.query_name} is healthy again",
+                where=f"checkpoint {location}, pid {status.pid or '-'}, log {status.log_path}",
+                summary=summary, action=action, severity="critical",
+                details={
+                    "last_committed_batch": checkpoint.last_committed_batch if checkpoint else "?", "lag": lag.total
+                },
+                resolved=resolved,
+            )  # fmt: skip
+
+        _update(context, incidents, notifier, f"checkpoint:{config.name}", bool(problems), make)
+        run_requests = []
+        if will_restart:
+            attempts = restart["attempts"] + 1
+            delay = min(monitor.restart_backoff_s * 2 ** (attempts - 1), monitor.restart_backoff_max_s)
+            restart = {"attempts": attempts, "next_at": now + delay}
+            context.log.warning(
+                f"restarting the stream (attempt {attempts}); next attempt no sooner than {delay:.0f} s"
+            )
+            run_requests.append(
+                RunRequest(run_key=f"restart-{config.name}-{int(now)}", tags={"cdc/reason": ",".join(problems)})
+            )
+        elif not problems:
+            restart = {"attempts": 0, "next_at": 0.0}
+        metadata = {"running": status.running, "desired": status.desired, "problems": MetadataValue.json(problems)}
+        if checkpoint is not None:
+            metadata.update({k: v for k, v in checkpoint.as_metadata().items() if v is not None})
+        return SensorResult(
+            run_requests=run_requests,
+            asset_events=[AssetObservation(asset_key=CdcTranslator(config).stream_key(), metadata=metadata)],
+            cursor=json.dumps({"incidents": incidents.state, "restart": restart}),
+        )
+
+    @sensor(
+        name="connector_status",
+        minimum_interval_seconds=60,
+        default_status=DefaultSensorStatus.RUNNING,
+        description="Alerts when the Debezium connector or one of its tasks FAILED (with the error), optionally "
+        "restarts failed tasks, and reports recovery.",
+    )
+    def connector_status(
+        context: SensorEvaluationContext,
+        pipeline: PipelineResource,
+        kafka_connect: KafkaConnectResource,
+        notifier: NotifierResource,
+        monitor: MonitorResource,
+    ) -> SensorResult | SkipReason:
+        config = pipeline.load()
+        name = connector_name(config)
+        state = _cursor(context)
+        incidents = Incidents(state.get("incidents"))
+        problem = ""
+        restarted = False
+        try:
+            status = kafka_connect.connector_status(name)
+        except ConnectError as exc:
+            if str(exc).startswith("404 "):
+                return SkipReason(f"connector {name} is not provisioned (run the provision job)")
+            status, problem = None, f"Kafka Connect refused the status request: {exc}"
+        except Exception as exc:  # unreachable Connect is an incident too
+            status, problem = None, f"Kafka Connect at {kafka_connect.url} is unreachable: {type(exc).__name__}"
+        failed: list[dict[str, Any]] = []
+        if status is not None:
+            if status["connector"]["state"] == "FAILED":
+                failed.append({"id": "connector", **status["connector"]})
+            failed += [t for t in status.get("tasks", []) if t["state"] == "FAILED"]
+            if failed:
+                problem = "; ".join(
+                    f"{'task ' + str(t['id']) if t['id'] != 'connector' else 'connector'} FAILED on "
+                    f"{t.get('worker_id', '?')}: {(t.get('trace') or 'no trace').splitlines()[0][:300]}"
+                    for t in failed
+                )
+        if failed and monitor.restart_connector_tasks:
+            try:
+                kafka_connect.restart(name, include_tasks=True, only_failed=True)
+                restarted = True
+                context.log.warning(f"restarted the failed parts of connector {name}")
+            except Exception as exc:
+                context.log.error(f"could not restart connector {name}: {exc}")
+
+        def make(resolved: bool) -> Alert:
+            return Alert(
+                incident=f"connector:{config.name}",
+                title=f"Debezium connector {name} " + ("is running again" if resolved else "failed"),
+                where=f"Kafka Connect {kafka_connect.url}, connector {name}",
+                summary="every task is RUNNING" if resolved else problem,
+                action=(
+                    "read the trace (GET /connectors/{name}/status); fix the cause (credentials, slot, "
+                    "publication, schema) and restart the failed task: POST /connectors/{name}/restart?onlyFailed=true"
+                ).replace("{name}", name),
+                details={"restarted": restarted} if not resolved else {},
+                resolved=resolved,
+            )
+
+        _update(context, incidents, notifier, f"connector:{config.name}", bool(problem), make)
+        states = {"connector": status["connector"]["state"]} if status else {}
+        if status:
+            states.update({f"task {t['id']}": t["state"] for t in status.get("tasks", [])})
+        return SensorResult(
+            asset_events=[
+                AssetObservation(
+                    asset_key=CdcTranslator(config).connector_key(),
+                    metadata={**states, "problem": problem or "none", "restarted_failed_tasks": restarted},
+                )
+            ],
+            cursor=json.dumps({"incidents": incidents.state}),
+        )
+
+    @sensor(
+        name="stream_metrics",
+        minimum_interval_seconds=30,
+        default_status=DefaultSensorStatus.RUNNING,
+        description="Records each micro-batch's input rate, processing rate, duration and dead letters as "
+        "observations of the streaming query (from the stream's progress table in ClickHouse).",
+    )
+    def stream_metrics(
+        context: SensorEvaluationContext, pipeline: PipelineResource, clickhouse: ClickHouseResource
+    ) -> SensorResult | SkipReason:
+        config = pipeline.load()
+        after = context.cursor or "1970-01-01T00:00:00"
+        rows = progress_rows(clickhouse, config, after)
+        if not rows:
+            return SkipReason("no new micro-batches")
+        key = CdcTranslator(config).stream_key()
+        events = [
+            AssetObservation(
+                asset_key=key,
+                metadata={
+                    "batch_id": row["batch_id"], "num_input_rows": row["num_input_rows"],
+                    "input_rows_per_second": float(row["input_rows_per_second"]),
+                    "processed_rows_per_second": float(row["processed_rows_per_second"]),
+                    "batch_duration_ms": row["batch_duration_ms"], "applied_rows": row["applied_rows"],
+                    "deleted_rows": row["deleted_rows"], "dlq_count": row["dlq_count"],
+                    "latest_source_ts": str(row["latest_source_ts"] or ""),
+                },
+            )
+            for row in rows
+        ]  # fmt: skip
+        newest = rows[-1]["recorded_at"]
+        cursor = newest.astimezone(UTC).isoformat() if isinstance(newest, datetime) else str(newest)
+        return SensorResult(asset_events=events, cursor=cursor)
+
+    @run_failure_sensor(
+        name="alert_on_run_failure",
+        default_status=DefaultSensorStatus.RUNNING,
+        description="Alerts on every failed run of this code location.",
+    )
+    def alert_on_run_failure(context: RunFailureSensorContext, notifier: NotifierResource) -> None:
+        run = context.dagster_run
+        message = context.failure_event.message or "no error message"
+        notifier.send(
+            Alert(
+                incident=f"run:{run.run_id}",
+                title=f"Run of {run.job_name} failed",
+                where=f"job {run.job_name}, run {run.run_id}",
+                summary=message.splitlines()[0][:500],
+                action="open the run in the Dagster UI for the failed step's error and logs, fix, then re-execute",
+                severity="warning",
+            )
+        )
+
+    return [consumer_lag, checkpoint_health, connector_status, stream_metrics, alert_on_run_failure]

@@ -1,0 +1,124 @@
+"""Pure control-plane logic: lag window rules, incidents, alert payloads, checkpoint reading,
+secret masking, backfill filters."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from cdc_pipeline.control.alerts import Alert, Incidents
+from cdc_pipeline.control.checkpoint import UnsupportedCheckpoint, inspect_checkpoint
+from cdc_pipeline.control.lag import evaluate_window
+from cdc_pipeline.control.reconcile import compare
+from cdc_pipeline.defs.translator import MASK, mask_secrets
+
+
+def window(*totals: int, committed: list[int] | None = None) -> list[dict]:
+    committed = committed or list(range(len(totals)))
+    return [{"at": i, "total": t, "committed": c} for i, (t, c) in enumerate(zip(totals, committed, strict=True))]
+
+
+def test_a_short_window_or_any_zero_is_ok() -> None:
+    assert evaluate_window(window(500, 900), threshold=100, size=3).ok
+    assert evaluate_window(window(500, 0, 900), threshold=100, size=3).ok
+
+
+def test_lag_over_threshold_growing_and_stalled() -> None:
+    over = evaluate_window(window(500, 400, 300), threshold=100, size=3)
+    assert over.over_threshold and not over.growing and not over.stalled
+    growing = evaluate_window(window(5, 7, 9), threshold=100, size=3)
+    assert growing.growing and not growing.over_threshold
+    stalled = evaluate_window(window(5, 5, 5, committed=[10, 10, 10]), threshold=100, size=3)
+    assert stalled.stalled and not stalled.growing
+    assert evaluate_window(window(9, 7, 5), threshold=100, size=3).ok  # draining: fine
+    assert "grew" in " ".join(growing.reasons(100))
+
+
+def test_incidents_alert_once_and_recover_once() -> None:
+    sent: list[Alert] = []
+
+    def make(resolved: bool) -> Alert:
+        return Alert("lag:x", "Lag", "group g", "summary", "do this", resolved=resolved)
+
+    incidents = Incidents()
+    for active in (False, True, True, True, False, False):
+        incidents.update("lag:x", active, make, sent.append)
+        incidents = Incidents(json.loads(json.dumps(incidents.state)))  # through a cursor
+    assert [a.resolved for a in sent] == [False, True]
+
+
+def test_an_undelivered_alert_is_tried_again() -> None:
+    incidents = Incidents()
+
+    def fail(_alert: Alert) -> None:
+        raise RuntimeError("webhook down")
+
+    make = lambda resolved: Alert("i", "t", "w", "s", "a", resolved=resolved)  # noqa: E731
+    with pytest.raises(RuntimeError):
+        incidents.update("i", True, make, fail)
+    assert not incidents.is_open("i")
+    sent: list[Alert] = []
+    incidents.update("i", True, make, sent.append)
+    assert len(sent) == 1 and incidents.is_open("i")
+
+
+def test_slack_payload() -> None:
+    alert = Alert("c:x", "Connector failed", "worker 1", "task 0 FAILED", "restart it", details={"task": 0})
+    payload = alert.slack_payload()
+    assert payload["text"].startswith("[CRITICAL] Connector failed")
+    assert "what to do: restart it" in payload["text"]
+    assert payload["blocks"][0]["type"] == "section"
+    resolved = Alert("c:x", "Connector", "w", "running", "restart it", resolved=True).slack_payload()
+    assert resolved["text"].startswith("[RESOLVED]") and "what to do" not in resolved["text"]
+
+
+def _checkpoint(root: Path, started: int, committed: int) -> None:
+    (root / "offsets").mkdir(parents=True)
+    (root / "commits").mkdir()
+    (root / "metadata").write_text(json.dumps({"id": "q-1"}))
+    for batch in range(started + 1):
+        (root / "offsets" / str(batch)).write_text(f'v1\n{{"batchWatermarkMs":0}}\n{{"t":{{"0":{batch * 10}}}}}\n')
+    for batch in range(committed + 1):
+        (root / "commits" / str(batch)).write_text('v1\n{"nextBatchWatermarkMs":0}\n')
+
+
+def test_checkpoint_reading(tmp_path: Path) -> None:
+    healthy = tmp_path / "healthy"
+    _checkpoint(healthy, started=3, committed=3)
+    state = inspect_checkpoint(str(healthy))
+    assert state.readable and state.query_id == "q-1" and state.pending_batch is None
+    assert state.last_committed_batch == 3 and state.end_offsets == {"t": {"0": 30}}
+
+    pending = tmp_path / "pending"
+    _checkpoint(pending, started=4, committed=3)
+    old = time.time() - 600
+    os.utime(pending / "offsets" / "4", (old, old))
+    state = inspect_checkpoint(f"file://{pending}")
+    assert state.pending_batch == 4 and state.pending_since == pytest.approx(old, abs=1)
+
+    broken = tmp_path / "broken"
+    _checkpoint(broken, started=2, committed=2)
+    (broken / "commits" / "2").write_text("garbage")
+    state = inspect_checkpoint(str(broken))
+    assert not state.readable and "version line" in state.error
+
+    assert not inspect_checkpoint(str(tmp_path / "absent")).exists
+    with pytest.raises(UnsupportedCheckpoint):
+        inspect_checkpoint("s3a://bucket/checkpoints/shop")
+
+
+def test_secrets_are_masked() -> None:
+    masked = mask_secrets({"database.password": "${env:X}", "database.user": "cdc", "sasl.jaas.config": "secret"})
+    assert masked == {"database.password": MASK, "database.user": "cdc", "sasl.jaas.config": MASK}
+
+
+def test_compare_reports_missing_extra_and_different_by_key() -> None:
+    source = {(1,): {"id": 1, "v": "a"}, (2,): {"id": 2, "v": "b"}, (3,): {"id": 3, "v": "c"}}
+    replica = {(1,): {"id": 1, "v": "a"}, (2,): {"id": 2, "v": "B"}, (4,): {"id": 4, "v": "d"}}
+    diff = compare(source, replica)
+    assert diff.missing == [(3,)] and diff.extra == [(4,)] and diff.different == {(2,): {"v": ("b", "B")}}
+    assert diff.keys_to_backfill() == [(3,), (2,)]

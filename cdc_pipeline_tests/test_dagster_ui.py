@@ -1,0 +1,230 @@
+"""The Dagster UI in a real browser: headless Chromium (Debian's `chromium`, driven by Playwright over the
+DevTools protocol) opens the UI that `dagster dev` serves against the test stack, finds the pipeline's
+assets in the catalog, launches `check_services` from the Launchpad and sees the run succeed.
+
+Chromium is started by this test (not by Playwright, which downloads no browser here) in its own
+process group, so it is stopped with `stop_process_group` like `dagster dev`, also on failure."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from playwright.sync_api import Page, sync_playwright
+
+from cdc_pipeline.stack.stack import LocalStack
+from cdc_pipeline_tests.conftest import dagster_dev_server, stop_process_group
+
+pytestmark = pytest.mark.integration
+
+LOCATION = "cdc_pipeline"  # workspace.yaml's location_name
+JOB = "check_services"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",  # tests run as root in CI
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-dev-shm-usage",
+    "--no-first-run",
+    "--no-default-browser-check",
+    "--remote-debugging-port=0",  # Chromium picks a free port and writes it to DevToolsActivePort
+]
+RUN_ID = re.compile(r"/runs/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
+# The run page's status tag: the final states of a run as the UI names them.
+RUN_FINAL_STATUS = re.compile(r"^(Success|Failure|Canceled)$")
+
+
+def graphql(url: str, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
+    response = requests.post(f"{url}/graphql", json={"query": query, "variables": variables or {}}, timeout=30)
+    response.raise_for_status()
+    body = response.json()
+    assert not body.get("errors"), body["errors"]
+    return body["data"]
+
+
+def log_tail(path: Path, chars: int = 4000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else f"({path} does not exist)"
+
+
+def wait_for_job(url: str, job: str, log: Path, timeout: float = 300) -> None:
+    """Until the webserver answers and the code location is loaded with `job`."""
+    query = "{ repositoriesOrError { ... on RepositoryConnection { nodes { name jobs { name } } } } }"
+    deadline = time.monotonic() + timeout
+    jobs: list[str] = []
+    while time.monotonic() < deadline:
+        try:
+            nodes = graphql(url, query)["repositoriesOrError"].get("nodes", [])
+            jobs = [j["name"] for node in nodes for j in node["jobs"]]
+        except (requests.RequestException, ValueError, KeyError, TypeError, AssertionError):
+            pass
+        if job in jobs:
+            return
+        time.sleep(2)
+    pytest.fail(f"dagster dev did not serve job {job!r} within {timeout:.0f}s (jobs: {jobs}); log:\n{log_tail(log)}")
+
+
+def asset_key_paths(url: str) -> list[list[str]]:
+    return [node["assetKey"]["path"] for node in graphql(url, "{ assetNodes { assetKey { path } } }")["assetNodes"]]
+
+
+def run_messages(url: str, run_id: str, limit: int = 30) -> str:
+    """The last event messages of a run, for a failure message."""
+    query = """query ($runId: ID!) { logsForRun(runId: $runId) {
+        __typename ... on EventConnection { events { __typename ... on MessageEvent { message } } } } }"""
+    try:
+        events = graphql(url, query, {"runId": run_id})["logsForRun"].get("events", [])
+    except Exception as exc:  # noqa: BLE001 - diagnostics only
+        return f"(run events unavailable: {exc})"
+    return "\n".join(f"{e['__typename']}: {e.get('message', '')}" for e in events[-limit:])
+
+
+def assert_assets_visible(page: Page, url: str, asset_paths: list[list[str]], timeout: float = 180) -> None:
+    """Each asset key (a path, e.g. ["clickhouse", "cdc", "orders"]) is listed in the UI's asset catalog.
+
+    The catalog shows a key as its path joined by " / " in the `title` of the asset's link (the
+    visible text may be middle-truncated), and renders only the rows near the viewport, so the list
+    is scrolled to its end while collecting the names. The page is loaded again until `timeout` in
+    case the catalog was rendered before the code location finished loading."""
+    expected = {" / ".join(path) for path in asset_paths}
+    names = page.locator("a[href^='/assets/'] [title]")
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while True:
+        page.goto(f"{url}/assets")
+        names.first.wait_for()
+        unchanged = 0
+        while not expected <= seen and unchanged < 5:
+            rendered = set(names.evaluate_all("els => els.filter(e => e.checkVisibility()).map(e => e.title)"))
+            unchanged = 0 if rendered - seen else unchanged + 1
+            seen |= rendered
+            names.last.scroll_into_view_if_needed()
+            page.wait_for_timeout(300)  # let the virtualized list render the next rows
+        if expected <= seen or time.monotonic() + 5 > deadline:
+            break
+        time.sleep(5)
+    missing = sorted(expected - seen)
+    assert not missing, f"assets not in the UI's catalog: {missing}; listed: {sorted(seen)}"
+
+
+def assert_assets_in_lineage_graph(page: Page, url: str, asset_paths: list[list[str]]) -> None:
+    """The global lineage graph draws the pipeline's groups (source -> capture -> streaming -> sink),
+    and a group's graph draws its assets by name."""
+    groups = graphql(url, "{ assetNodes { groupName } }")["assetNodes"]
+    names = sorted({node["groupName"] for node in groups})
+    page.goto(f"{url}/asset-groups")
+    for group in names:
+        page.get_by_text(group, exact=True).first.wait_for(timeout=180_000)
+    streaming = next(group for group in names if group.endswith("_streaming"))
+    page.goto(f"{url}/locations/{LOCATION}/asset-groups/{streaming}")
+    page.get_by_text("streaming_query", exact=True).first.wait_for(timeout=180_000)
+    sink = next(group for group in names if group.endswith("_sink"))
+    page.goto(f"{url}/locations/{LOCATION}/asset-groups/{sink}")
+    tables = sorted(path[-1] for path in asset_paths if len(path) > 2 and path[-2] == "clickhouse")
+    for table in tables:
+        page.get_by_text(table, exact=True).first.wait_for(timeout=60_000)
+
+
+@pytest.fixture
+def dagster_dev_on_stack(local_stack: LocalStack, tmp_path: Path) -> Iterator[str]:
+    """`dagster dev` with the session stack's environment (exported by `stack_env`), so runs reach it."""
+    with dagster_dev_server(tmp_path) as url:
+        wait_for_job(url, JOB, tmp_path / "dagster-dev.log")
+        yield url
+
+
+def _devtools_endpoint(process: subprocess.Popen, profile: Path, log: Path, timeout: float = 120) -> str:
+    active_port = profile / "DevToolsActivePort"  # "<port>\n/devtools/browser/<id>\n" once it listens
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = active_port.read_text().split() if active_port.exists() else []
+        if len(lines) >= 2:
+            return f"ws://127.0.0.1:{lines[0]}{lines[1]}"
+        if process.poll() is not None:
+            break
+        time.sleep(0.5)
+    pytest.fail(f"Chromium did not open its DevTools port (exit code {process.poll()}); log:\n{log_tail(log)}")
+
+
+@pytest.fixture
+def browser_page(tmp_path: Path) -> Iterator[Page]:
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.fail("Chromium is not installed: run scripts/setup.sh (Debian package `chromium`)")
+    profile = tmp_path / "chromium-profile"
+    log_path = tmp_path / "chromium.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - closed in the finally below
+    process = subprocess.Popen(
+        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # the browser, renderer and GPU processes stop together
+    )
+    try:
+        endpoint = _devtools_endpoint(process, profile, log_path)
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.connect_over_cdp(endpoint, timeout=120_000)
+            try:
+                context = browser.new_context(viewport={"width": 1600, "height": 1000})
+                context.set_default_timeout(120_000)
+                context.set_default_navigation_timeout(120_000)
+                yield context.new_page()
+            finally:
+                browser.close()
+    finally:
+        stop_process_group(process, timeout=30)
+        log.close()
+
+
+@contextmanager
+def screenshot_on_failure(page: Page, tmp_path: Path) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        shot = tmp_path / "failure.png"
+        try:
+            page.screenshot(path=str(shot), full_page=True)
+            print(f"screenshot of the page at the failure ({page.url}): {shot}")
+        except Exception as exc:  # noqa: BLE001 - the original failure matters
+            print(f"no screenshot: {exc}")
+        raise
+
+
+def test_ui_shows_assets_and_runs_check_services(dagster_dev_on_stack: str, browser_page: Page, tmp_path: Path) -> None:
+    url, page = dagster_dev_on_stack, browser_page
+    # The first visit from localhost opens a "Join the Dagster community" dialog over the page; mark it
+    # seen for this instance, and should it appear anyway, dismiss it before it intercepts a click.
+    graphql(url, "mutation { setNuxSeen }")
+    page.add_locator_handler(
+        page.get_by_text("Join the Dagster community"), lambda: page.get_by_role("button", name="Skip").click()
+    )
+
+    with screenshot_on_failure(page, tmp_path):
+        asset_paths = asset_key_paths(url)
+        assert asset_paths, "the code location defines no assets"
+        assert_assets_visible(page, url, asset_paths)
+        print(f"{len(asset_paths)} assets listed in the UI's catalog")
+        assert_assets_in_lineage_graph(page, url, asset_paths)
+
+        page.goto(f"{url}/locations/{LOCATION}/jobs/{JOB}/playground")
+        launch = page.get_by_role("button", name="Launch Run")
+        launch.wait_for()
+        launch.click()
+        page.wait_for_url(RUN_ID)
+        run_id = RUN_ID.search(page.url).group(1)
+
+        status = page.get_by_text(RUN_FINAL_STATUS).first
+        status.wait_for(timeout=600_000)
+        assert status.inner_text().strip() == "Success", (
+            f"run {run_id} of {JOB} ended as {status.inner_text()!r} in the UI; events:\n"
+            f"{run_messages(url, run_id)}\n--- dagster dev log:\n{log_tail(tmp_path / 'dagster-dev.log')}"
+        )
+        run_query = "query ($id: ID!) { runOrError(runId: $id) { ... on Run { status jobName } } }"
+        assert graphql(url, run_query, {"id": run_id})["runOrError"] == {"status": "SUCCESS", "jobName": JOB}
