@@ -243,6 +243,9 @@ def test_provision_start_and_every_check_passes(control: ControlPlane) -> None:
     observed = control.run("observe_source_tables")
     observations = [e for e in observed.all_events if e.event_type_value == "ASSET_OBSERVATION"]
     assert len(observations) == 2
+    by_table = {e.asset_key.path[-1]: e.event_specific_data.asset_observation.metadata for e in observations}
+    assert by_table["accounts"]["row_count"].value == 61
+    assert by_table["events"]["current_wal_lsn"].value.count("/") == 1
 
     # Streaming metrics: the progress table's batches become observations of the streaming query.
     metrics = control.evaluate("stream_metrics")

@@ -45,6 +45,8 @@ from cdc_pipeline.resources import (
 from cdc_pipeline.resources.connect import ConnectError
 from cdc_pipeline.streaming.sink import META_NAMES
 
+# Observations count rows exactly below this planner estimate; above it, the estimate only.
+EXACT_COUNT_LIMIT = 1_000_000
 CHECKS = ("row_count_matches_source", "no_duplicate_keys", "freshness", "no_schema_drift")
 
 
@@ -84,6 +86,8 @@ def build_assets(pipeline: PipelineConfig, translator: CdcTranslator) -> list[An
                 if table.name not in source_specs:
                     continue
                 stats = table_stats(conn, table)
+                if stats["exists"] and stats["estimated_rows"] < EXACT_COUNT_LIMIT:
+                    stats["row_count"] = exact_count(conn, table)  # cheap enough to be exact
                 yield ObserveResult(asset_key=source_specs[table.name].key, metadata={**stats, **wal})
 
     @multi_asset(specs=[translator.connector_spec()], name=f"{prefix}_provision_connector")
@@ -168,15 +172,17 @@ def table_checks(
     topic = config.topic_for(table)
     client = clickhouse.client()
     results: list[AssetCheckResult] = []
+    exists = 0
     try:
         with postgres.connect(autocommit=True) as conn:
             keys = primary_key(conn, table)
             columns = source_columns(conn, table)
-            exists = int(client.command(f"EXISTS TABLE {qualified}"))
 
             def measure() -> tuple[int, int, int]:
+                nonlocal exists
                 with group_consumer(kafka, config) as consumer:
                     lag = measure_lag(consumer, [topic])
+                exists = int(client.command(f"EXISTS TABLE {qualified}"))
                 source_count = exact_count(conn, table)
                 sink_count = (
                     int(client.command(f"SELECT count() FROM {qualified} FINAL WHERE _is_deleted = 0")) if exists else 0
