@@ -314,8 +314,13 @@ def _detail(loc: tuple[str | int, ...], message: str) -> InitErrorDetails:
 
 
 def default_config_path() -> Path:
-    """Where the pipeline definition is read from: $CDC_PIPELINE_CONFIG, else `pipeline.yaml` in the cwd."""
-    return Path(os.environ.get(CONFIG_ENV_VAR) or DEFAULT_CONFIG_FILE)
+    """Where the pipeline definition is read from: $CDC_PIPELINE_CONFIG (environment or `.env`), else
+    `pipeline.yaml` in the cwd."""
+    if os.environ.get(CONFIG_ENV_VAR):
+        return Path(os.environ[CONFIG_ENV_VAR])
+    from cdc_pipeline.settings import Settings  # settings never import this module
+
+    return Settings().pipeline_config
 
 
 def format_location(loc: tuple[str | int, ...]) -> str:

@@ -35,6 +35,9 @@ class Settings(BaseSettings):
 
     spark_master: str = "local[2]"
 
+    # The pipeline definition (read by the CLI, the Spark application and Dagster).
+    pipeline_config: Path = Path("pipeline.yaml")
+
     # Control plane (Dagster). Alerts go to this Slack-compatible incoming webhook (secret: the URL is
     # the credential) and to the Dagster logs; unset, to the logs only.
     alert_webhook_url: SecretStr | None = None

@@ -327,6 +327,8 @@ def test_checkpoint_sensor_alerts_on_dead_unreadable_and_stalled_streams(control
     old = time.time() - 3600
     os.utime(pending, (old, old))
     watcher = replace(watcher, **{"checkpoint_location": str(stalled)})
+    # A stall matters for a stream that should run: say so in the watcher's (copied) control state.
+    watcher.controller(control.config)._write_state(desired="running")
     control.evaluate("checkpoint_health", cursor_key="stalled", pipeline=watcher)
     alerts = control.webhook.texts("checkpoint:")
     assert len(alerts) == 4 and f"batch {last + 1} started" in alerts[3], alerts

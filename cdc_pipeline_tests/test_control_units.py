@@ -122,3 +122,10 @@ def test_compare_reports_missing_extra_and_different_by_key() -> None:
     diff = compare(source, replica)
     assert diff.missing == [(3,)] and diff.extra == [(4,)] and diff.different == {(2,): {"v": ("b", "B")}}
     assert diff.keys_to_backfill() == [(3,), (2,)]
+
+
+def test_credentials_are_removed_from_urls_in_alerts() -> None:
+    from cdc_pipeline.defs.sensors import redact_url
+
+    assert redact_url("https://user:secret@connect.example:8083/") == "https://connect.example:8083/"
+    assert redact_url("http://127.0.0.1:8083") == "http://127.0.0.1:8083"

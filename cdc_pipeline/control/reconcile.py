@@ -182,6 +182,10 @@ class Differences:
     missing: list[tuple] = field(default_factory=list)
     extra: list[tuple] = field(default_factory=list)
     different: dict[tuple, dict[str, tuple[Any, Any]]] = field(default_factory=dict)
+    # Captured source columns the replica does not have yet (compared on the others), see no_schema_drift.
+    columns_not_in_replica: list[str] = field(default_factory=list)
+    replica_exists: bool = True
+    unsettled_lag: int = 0  # the stream's lag when compared (0: nothing was in flight in Kafka)
 
     @property
     def total(self) -> int:
@@ -214,13 +218,26 @@ def reconcile(
     key: list[str],
     captured: list[str] | None = None,
 ) -> Differences:
-    """Diff the source table with its replica (FINAL, live rows), on the `captured` columns."""
+    """Diff the source table with its replica (FINAL, live rows) on the captured columns the replica
+    has; a replica table that does not exist yet has every source row missing."""
     columns = source_columns(conn, schema, table)
     if captured is not None:
         columns = [(name, pg_type) for name, pg_type in columns if name in captured]
+    present = {
+        row[0]
+        for row in client.query(
+            "SELECT name FROM system.columns WHERE database = {db:String} AND table = {t:String}",
+            parameters={"db": database, "t": sink_table},
+        ).result_rows
+    }
+    compared = [(name, pg_type) for name, pg_type in columns if name in present or not present]
     # One snapshot of the source; the replica is read after it, so in-flight changes show as differences
     # that a second pass (after the stream caught up) clears.
     with conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        source = source_rows(conn, schema, table, columns, key)
-    return compare(source, replica_rows(client, database, sink_table, columns, key))
+        source = source_rows(conn, schema, table, compared, key)
+    replica = replica_rows(client, database, sink_table, compared, key) if present else {}
+    result = compare(source, replica)
+    result.replica_exists = bool(present)
+    result.columns_not_in_replica = [name for name, _ in columns if present and name not in present]
+    return result

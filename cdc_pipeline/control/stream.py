@@ -9,17 +9,22 @@ that runs the Dagster run workers and sensors."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import signal
 import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from cdc_pipeline.stack.process import ManagedProcess
-from cdc_pipeline.streaming.launch import submit_env
+from cdc_pipeline.streaming.launch import APPLICATION, submit_env
 
 
 class StreamControlError(RuntimeError):
@@ -95,6 +100,19 @@ class StreamController:
     ) -> StreamStatus:
         """Start the application unless it already runs (idempotent); wait until `ready()` holds or
         the process exits (then raise with the log's end). `env` is added to this process's env."""
+        with self._lock():
+            return self._start(argv, env, master, checkpoint, started_by, ready, timeout)
+
+    def _start(
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        master: str,
+        checkpoint: str,
+        started_by: str | None,
+        ready: Callable[[], bool] | None,
+        timeout: float,
+    ) -> StreamStatus:
         current = self.status()
         if current.running:
             self._write_state(desired="running")
@@ -118,13 +136,40 @@ class StreamController:
         return self.status()
 
     def stop(self, *, timeout: float = 90.0, desired: str = "stopped") -> bool:
-        """Stop the application: SIGTERM to its process group (the driver stops the query between
-        batches), then SIGKILL after `timeout`. Returns True if a process was stopped."""
-        if desired == "stopped":
-            self._write_state(desired="stopped")
-        stopped = self.process.stop(timeout=timeout, group=True)
-        self._write_state(stopped_at=datetime.now(UTC).isoformat(timespec="seconds"))
-        return stopped
+        """Stop the application: SIGTERM to the Python driver, which stops the query between batches
+        and exits (and spark-submit with it); then SIGTERM to the whole process group, and SIGKILL,
+        only if it has not exited after `timeout`. Returns True if a process was stopped."""
+        with self._lock():
+            if desired == "stopped":
+                self._write_state(desired="stopped")
+            record = self.process.record()
+            proc = record.process() if record else None
+            if proc is not None:
+                try:
+                    drivers = [
+                        child for child in proc.children(recursive=True)
+                        if any(part.endswith(APPLICATION.name) for part in child.cmdline())
+                    ]  # fmt: skip
+                    for driver in drivers:
+                        driver.send_signal(signal.SIGTERM)
+                    if drivers:
+                        psutil.wait_procs([proc], timeout=timeout)
+                except psutil.Error:
+                    pass
+            stopped = self.process.stop(timeout=30, group=True) or proc is not None
+            self._write_state(stopped_at=datetime.now(UTC).isoformat(timespec="seconds"))
+            return stopped
+
+    @contextmanager
+    def _lock(self) -> Iterator[None]:
+        """One start or stop at a time per pipeline, across processes (run workers, the daemon)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with open(self.directory / "stream.lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def log_tail(self, lines: int = 40) -> str:
         return self.process.log_tail(lines)

@@ -45,8 +45,9 @@ from cdc_pipeline.resources import (
 from cdc_pipeline.resources.connect import ConnectError
 from cdc_pipeline.streaming.sink import META_NAMES
 
-# Observations count rows exactly below this planner estimate; above it, the estimate only.
-EXACT_COUNT_LIMIT = 1_000_000
+# Observations count rows exactly in tables below this size (a scan of at most this much); above it,
+# they report the planner's estimate only.
+EXACT_COUNT_BYTES = 1 << 30
 CHECKS = ("row_count_matches_source", "no_duplicate_keys", "freshness", "no_schema_drift")
 
 
@@ -86,7 +87,7 @@ def build_assets(pipeline: PipelineConfig, translator: CdcTranslator) -> list[An
                 if table.name not in source_specs:
                     continue
                 stats = table_stats(conn, table)
-                if stats["exists"] and stats["estimated_rows"] < EXACT_COUNT_LIMIT:
+                if stats["exists"] and stats["total_bytes"] < EXACT_COUNT_BYTES:
                     stats["row_count"] = exact_count(conn, table)  # cheap enough to be exact
                 yield ObserveResult(asset_key=source_specs[table.name].key, metadata={**stats, **wal})
 
@@ -155,11 +156,24 @@ def _oldest_pending_ts(
         consumer.close()
 
 
+def _capture_state(connect: KafkaConnectResource, config: PipelineConfig) -> str:
+    """RUNNING when the connector and every task run; otherwise what they are (or why unknown)."""
+    try:
+        status = connect.connector_status(connector_name(config))
+    except Exception as exc:
+        return f"unknown ({str(exc).splitlines()[0][:120]})"
+    states = {status["connector"]["state"], *(t["state"] for t in status.get("tasks", []))}
+    if states == {"RUNNING"} and status.get("tasks"):
+        return "RUNNING"
+    return "/".join(sorted(states - {"RUNNING"})) or "without tasks"
+
+
 def table_checks(
     table: TableConfig,
     config: PipelineConfig,
     postgres: PostgresResource,
     kafka: KafkaResource,
+    kafka_connect: KafkaConnectResource,
     clickhouse: ClickHouseResource,
     monitor: MonitorResource,
     key: Any,
@@ -192,7 +206,9 @@ def table_checks(
             # Counts agree only when nothing is in flight: wait (bounded) for the stream to catch up.
             deadline = time.monotonic() + monitor.check_wait_s
             source_count, sink_count, lag = measure()
-            while source_count != sink_count and time.monotonic() < deadline:
+            # With zero lag a change may still be between the WAL and Kafka: a short grace period only.
+            grace = time.monotonic() + min(15.0, monitor.check_wait_s)
+            while source_count != sink_count and time.monotonic() < (deadline if lag else grace):
                 time.sleep(3)
                 source_count, sink_count, lag = measure()
             difference = source_count - sink_count
@@ -231,6 +247,7 @@ def table_checks(
             )  # fmt: skip
 
             newest = client.command(f"SELECT max(_source_ts) FROM {qualified}") if exists else None
+            capture = _capture_state(kafka_connect, config)
             with group_consumer(kafka, config) as consumer:
                 lag_now = measure_lag(consumer, [topic])
             pending = lag_now.total
@@ -238,17 +255,24 @@ def table_checks(
             oldest_pending = _oldest_pending_ts(kafka, config, topic, committed) if pending else None
             age = (time.time() - oldest_pending) if oldest_pending else 0.0
             newest_text = str(newest) if newest else "none"
+            wal = wal_position(conn, config)
+            fresh = age <= monitor.freshness_max_age_s and capture == "RUNNING"
+            if capture != "RUNNING":
+                description = f"the connector is {capture}: source changes are not being captured"
+            elif pending:
+                description = (
+                    f"{pending} changes wait, the oldest for {age:.0f} s "
+                    f"(limit {monitor.freshness_max_age_s:.0f} s): is the stream running?"
+                )
+            else:
+                description = "every captured change is applied"
             results.append(
                 AssetCheckResult(
-                    asset_key=key, check_name="freshness", passed=age <= monitor.freshness_max_age_s,
-                    severity=AssetCheckSeverity.WARN,
-                    description=(
-                        "every captured change is applied" if not pending
-                        else f"{pending} changes wait, the oldest for {age:.0f} s "
-                        f"(limit {monitor.freshness_max_age_s:.0f} s): is the stream running?"
-                    ),
+                    asset_key=key, check_name="freshness", passed=fresh, severity=AssetCheckSeverity.WARN,
+                    description=description,
                     metadata={"newest_applied_change": newest_text, "pending_changes": pending,
-                              "oldest_pending_age_s": round(age, 1), "max_age_s": monitor.freshness_max_age_s},
+                              "oldest_pending_age_s": round(age, 1), "max_age_s": monitor.freshness_max_age_s,
+                              "connector": capture, "slot_retained_wal_bytes": wal["slot_retained_wal_bytes"] or 0},
                 )
             )  # fmt: skip
 
@@ -290,12 +314,15 @@ def build_checks(pipeline: PipelineConfig, translator: CdcTranslator) -> list[An
                 pipeline: PipelineResource,
                 postgres: PostgresResource,
                 kafka: KafkaResource,
+                kafka_connect: KafkaConnectResource,
                 clickhouse: ClickHouseResource,
                 monitor: MonitorResource,
             ):  # noqa: ANN202
                 config = pipeline.load()
                 current = config.table(table.name)
-                yield from table_checks(current, config, postgres, kafka, clickhouse, monitor, key, context.log)
+                yield from table_checks(
+                    current, config, postgres, kafka, kafka_connect, clickhouse, monitor, key, context.log
+                )
 
             return check_replica
 

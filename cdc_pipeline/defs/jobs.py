@@ -184,8 +184,18 @@ def run_backfill(
     kafka: KafkaResource,
     timeout: float,
     wait_applied: bool,
+    connect: KafkaConnectResource | None = None,
 ) -> dict[str, Any]:
     """Signal an incremental snapshot of `table`, follow it on its topic, wait until it is applied."""
+    if connect is not None:
+        name = connector_name(config)
+        try:
+            status = connect.connector_status(name)
+        except Exception as exc:
+            raise Failure(f"cannot read the status of connector {name} (run the provision job?): {exc}") from None
+        states = [status["connector"]["state"], *(t["state"] for t in status.get("tasks", []))]
+        if any(state != "RUNNING" for state in states) or not status.get("tasks"):
+            raise Failure(f"connector {name} is not running ({states}): the snapshot would never start")
     topic = config.topic_for(table)
     consumer = kafka.consumer(f"{config.consumer_group}-backfill", **{"enable.partition.eof": False})
     try:
@@ -238,6 +248,7 @@ def backfill_table_op(
     pipeline: PipelineResource,
     postgres: PostgresResource,
     kafka: KafkaResource,
+    kafka_connect: KafkaConnectResource,
 ) -> None:
     pipeline_config = pipeline.load()
     try:
@@ -245,8 +256,9 @@ def backfill_table_op(
     except KeyError as exc:
         raise Failure(f"{exc.args[0]}; tables: {[t.name for t in pipeline_config.tables]}") from None
     result = run_backfill(
-        context, pipeline_config, table, config.condition, postgres, kafka, config.timeout_s, config.wait_applied
-    )
+        context, pipeline_config, table, config.condition, postgres, kafka, config.timeout_s, config.wait_applied,
+        kafka_connect,
+    )  # fmt: skip
     context.log_event(
         AssetObservation(asset_key=CdcTranslator(pipeline_config).sink_key(table), metadata={"backfill": result})
     )
@@ -343,6 +355,9 @@ def replay() -> None:
 # --- reconcile ------------------------------------------------------------------------------------
 
 
+MAX_SIGNAL_FILTER_CHARS = 1800
+
+
 class ReconcileConfig(Config):
     tables: list[str] = Field(default_factory=list, description="Tables to reconcile; empty: every table.")
     backfill_differences: bool = Field(
@@ -380,6 +395,7 @@ def reconcile_op(
     postgres: PostgresResource,
     kafka: KafkaResource,
     clickhouse: ClickHouseResource,
+    kafka_connect: KafkaConnectResource,
 ) -> Output[dict]:
     pipeline_config = pipeline.load()
     try:
@@ -400,6 +416,8 @@ def reconcile_op(
                 "missing_keys": [list(map(str, k)) for k in diff.missing[:100]],
                 "extra_keys": [list(map(str, k)) for k in diff.extra[:100]],
                 "different_keys": [list(map(str, k)) for k in list(diff.different)[:100]],
+                "columns_not_in_replica": diff.columns_not_in_replica, "replica_exists": diff.replica_exists,
+                "lag_at_compare": diff.unsettled_lag,
             }  # fmt: skip
             context.log.info(
                 f"{table.name}: {diff.source_rows} source rows, {diff.replica_rows} replica rows; "
@@ -407,7 +425,7 @@ def reconcile_op(
             )
             if diff.total and config.backfill_differences:
                 summary["backfill"] = _repair(
-                    context, pipeline_config, table, diff, postgres, kafka, client, database, config
+                    context, pipeline_config, table, diff, postgres, kafka, client, database, config, kafka_connect
                 )
                 diff = _reconcile_settled(context, pipeline_config, table, postgres, kafka, client, database, config)
                 summary["after_backfill"] = {"missing": len(diff.missing), "extra": len(diff.extra),
@@ -439,8 +457,13 @@ def _reconcile_settled(
     """Compare after the stream caught up; keys that differ are compared once more after a pause,
     so a change in flight at the first pass is not reported."""
     deadline = time.monotonic() + options.settle_s
-    while stream_lag(kafka, config).total and time.monotonic() < deadline:
+    while (lag := stream_lag(kafka, config).total) and time.monotonic() < deadline:
         time.sleep(2)
+    if lag:
+        context.log.warning(
+            f"{table.name}: the stream still lags by {lag} after {options.settle_s:.0f} s; differences may be in "
+            "flight (is the stream running?)"
+        )
     with postgres.connect(autocommit=True) as conn:
         key = primary_key(conn, table)
         captured = source_columns(conn, table)
@@ -452,12 +475,14 @@ def _reconcile_settled(
             diff.missing = [k for k in diff.missing if k in set(again.missing)]
             diff.extra = [k for k in diff.extra if k in set(again.extra)]
             diff.different = {k: v for k, v in again.different.items() if k in diff.different}
+    diff.unsettled_lag = lag
     return diff
 
 
 def _repair(
     context: OpExecutionContext, config: PipelineConfig, table: TableConfig, diff: Differences,
     postgres: PostgresResource, kafka: KafkaResource, client: Any, database: str, options: ReconcileConfig,
+    connect: KafkaConnectResource,
 ) -> dict[str, Any]:  # fmt: skip
     """Backfill the missing and different keys; mark extra rows deleted (they are not in the source,
     so a snapshot cannot remove them)."""
@@ -467,16 +492,30 @@ def _repair(
         key = primary_key(conn, table)
         keys = diff.keys_to_backfill()
         condition = _key_filter(conn, key, keys) if 0 < len(keys) <= options.max_filter_keys else None
-    if diff.extra:
+        if condition and len(condition) > MAX_SIGNAL_FILTER_CHARS:
+            condition = None  # the signal table's `data` column is varchar(2048) in Debezium's documented DDL
+        # Only keys still absent from the source: one inserted since the diff must not be deleted.
+        extra = [k for k in diff.extra if k not in _existing_keys(conn, table, key, diff.extra)]
+    if extra:
         # A delete marker one version above the stale row: any later real change has a higher version still.
-        _delete_extra(client, sink, key, diff.extra)
-        result["extra_marked_deleted"] = len(diff.extra)
+        _delete_extra(client, sink, key, extra)
+        result["extra_marked_deleted"] = len(extra)
     if keys:
         context.log.info(
             f"backfilling {len(keys)} rows of {table.name}" + ("" if condition else " (whole table: too many keys)")
         )
-        result.update(run_backfill(context, config, table, condition, postgres, kafka, 3600, True))
+        result.update(run_backfill(context, config, table, condition, postgres, kafka, 3600, True, connect))
     return result
+
+
+def _existing_keys(conn: psycopg.Connection, table: TableConfig, key: list[str], keys: list[tuple]) -> set[tuple]:
+    found: set[tuple] = set()
+    for start in range(0, len(keys), 500):
+        query = sql.SQL("SELECT {} FROM {} WHERE ").format(
+            sql.SQL(", ").join(sql.Identifier(k) for k in key), sql.Identifier(table.schema_name, table.table_name)
+        ) + sql.SQL(_key_filter(conn, key, keys[start : start + 500]))
+        found |= {tuple(row) for row in conn.execute(query)}
+    return found
 
 
 def _delete_extra(client: Any, sink: str, key: list[str], extra: list[tuple]) -> None:

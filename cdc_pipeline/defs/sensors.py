@@ -7,14 +7,17 @@ import logging
 import time
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from dagster import (
     AssetObservation,
+    DagsterRunStatus,
     DefaultSensorStatus,
     JobDefinition,
     MetadataValue,
     RunFailureSensorContext,
     RunRequest,
+    RunsFilter,
     SensorDefinition,
     SensorEvaluationContext,
     SensorResult,
@@ -69,6 +72,39 @@ def _update(
     return alert
 
 
+def redact_url(url: str) -> str:
+    """`url` without user and password (they are credentials; alerts and logs must not carry them)."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    return urlunsplit(parts._replace(netloc=host + (f":{parts.port}" if parts.port else "")))
+
+
+def _kafka_alert(config: PipelineConfig, kafka: KafkaResource, error: str):  # noqa: ANN202
+    def make(resolved: bool) -> Alert:
+        return Alert(
+            incident=f"kafka:{config.name}",
+            title=f"Kafka {'is reachable again' if resolved else 'is unreachable'} for pipeline {config.name}",
+            where=f"bootstrap servers {kafka.bootstrap_servers}",
+            summary="lag can be measured again" if resolved else f"cannot read offsets: {error}",
+            action="check the brokers and the network from the Dagster daemon's host; lag is not monitored meanwhile",
+            resolved=resolved,
+        )
+
+    return make
+
+
+def _restart_in_progress(context: SensorEvaluationContext, job_name: str) -> bool:
+    active = [
+        DagsterRunStatus.QUEUED,
+        DagsterRunStatus.NOT_STARTED,
+        DagsterRunStatus.STARTING,
+        DagsterRunStatus.STARTED,
+    ]
+    return bool(context.instance.get_runs(filters=RunsFilter(job_name=job_name, statuses=active), limit=1))
+
+
 def _lag_observations(translator: CdcTranslator, pipeline: PipelineConfig, snapshot: LagSnapshot) -> list:
     by_topic = snapshot.by_topic()
     events = [
@@ -111,10 +147,16 @@ def build_sensors(restart_stream_job: JobDefinition) -> list[SensorDefinition]:
     ) -> SensorResult:
         config = pipeline.load()
         state = _cursor(context)
-        snapshot = stream_lag(kafka, config)
+        incidents = Incidents(state.get("incidents"))
+        try:
+            snapshot = stream_lag(kafka, config)
+        except Exception as exc:  # an unreachable Kafka is an incident, not a silent sensor error
+            error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}" if str(exc) else type(exc).__name__
+            _update(context, incidents, notifier, f"kafka:{config.name}", True, _kafka_alert(config, kafka, error))
+            return SensorResult(cursor=json.dumps({**state, "incidents": incidents.state}))
+        _update(context, incidents, notifier, f"kafka:{config.name}", False, _kafka_alert(config, kafka, ""))
         window = [*state.get("window", []), snapshot.to_json()][-monitor.lag_window :]
         verdict = evaluate_window(window, monitor.lag_threshold, monitor.lag_window)
-        incidents = Incidents(state.get("incidents"))
         worst = sorted(snapshot.partitions, key=lambda p: -p.lag)[:3]
 
         def make(resolved: bool) -> Alert:
@@ -176,14 +218,26 @@ def build_sensors(restart_stream_job: JobDefinition) -> list[SensorDefinition]:
             problems["dead"] = f"the stream (pid {status.pid or '-'}) is not running though it should"
         if checkpoint is not None and checkpoint.exists and not checkpoint.readable:
             problems["unreadable"] = f"checkpoint {location} is unreadable: {checkpoint.error}"
-        if checkpoint is not None and checkpoint.pending_batch is not None and checkpoint.pending_since is not None:
+        wanted = status.desired == "running"
+        pending = checkpoint.pending_batch if checkpoint is not None else None
+        if wanted and pending is not None and checkpoint.pending_since is not None:
             age = now - checkpoint.pending_since
             if age > monitor.stall_after_s:
-                problems["stalled"] = f"batch {checkpoint.pending_batch} started {age:.0f} s ago and never committed"
-        lag = stream_lag(kafka, config)
-        if status.running and lag.total and checkpoint is not None and checkpoint.last_commit_at is not None:
+                problems["stalled"] = f"batch {pending} started {age:.0f} s ago and never committed"
+        try:
+            lag = stream_lag(kafka, config)
+        except Exception as exc:  # the lag sensor alerts on Kafka itself; the other rules still apply
+            context.log.warning(f"no lag reading: {exc}")
+            lag = None
+        committed = lag.committed_total if lag is not None else None
+        # No progress: messages wait, the committed offsets did not move since the last evaluation, and the
+        # newest commit is older than stall_after_s (a first write after an idle hour is not a stall).
+        if (
+            status.running and lag is not None and lag.total and committed == state.get("committed")
+            and checkpoint is not None and checkpoint.last_commit_at is not None and "stalled" not in problems
+        ):  # fmt: skip
             idle = now - checkpoint.last_commit_at
-            if idle > monitor.stall_after_s and "stalled" not in problems:
+            if idle > monitor.stall_after_s:
                 problems["no_progress"] = f"no batch committed for {idle:.0f} s while {lag.total} messages wait"
 
         incidents = Incidents(state.get("incidents"))
@@ -211,13 +265,17 @@ def build_sensors(restart_stream_job: JobDefinition) -> list[SensorDefinition]:
                 where=f"checkpoint {location}, pid {status.pid or '-'}, log {status.log_path}",
                 summary=summary, action=action, severity="critical",
                 details={
-                    "last_committed_batch": checkpoint.last_committed_batch if checkpoint else "?", "lag": lag.total
+                    "last_committed_batch": checkpoint.last_committed_batch if checkpoint else "?",
+                    "lag": lag.total if lag is not None else "unknown",
                 },
                 resolved=resolved,
             )  # fmt: skip
 
         _update(context, incidents, notifier, f"checkpoint:{config.name}", bool(problems), make)
         run_requests = []
+        if will_restart and _restart_in_progress(context, restart_stream_job.name):
+            context.log.info("a restart_stream run is already queued or running; not requesting another")
+            will_restart = False
         if will_restart:
             attempts = restart["attempts"] + 1
             delay = min(monitor.restart_backoff_s * 2 ** (attempts - 1), monitor.restart_backoff_max_s)
@@ -236,7 +294,7 @@ def build_sensors(restart_stream_job: JobDefinition) -> list[SensorDefinition]:
         return SensorResult(
             run_requests=run_requests,
             asset_events=[AssetObservation(asset_key=CdcTranslator(config).stream_key(), metadata=metadata)],
-            cursor=json.dumps({"incidents": incidents.state, "restart": restart}),
+            cursor=json.dumps({"incidents": incidents.state, "restart": restart, "committed": committed}),
         )
 
     @sensor(
@@ -266,7 +324,10 @@ def build_sensors(restart_stream_job: JobDefinition) -> list[SensorDefinition]:
                 return SkipReason(f"connector {name} is not provisioned (run the provision job)")
             status, problem = None, f"Kafka Connect refused the status request: {exc}"
         except Exception as exc:  # unreachable Connect is an incident too
-            status, problem = None, f"Kafka Connect at {kafka_connect.url} is unreachable: {type(exc).__name__}"
+            status, problem = (
+                None,
+                f"Kafka Connect at {redact_url(kafka_connect.url)} is unreachable: {type(exc).__name__}",
+            )
         failed: list[dict[str, Any]] = []
         if status is not None:
             if status["connector"]["state"] == "FAILED":
@@ -290,7 +351,7 @@ def build_sensors(restart_stream_job: JobDefinition) -> list[SensorDefinition]:
             return Alert(
                 incident=f"connector:{config.name}",
                 title=f"Debezium connector {name} " + ("is running again" if resolved else "failed"),
-                where=f"Kafka Connect {kafka_connect.url}, connector {name}",
+                where=f"Kafka Connect {redact_url(kafka_connect.url)}, connector {name}",
                 summary="every task is RUNNING" if resolved else problem,
                 action=(
                     "read the trace (GET /connectors/{name}/status); fix the cause (credentials, slot, "
