@@ -434,3 +434,19 @@ def test_reconcile_reports_tampered_rows_by_key_and_backfill_repairs_them(contro
     run_config["ops"]["reconcile_op"]["config"]["backfill_differences"] = True
     result = control.run("reconcile_tables", run_config)
     control.wait_until_replica_matches()
+
+
+def test_pause_and_resume_the_connector(control: ControlPlane) -> None:
+    name = connector_name(control.config)
+    connect = control.resources["kafka_connect"]
+
+    def state(expected: str) -> bool:
+        status = connect.connector_status(name)
+        return status["connector"]["state"] == expected and all(t["state"] == expected for t in status["tasks"])
+
+    control.run("pause_connector")
+    wait_for(lambda: state("PAUSED"), 120, "the connector to pause")
+    control.run("resume_connector")
+    wait_for(lambda: state("RUNNING"), 120, "the connector to resume")
+    control.conn.execute(f"UPDATE {control.schema}.accounts SET name = 'after resume' WHERE id = 8")
+    control.wait_until_replica_matches()

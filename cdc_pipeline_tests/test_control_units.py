@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,20 @@ def test_credentials_are_removed_from_urls_in_alerts() -> None:
 
     assert redact_url("https://user:secret@connect.example:8083/") == "https://connect.example:8083/"
     assert redact_url("http://127.0.0.1:8083") == "http://127.0.0.1:8083"
+
+
+def test_schedules_produce_valid_run_config() -> None:
+    from dagster import build_schedule_context, validate_run_config
+
+    from cdc_pipeline.config import load_pipeline_config
+    from cdc_pipeline.definitions import build_definitions
+    from cdc_pipeline_tests.conftest import REPO_ROOT
+
+    path = REPO_ROOT / "pipeline.yaml"
+    defs = build_definitions(load_pipeline_config(path), path)
+    for name in ("nightly_reconcile", "weekly_backfill_example"):
+        schedule = defs.get_schedule_def(name)
+        when = datetime(2026, 11, 22, 4, tzinfo=UTC)
+        requests = schedule.evaluate_tick(build_schedule_context(scheduled_execution_time=when)).run_requests
+        assert len(requests) == 1
+        validate_run_config(defs.resolve_job_def(schedule.job_name), requests[0].run_config)
