@@ -255,6 +255,11 @@ class PipelineConfig(_Model):
         return self.stream.dlq_topic or f"{self.topic_prefix}.dlq"
 
     @property
+    def notification_topic(self) -> str:
+        """Debezium's notification topic (snapshot progress and completion; read by backfills)."""
+        return f"{self.topic_prefix}.notifications"
+
+    @property
     def consumer_group(self) -> str:
         """The Kafka consumer group the stream commits processed offsets to (for lag monitoring)."""
         return self.stream.consumer_group or f"cdc-{self.name}-stream"

@@ -51,6 +51,8 @@ EXPECTED_PROPERTIES = {
     "signal.enabled.channels",
     "signal.data.collection",
     "incremental.snapshot.chunk.size",
+    "notification.enabled.channels",
+    "notification.sink.topic.name",
     "heartbeat.interval.ms",
     "heartbeat.action.query",
     "key.converter",
@@ -86,6 +88,11 @@ def test_example_pipeline_renders_every_property(example: PipelineConfig, offlin
     assert config["skipped.operations"] == "none"  # truncates must reach the sink
     assert config["value.converter.schemas.enable"] == "true"
     assert config["signal.data.collection"] == "public.cdc_signal"
+    # Backfills learn from Debezium's notifications that a snapshot finished.
+    assert (config["notification.enabled.channels"], config["notification.sink.topic.name"]) == (
+        "sink",
+        "shop.notifications",
+    )
     assert config["heartbeat.action.query"] == (
         'INSERT INTO "public"."cdc_heartbeat" (id, ts) VALUES (1, now()) '
         "ON CONFLICT (id) DO UPDATE SET ts = EXCLUDED.ts"

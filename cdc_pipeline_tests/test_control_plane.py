@@ -26,7 +26,6 @@ from dagster import (
     DagsterInstance,
     Definitions,
     SensorResult,
-    build_run_status_sensor_context,
     build_sensor_context,
 )
 
@@ -34,7 +33,7 @@ from cdc_pipeline.clickhouse import connect_clickhouse
 from cdc_pipeline.config import PipelineConfig
 from cdc_pipeline.connector import connector_name
 from cdc_pipeline.definitions import build_definitions
-from cdc_pipeline.defs.common import stream_lag
+from cdc_pipeline.defs.common import AUTOMATIC_TAG, stream_lag
 from cdc_pipeline.resources import (
     ClickHouseResource,
     KafkaConnectResource,
@@ -47,7 +46,7 @@ from cdc_pipeline.resources import (
 )
 from cdc_pipeline.settings import Settings
 from cdc_pipeline.stack.stack import LocalStack
-from cdc_pipeline_tests.conftest import wait_for
+from cdc_pipeline_tests.conftest import free_ports, wait_for
 from cdc_pipeline_tests.replica import RunningPipeline, remove_pipeline, write_schema_pipeline
 
 pytestmark = pytest.mark.timeout(1800)
@@ -112,11 +111,18 @@ class ControlPlane:
         """The same pipeline with some resources replaced (e.g. other monitor thresholds)."""
         return build_definitions(self.config, self.config_path, {**self.resources, **overrides})
 
-    def run(self, job: str, run_config: dict | None = None, defs: Definitions | None = None, ok: bool = True):  # noqa: ANN201
+    def run(  # noqa: ANN201
+        self,
+        job: str,
+        run_config: dict | None = None,
+        defs: Definitions | None = None,
+        ok: bool = True,
+        tags: dict[str, str] | None = None,
+    ):
         result = (
             (defs or self.defs)
             .resolve_job_def(job)
-            .execute_in_process(run_config=run_config or {}, instance=self.instance, raise_on_error=False)
+            .execute_in_process(run_config=run_config or {}, instance=self.instance, raise_on_error=False, tags=tags)
         )
         if ok:
             assert result.success, _failure(result)
@@ -276,6 +282,10 @@ def test_lag_sensor_alerts_once_while_stopped_and_recovers_once(control: Control
     assert len(alerts) == 1, alerts
     assert "Consumer lag" in alerts[0] and "stream" in alerts[0]
 
+    # A restart the checkpoint sensor requested before the operator stopped the stream does not undo the stop.
+    control.run("restart_stream", tags={AUTOMATIC_TAG: "true"})
+    assert not control.resources["pipeline"].controller(control.config).status().running
+
     control.run("start_stream")
     wait_for(lambda: control.lag() == 0, 300, "the restarted stream to catch up")
     control.evaluate("consumer_lag")
@@ -380,6 +390,8 @@ def test_truncated_replica_fails_the_count_check_and_backfill_restores_it(contro
     observed = [e for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"]
     backfill = observed[0].event_specific_data.asset_observation.metadata["backfill"].value
     assert backfill["snapshotted_rows"] == 61 and backfill["applied"], backfill
+    # Debezium's own report of the scan (its notification topic) agrees.
+    assert backfill["scan_status"] == "SUCCEEDED" and backfill["debezium_rows_scanned"] == 61, backfill
     checks = _checks(control.run("check_replicas"))
     assert all(c.passed for c in checks.values()), {k: c.metadata for k, c in checks.items() if not c.passed}
     control.wait_until_replica_matches()
@@ -415,6 +427,7 @@ def test_reconcile_reports_tampered_rows_by_key_and_backfill_repairs_them(contro
     control.clickhouse.command(
         f"INSERT INTO {table} SELECT * REPLACE (99999 AS id) FROM (SELECT * FROM {table} FINAL WHERE id = 5)"
     )
+    control.evaluate("alert_on_run_failure")  # the daemon watches for failed runs from now on
     run_config = {"ops": {"reconcile_op": {"config": {"tables": [f"{control.schema}.accounts"], "settle_s": 30}}}}
     result = control.run("reconcile_tables", run_config, ok=False)
     assert not result.success
@@ -423,13 +436,19 @@ def test_reconcile_reports_tampered_rows_by_key_and_backfill_repairs_them(contro
     assert report["different_keys"] == [["3"]] and report["missing_keys"] == [["4"]], report
     assert report["extra_keys"] == [["99999"]], report
 
-    # The failed run is an incident for the run-failure sensor.
-    context = build_run_status_sensor_context(
-        sensor_name="alert_on_run_failure", dagster_instance=control.instance, dagster_run=result.dagster_run,
-        dagster_event=result.get_run_failure_event(), resources=control.resources,
-    ).for_run_failure()  # fmt: skip
-    control.defs.get_sensor_def("alert_on_run_failure")(context)
-    assert any("Run of reconcile_tables failed" in t for t in control.webhook.texts("run:"))
+    # The failed run is alerted by the run-failure sensor, with the step's error; an alert the webhook did
+    # not take (it was down) is sent at the next evaluation, and only once.
+    (closed_port,) = free_ports(1)
+    down = replace(control.resources["notifier"], webhook_url=f"http://127.0.0.1:{closed_port}/hooks/down")
+    control.evaluate("alert_on_run_failure", notifier=down)
+
+    def run_alerts() -> list[str]:
+        return [t for t in control.webhook.texts("run:") if "Run of reconcile_tables failed" in t]
+
+    assert run_alerts() == []
+    control.evaluate("alert_on_run_failure")
+    control.evaluate("alert_on_run_failure")
+    assert len(run_alerts()) == 1 and "replicas differ from their source" in run_alerts()[0], run_alerts()
 
     run_config["ops"]["reconcile_op"]["config"]["backfill_differences"] = True
     result = control.run("reconcile_tables", run_config)

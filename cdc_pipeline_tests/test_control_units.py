@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from cdc_pipeline.control.alerts import Alert, Incidents
+from cdc_pipeline.control.backfill import SnapshotFailed, SnapshotProgress, apply_notification
+from cdc_pipeline.control.backoff import RestartBackoff
 from cdc_pipeline.control.checkpoint import UnsupportedCheckpoint, inspect_checkpoint
 from cdc_pipeline.control.lag import evaluate_window
 from cdc_pipeline.control.reconcile import compare
@@ -65,6 +67,20 @@ def test_an_undelivered_alert_is_tried_again() -> None:
     sent: list[Alert] = []
     incidents.update("i", True, make, sent.append)
     assert len(sent) == 1 and incidents.is_open("i")
+
+
+def test_restarts_back_off_exponentially_and_reset_when_healthy() -> None:
+    backoff = RestartBackoff()
+    assert backoff.due(0)
+    delays = []
+    for now in (0, 60, 180, 420, 900, 1860):
+        assert backoff.due(now)
+        delays.append(backoff.record_attempt(now, first_delay_s=60, max_delay_s=600))
+        assert not backoff.due(now + delays[-1] - 1)
+        backoff = RestartBackoff(json.loads(json.dumps(backoff.state)))  # through a cursor
+    assert delays == [60, 120, 240, 480, 600, 600]
+    backoff.reset()
+    assert backoff.due(0) and backoff.attempts == 0
 
 
 def test_slack_payload() -> None:
@@ -147,3 +163,40 @@ def test_schedules_produce_valid_run_config() -> None:
         requests = schedule.evaluate_tick(build_schedule_context(scheduled_execution_time=when)).run_requests
         assert len(requests) == 1
         validate_run_config(defs.resolve_job_def(schedule.job_name), requests[0].run_config)
+
+
+def _captured_notifications() -> dict:
+    path = Path(__file__).parent / "data" / "debezium" / "incremental_snapshot_notifications.json"
+    return json.loads(path.read_text())
+
+
+def _follow(signal: str, table: str) -> SnapshotProgress:
+    """Feed the captured notifications, in order, to one backfill's progress."""
+    captured = _captured_notifications()
+    progress = SnapshotProgress(expected=0)
+    for notification in captured["notifications"]:
+        apply_notification(progress, notification, captured["signals"][signal], captured["tables"][table])
+    return progress
+
+
+def test_a_backfill_completes_with_its_own_table_scan() -> None:
+    # a: 110 rows; its later notifications carry b's id (Debezium merged b into it).
+    a = _follow("a", "t")
+    assert a.completed and a.scan_status == "SUCCEEDED" and a.rows_scanned == 110 and a.chunk == (3, 3)
+
+
+def test_a_merged_backfill_waits_for_the_scan_queued_for_it() -> None:
+    # b was queued behind a on the same table: the first scan of t is a's, the second is b's (EMPTY).
+    b = _follow("b", "t")
+    assert b.completed and b.scan_status == "EMPTY" and b.rows_scanned == 0
+
+
+def test_a_stopped_backfill_fails() -> None:
+    # Debezium sends COMPLETED for a stopped snapshot, then ABORTED: neither is a success.
+    with pytest.raises(SnapshotFailed, match="ended the incremental snapshot before it finished scanning"):
+        _follow("c", "big")
+
+
+def test_a_failed_scan_fails_the_backfill_with_its_status() -> None:
+    with pytest.raises(SnapshotFailed, match="SQL_EXCEPTION"):
+        _follow("d", "t")

@@ -1,16 +1,36 @@
-"""Following an incremental snapshot (a backfill) on its Kafka topic: Debezium emits the table's
-rows as `op: r` records whose `source.snapshot` is `incremental`, interleaved with live changes.
-Progress is the number of distinct keys seen against the number of rows the snapshot covers; the
-backfill is applied once the stream's consumer group has committed past the last snapshot record."""
+"""Following an incremental snapshot (a backfill) to its end.
+
+Debezium reports incremental snapshots on its notification topic (`notification.enabled.channels=sink`,
+see connector.py): IN_PROGRESS per chunk, TABLE_SCAN_COMPLETED per table with the rows scanned and a
+status, COMPLETED when its queue is empty, ABORTED after a stop-snapshot signal. The snapshot's rows
+are `op: r` records with `source.snapshot = incremental` on the table's topic, interleaved with live
+changes; their distinct keys against the rows expected are the progress shown to the operator.
+
+What Debezium 3.7 does, as captured in cdc_pipeline_tests/data/debezium/incremental_snapshot_notifications.json:
+- a signal that arrives while another snapshot runs is queued into the running one, and from then on
+  every notification carries the newest signal's id; the first signal never gets its own COMPLETED;
+- a stopped snapshot sends COMPLETED (with the stopped snapshot's id) and then ABORTED.
+So our scan is found by position: when our signal is acknowledged (the first notification with its
+id), its `data_collections` is the queue; if our table stands in it n times, the n-th
+TABLE_SCAN_COMPLETED of our table from then on is ours. COMPLETED before that means it was stopped."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
+
+INCREMENTAL = "Incremental Snapshot"
+SCAN_OK = ("SUCCEEDED", "EMPTY")  # EMPTY: the filter matched no row
+
+
+class SnapshotFailed(RuntimeError):
+    """Debezium aborted the snapshot or could not scan the table; the message says which and why."""
 
 
 @dataclass
@@ -18,9 +38,14 @@ class SnapshotProgress:
     expected: int
     seen_keys: set[bytes] = field(default_factory=set)
     records: int = 0
-    last_offsets: dict[int, int] = field(default_factory=dict)  # partition -> offset of the last snapshot record
+    acknowledged: bool = False  # Debezium sent a notification with our signal's id
+    scans_ahead: int = 0  # scans of our table still to complete before ours is done (ours included)
+    completed: bool = False  # our table's scan completed
+    chunk: tuple[int, int] | None = None  # (index, total) of the chunk being read, from IN_PROGRESS
+    rows_scanned: int | None = None  # from TABLE_SCAN_COMPLETED of our table
+    scan_status: str | None = None
+    end_offsets: dict[int, int] = field(default_factory=dict)  # of the table topic once completed
     started_at: float = field(default_factory=time.monotonic)
-    last_record_at: float | None = None
 
     @property
     def seen(self) -> int:
@@ -28,7 +53,9 @@ class SnapshotProgress:
 
     @property
     def fraction(self) -> float:
-        return 1.0 if self.expected == 0 else min(1.0, self.seen / self.expected)
+        if self.completed or self.expected == 0:
+            return 1.0
+        return min(1.0, self.seen / self.expected)
 
 
 def end_offsets(consumer: Consumer, topic: str, timeout: float = 10.0) -> dict[int, int]:
@@ -42,48 +69,124 @@ def end_offsets(consumer: Consumer, topic: str, timeout: float = 10.0) -> dict[i
     }
 
 
+def _payload(value: bytes | None) -> dict[str, Any] | None:
+    """The payload of a JSON record with or without the converter's schema envelope; None if not JSON."""
+    if not value:
+        return None
+    try:
+        document = json.loads(value)
+    except ValueError:
+        return None
+    if not isinstance(document, dict):
+        return None
+    payload = document.get("payload", document)
+    return payload if isinstance(payload, dict) else None
+
+
+def apply_notification(progress: SnapshotProgress, notification: dict[str, Any], signal_id: str, table: str) -> None:
+    """Update `progress` from one Debezium notification; SnapshotFailed if it says our scan failed or
+    will not finish."""
+    if notification.get("aggregate_type") != INCREMENTAL or progress.completed:
+        return  # not a backfill's news, or ours is settled (a COMPLETED follows our scan)
+    data = notification.get("additional_data") or {}
+    queue = [c.strip() for c in (data.get("data_collections") or "").split(",") if c.strip()]
+    if not progress.acknowledged:
+        if notification.get("id") != signal_id:
+            return  # an earlier snapshot's news
+        progress.acknowledged = True
+        progress.scans_ahead = max(1, queue.count(table))
+    kind = notification.get("type")
+    if kind == "IN_PROGRESS" and data.get("current_collection_in_progress") == table:
+        with contextlib.suppress(KeyError, ValueError):  # older Debezium versions send no chunk numbers
+            progress.chunk = (int(data["chunk_index"]), int(data["total_chunks"]))
+    elif kind == "TABLE_SCAN_COMPLETED" and data.get("scanned_collection") == table:
+        progress.scans_ahead -= 1
+        if progress.scans_ahead > 0:
+            return  # the scan of an earlier signal queued before ours
+        progress.scan_status = data.get("status")
+        progress.rows_scanned = int(data.get("total_rows_scanned") or 0)
+        if progress.scan_status not in SCAN_OK:
+            raise SnapshotFailed(
+                f"Debezium's snapshot scan of {table} ended with status {progress.scan_status} "
+                "(SQL_EXCEPTION: a bad filter condition, see the Kafka Connect log; NO_PRIMARY_KEY: give the table a "
+                "primary key or primary_key in pipeline.yaml)"
+            )
+        progress.completed = True
+    elif kind == "ABORTED" and (not queue or table in queue):
+        raise SnapshotFailed(f"Debezium aborted the incremental snapshot of {table} (a stop-snapshot signal)")
+    elif kind == "COMPLETED":
+        raise SnapshotFailed(
+            f"Debezium ended the incremental snapshot before it finished scanning {table} "
+            "(a stop-snapshot signal?); run the backfill again"
+        )
+
+
+def _is_snapshot_record(value: bytes | None) -> bool:
+    payload = _payload(value)
+    if payload is None:
+        return False
+    return payload.get("op") == "r" and (payload.get("source") or {}).get("snapshot") == "incremental"
+
+
 def follow_snapshot(
     consumer: Consumer,
-    topic: str,
-    start: dict[int, int],
-    expected: int,
     *,
+    topic: str,
+    notification_topic: str,
+    start: dict[int, int],
+    notification_start: dict[int, int],
+    signal_id: str,
+    table: str,
+    expected: int,
     timeout: float,
-    idle_timeout: float = 120.0,
+    settle_s: float = 10.0,
     on_progress: Callable[[SnapshotProgress], None] | None = None,
     report_every: float = 10.0,
 ) -> SnapshotProgress:
-    """Read `topic` from `start` until every expected row was snapshotted, or (rows deleted while the
-    snapshot ran) no snapshot record arrived for `idle_timeout` after the first one. TimeoutError
-    after `timeout` with no completion."""
+    """Read the table's topic from `start` and the notification topic from `notification_start` until
+    Debezium reports our scan of `table` complete and its records are on the table's topic; then
+    `end_offsets` (the table topic's, at that moment) cover the whole snapshot. SnapshotFailed if the
+    scan failed or was stopped; TimeoutError after `timeout`.
+
+    The notification can be readable before the last chunk's records are, so after it this waits
+    until as many snapshot records as Debezium scanned arrived, or none for `settle_s`: rows changed
+    while their chunk was read are dropped from the chunk by Debezium (the streamed change wins), so
+    fewer records than rows scanned is normal under concurrent writes."""
     progress = SnapshotProgress(expected)
-    partitions = start or {0: 0}
-    consumer.assign([TopicPartition(topic, pid, offset) for pid, offset in partitions.items()])
+    consumer.assign(
+        [TopicPartition(topic, pid, offset) for pid, offset in (start or {0: 0}).items()]
+        + [TopicPartition(notification_topic, pid, offset) for pid, offset in (notification_start or {0: 0}).items()]
+    )
     deadline = time.monotonic() + timeout
     last_report = 0.0
-    while progress.seen < expected:
+    last_record_at = completed_at = None
+    while True:
         now = time.monotonic()
-        if progress.last_record_at is not None and now - progress.last_record_at > idle_timeout:
-            break
+        if progress.completed:
+            completed_at = completed_at or now
+            quiet = now - max(completed_at, last_record_at or 0.0)
+            if progress.records >= (progress.rows_scanned or 0) or quiet > settle_s:
+                progress.end_offsets = end_offsets(consumer, topic)
+                break
         if now > deadline:
+            state = "never acknowledged (is the connector running?)" if not progress.acknowledged else "not complete"
             raise TimeoutError(
-                f"the incremental snapshot of {topic} is not complete after {timeout:.0f} s: "
-                f"{progress.seen} of {expected} rows; is the connector running (connector status sensor)?"
+                f"the incremental snapshot of {table} (signal {signal_id}) is {state} after {timeout:.0f} s: "
+                f"{progress.seen} of {expected} rows so far"
             )
         message = consumer.poll(1.0)
-        if message is not None and message.error() is None and message.value():
-            try:
-                payload = json.loads(message.value())
-                payload = payload.get("payload", payload)
-                snapshot = (payload.get("source") or {}).get("snapshot")
-            except (ValueError, AttributeError):
-                snapshot = None
-            if payload and isinstance(payload, dict) and payload.get("op") == "r" and snapshot == "incremental":
+        if message is not None and message.error() is None:
+            if message.topic() == notification_topic:
+                notification = _payload(message.value())
+                if notification is not None:
+                    apply_notification(progress, notification, signal_id, table)
+            elif _is_snapshot_record(message.value()):
                 progress.seen_keys.add(message.key() or b"")
                 progress.records += 1
-                progress.last_offsets[message.partition()] = message.offset()
-                progress.last_record_at = time.monotonic()
-        if on_progress and (time.monotonic() - last_report > report_every or progress.seen >= expected):
+                last_record_at = time.monotonic()
+        if on_progress and (time.monotonic() - last_report > report_every):
             last_report = time.monotonic()
             on_progress(progress)
+    if on_progress:
+        on_progress(progress)
     return progress

@@ -20,6 +20,7 @@ from cdc_pipeline.settings import ENV_PREFIX, Settings
 from cdc_pipeline.streaming.progress import PROGRESS_TABLE
 
 READY_MARKER = "started, checkpoint"  # logged by streaming/app.py once the query runs
+AUTOMATIC_TAG = "cdc/automatic"  # on runs a sensor requested (a manual stop since then wins)
 
 
 def source_settings(postgres: PostgresResource) -> Settings:

@@ -2,6 +2,8 @@
 pause/resume, backfill, replay and reconcile. Provisioning and checks are asset jobs (definitions.py)."""
 
 import json
+import os
+import signal
 import subprocess
 import time
 from datetime import UTC, datetime
@@ -25,11 +27,11 @@ from pydantic import Field
 
 from cdc_pipeline.config import PipelineConfig, TableConfig
 from cdc_pipeline.connector import connector_name
-from cdc_pipeline.control.backfill import end_offsets, follow_snapshot
-from cdc_pipeline.control.reconcile import Differences, reconcile
+from cdc_pipeline.control.backfill import SnapshotFailed, SnapshotProgress, end_offsets, follow_snapshot
+from cdc_pipeline.control.reconcile import Differences, normalize, reconcile
 from cdc_pipeline.control.source import exact_count, primary_key, request_incremental_snapshot, source_columns
 from cdc_pipeline.defs import common
-from cdc_pipeline.defs.common import database_of, lag_metadata, stream_env, stream_lag
+from cdc_pipeline.defs.common import AUTOMATIC_TAG, database_of, lag_metadata, stream_env, stream_lag
 from cdc_pipeline.defs.translator import CdcTranslator
 from cdc_pipeline.resources import (
     ClickHouseResource,
@@ -87,7 +89,12 @@ def restart_stream_op(
     clickhouse: ClickHouseResource,
 ) -> None:
     config = pipeline.load()
-    pipeline.controller(config).stop(desired="running")
+    controller = pipeline.controller(config)
+    if context.run.tags.get(AUTOMATIC_TAG) and controller.status().desired != "running":
+        # Requested by the checkpoint sensor, but an operator stopped the stream since: theirs is the last word.
+        context.log.info(f"stream {config.query_name} was stopped on purpose since this restart was requested: skipped")
+        return
+    controller.stop(desired="running")
     status = common.start_stream(pipeline, spark, kafka, clickhouse, started_by=context.run_id)
     context.log.info(f"stream {config.query_name} restarted as pid {status.pid}")
     _observe_status(context, config, status)
@@ -175,6 +182,27 @@ class BackfillConfig(Config):
     wait_applied: bool = Field(default=True, description="Also wait until the stream applied the snapshot.")
 
 
+def _notification_topic(connect: KafkaConnectResource, config: PipelineConfig) -> str:
+    """The connector's notification topic; Failure unless it runs with the sink notification channel."""
+    name = connector_name(config)
+    try:
+        status = connect.connector_status(name)
+        stored = connect.connector_config(name)
+    except Exception as exc:
+        raise Failure(f"cannot read connector {name} (run the provision job?): {exc}") from None
+    states = [status["connector"]["state"], *(t["state"] for t in status.get("tasks", []))]
+    if any(state != "RUNNING" for state in states) or not status.get("tasks"):
+        raise Failure(f"connector {name} is not running ({states}): the snapshot would never start")
+    channels = [c.strip() for c in stored.get("notification.enabled.channels", "").split(",")]
+    topic = stored.get("notification.sink.topic.name")
+    if "sink" not in channels or not topic:
+        raise Failure(
+            f"connector {name} does not publish Debezium notifications, which tell a backfill that it is complete: "
+            "run the provision job to update its config"
+        )
+    return topic
+
+
 def run_backfill(
     context: OpExecutionContext,
     config: PipelineConfig,
@@ -182,47 +210,49 @@ def run_backfill(
     condition: str | None,
     postgres: PostgresResource,
     kafka: KafkaResource,
+    connect: KafkaConnectResource,
     timeout: float,
     wait_applied: bool,
-    connect: KafkaConnectResource | None = None,
 ) -> dict[str, Any]:
-    """Signal an incremental snapshot of `table`, follow it on its topic, wait until it is applied."""
-    if connect is not None:
-        name = connector_name(config)
-        try:
-            status = connect.connector_status(name)
-        except Exception as exc:
-            raise Failure(f"cannot read the status of connector {name} (run the provision job?): {exc}") from None
-        states = [status["connector"]["state"], *(t["state"] for t in status.get("tasks", []))]
-        if any(state != "RUNNING" for state in states) or not status.get("tasks"):
-            raise Failure(f"connector {name} is not running ({states}): the snapshot would never start")
+    """Signal an incremental snapshot of `table`, follow it until Debezium reports it complete, then
+    wait until the stream applied it."""
+    notification_topic = _notification_topic(connect, config)
     topic = config.topic_for(table)
     consumer = kafka.consumer(f"{config.consumer_group}-backfill", **{"enable.partition.eof": False})
     try:
         start = end_offsets(consumer, topic)
+        notification_start = end_offsets(consumer, notification_topic)
         with postgres.connect(autocommit=True) as conn:
             expected = exact_count(conn, table, condition)
             signal_id = request_incremental_snapshot(conn, config, table, condition)
         context.log.info(f"signal {signal_id}: incremental snapshot of {expected} rows of {table.name} requested")
 
-        def report(progress: Any) -> None:
+        def report(progress: SnapshotProgress) -> None:
+            chunk = f", chunk {progress.chunk[0]} of {progress.chunk[1]}" if progress.chunk else ""
+            done = ", complete" if progress.completed else ""
             context.log.info(
                 f"backfill {table.name}: {progress.seen} of {progress.expected} rows snapshotted "
-                f"({progress.fraction:.0%})"
+                f"({progress.fraction:.0%}{chunk}{done})"
             )
 
-        progress = follow_snapshot(consumer, topic, start, expected, timeout=timeout, on_progress=report)
+        try:
+            progress = follow_snapshot(
+                consumer, topic=topic, notification_topic=notification_topic, start=start,
+                notification_start=notification_start, signal_id=signal_id, table=table.name, expected=expected,
+                timeout=timeout, on_progress=report,
+            )  # fmt: skip
+        except (SnapshotFailed, TimeoutError) as exc:
+            raise Failure(str(exc)) from None
     finally:
         consumer.close()
     applied_lag = None
-    if wait_applied and progress.last_offsets:
+    if wait_applied:
         deadline = time.monotonic() + timeout
         while True:
             lag = stream_lag(kafka, config)
             behind = [
                 p for p in lag.partitions
-                if p.topic == topic and p.partition in progress.last_offsets
-                and (p.committed or 0) <= progress.last_offsets[p.partition]
+                if p.topic == topic and (p.committed or 0) < progress.end_offsets.get(p.partition, 0)
             ]  # fmt: skip
             if not behind:
                 applied_lag = lag.total
@@ -237,7 +267,9 @@ def run_backfill(
     return {
         "table": table.name, "signal_id": signal_id, "condition": condition or "", "expected_rows": expected,
         "snapshotted_rows": progress.seen, "snapshot_records": progress.records,
-        "applied": applied_lag is not None, "lag_after": applied_lag if applied_lag is not None else -1,
+        "debezium_rows_scanned": progress.rows_scanned if progress.rows_scanned is not None else -1,
+        "scan_status": progress.scan_status or "", "applied": applied_lag is not None,
+        "lag_after": applied_lag if applied_lag is not None else -1,
     }  # fmt: skip
 
 
@@ -256,8 +288,8 @@ def backfill_table_op(
     except KeyError as exc:
         raise Failure(f"{exc.args[0]}; tables: {[t.name for t in pipeline_config.tables]}") from None
     result = run_backfill(
-        context, pipeline_config, table, config.condition, postgres, kafka, config.timeout_s, config.wait_applied,
-        kafka_connect,
+        context, pipeline_config, table, config.condition, postgres, kafka, kafka_connect, config.timeout_s,
+        config.wait_applied,
     )  # fmt: skip
     context.log_event(
         AssetObservation(asset_key=CdcTranslator(pipeline_config).sink_key(table), metadata={"backfill": result})
@@ -279,6 +311,7 @@ class ReplayConfig(Config):
     end_offset: int | None = Field(default=None, description="Last offset, exclusive; default the current end.")
     start_time: str | None = Field(default=None, description="ISO 8601 start of a time window (instead of offsets).")
     end_time: str | None = Field(default=None, description="ISO 8601 end of the time window; default now.")
+    timeout_s: float = Field(default=3600, description="Stop the Spark job and fail if it has not finished by then.")
 
 
 def _offset_for_time(consumer: Any, topic: str, partition: int, when: str, default: int) -> int:
@@ -332,13 +365,29 @@ def replay_op(
         name=f"{pipeline_config.query_name}_replay",
     )  # fmt: skip
     context.log.info(f"replaying {topic} offsets [{start}, {end}) with spark-submit on {spark.master}")
-    completed = subprocess.run(
-        argv, env=submit_env(stream_env(kafka, clickhouse, pipeline)), capture_output=True, text=True, check=False
-    )
-    lines = (completed.stdout + completed.stderr).splitlines()
+    # In its own process group, so a timeout stops spark-submit's JVM and its Python driver together.
+    process = subprocess.Popen(
+        argv, env=submit_env(stream_env(kafka, clickhouse, pipeline)), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        output, _ = process.communicate(timeout=config.timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        raise Failure(
+            f"replay of {topic} [{start}, {end}) did not finish in {config.timeout_s:.0f} s and was stopped; "
+            "nothing is lost (a replay only re-applies), run it again with a larger timeout_s or a smaller range:\n"
+            + "\n".join(output.splitlines()[-20:])
+        ) from None
+    finally:
+        if process.poll() is None:  # the run was terminated while the replay ran: stop it too
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    lines = output.splitlines()
     result_lines = [line for line in lines if line.startswith(replay_app.RESULT_PREFIX)]
-    if completed.returncode != 0 or not result_lines:
-        raise Failure(f"replay of {topic} failed (exit {completed.returncode}):\n" + "\n".join(lines[-40:]))
+    if process.returncode != 0 or not result_lines:
+        raise Failure(f"replay of {topic} failed (exit {process.returncode}):\n" + "\n".join(lines[-40:]))
     summary = json.loads(result_lines[-1].removeprefix(replay_app.RESULT_PREFIX))
     summary.update(topic=topic, start_offset=start, end_offset=end)
     context.log.info(f"replayed: {summary}")
@@ -472,8 +521,9 @@ def _reconcile_settled(
         if diff.total:
             time.sleep(min(10.0, options.settle_s))
             again = reconcile(conn, client, table.schema_name, table.table_name, database, sink, key, captured)
-            diff.missing = [k for k in diff.missing if k in set(again.missing)]
-            diff.extra = [k for k in diff.extra if k in set(again.extra)]
+            still_missing, still_extra = set(again.missing), set(again.extra)
+            diff.missing = [k for k in diff.missing if k in still_missing]
+            diff.extra = [k for k in diff.extra if k in still_extra]
             diff.different = {k: v for k, v in again.different.items() if k in diff.different}
     diff.unsettled_lag = lag
     return diff
@@ -494,17 +544,19 @@ def _repair(
         condition = _key_filter(conn, key, keys) if 0 < len(keys) <= options.max_filter_keys else None
         if condition and len(condition) > MAX_SIGNAL_FILTER_CHARS:
             condition = None  # the signal table's `data` column is varchar(2048) in Debezium's documented DDL
-        # Only keys still absent from the source: one inserted since the diff must not be deleted.
-        extra = [k for k in diff.extra if k not in _existing_keys(conn, table, key, diff.extra)]
+        # The stale rows' versions are read before the source is asked whether the keys exist: a key the
+        # source gains meanwhile arrives through the stream with a higher version than the marker's.
+        stale = _live_versions(client, sink, key, diff.extra) if diff.extra else {}
+        existing = _existing_keys(conn, table, key, list(stale))
+        extra = {k: found for k, found in stale.items() if k not in existing}
     if extra:
-        # A delete marker one version above the stale row: any later real change has a higher version still.
-        _delete_extra(client, sink, key, extra)
+        _mark_deleted(client, sink, key, extra)
         result["extra_marked_deleted"] = len(extra)
     if keys:
         context.log.info(
             f"backfilling {len(keys)} rows of {table.name}" + ("" if condition else " (whole table: too many keys)")
         )
-        result.update(run_backfill(context, config, table, condition, postgres, kafka, 3600, True, connect))
+        result.update(run_backfill(context, config, table, condition, postgres, kafka, connect, 3600, True))
     return result
 
 
@@ -514,17 +566,28 @@ def _existing_keys(conn: psycopg.Connection, table: TableConfig, key: list[str],
         query = sql.SQL("SELECT {} FROM {} WHERE ").format(
             sql.SQL(", ").join(sql.Identifier(k) for k in key), sql.Identifier(table.schema_name, table.table_name)
         ) + sql.SQL(_key_filter(conn, key, keys[start : start + 500]))
-        found |= {tuple(row) for row in conn.execute(query)}
+        found |= {tuple(normalize(v) for v in row) for row in conn.execute(query)}  # as the diff has keys
     return found
 
 
-def _delete_extra(client: Any, sink: str, key: list[str], extra: list[tuple]) -> None:
+def _live_versions(client: Any, sink: str, key: list[str], keys: list[tuple]) -> dict[tuple, tuple[tuple, int]]:
+    """For each of `keys` (as the diff has them) with a live row in the replica's FINAL view: the key as
+    ClickHouse returns it (to write it back) and the row's `_version`."""
     key_sql = ", ".join(quote_identifier(k) for k in key)
-    wanted = set(extra)
+    wanted = set(keys)
     rows = client.query(f"SELECT {key_sql}, _version FROM {sink} FINAL WHERE _is_deleted = 0").result_rows
-    markers = [[*row[:-1], row[-1] + 1, 1, datetime.now(UTC)] for row in rows if tuple(row[:-1]) in wanted]
-    if markers:
-        client.insert(sink, markers, column_names=[*key, "_version", "_is_deleted", "_source_ts"])
+    found = {}
+    for row in rows:
+        compared = tuple(normalize(v) for v in row[:-1])
+        if compared in wanted:
+            found[compared] = (tuple(row[:-1]), row[-1])
+    return found
+
+
+def _mark_deleted(client: Any, sink: str, key: list[str], stale: dict[tuple, tuple[tuple, int]]) -> None:
+    """A delete marker one version above each stale row: any later real change has a higher version still."""
+    markers = [[*raw, version + 1, 1, datetime.now(UTC)] for raw, version in stale.values()]
+    client.insert(sink, markers, column_names=[*key, "_version", "_is_deleted", "_source_ts"])
 
 
 @job(description="Diff each replica with its source by primary key; optionally backfill what differs.")

@@ -11,27 +11,30 @@ from urllib.parse import urlsplit, urlunsplit
 
 from dagster import (
     AssetObservation,
+    DagsterEventType,
+    DagsterInstance,
+    DagsterRun,
     DagsterRunStatus,
     DefaultSensorStatus,
     JobDefinition,
     MetadataValue,
-    RunFailureSensorContext,
     RunRequest,
     RunsFilter,
+    RunStatusChangeRecordsFilter,
     SensorDefinition,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
-    run_failure_sensor,
     sensor,
 )
 
 from cdc_pipeline.config import PipelineConfig
 from cdc_pipeline.connector import connector_name
 from cdc_pipeline.control.alerts import Alert, Incidents
+from cdc_pipeline.control.backoff import RestartBackoff
 from cdc_pipeline.control.checkpoint import UnsupportedCheckpoint, inspect_checkpoint
 from cdc_pipeline.control.lag import LagSnapshot, evaluate_window
-from cdc_pipeline.defs.common import progress_rows, stream_lag
+from cdc_pipeline.defs.common import AUTOMATIC_TAG, progress_rows, stream_lag
 from cdc_pipeline.defs.translator import CdcTranslator
 from cdc_pipeline.resources import (
     ClickHouseResource,
@@ -95,14 +98,30 @@ def _kafka_alert(config: PipelineConfig, kafka: KafkaResource, error: str):  # n
     return make
 
 
-def _restart_in_progress(context: SensorEvaluationContext, job_name: str) -> bool:
-    active = [
-        DagsterRunStatus.QUEUED,
-        DagsterRunStatus.NOT_STARTED,
-        DagsterRunStatus.STARTING,
-        DagsterRunStatus.STARTED,
-    ]
-    return bool(context.instance.get_runs(filters=RunsFilter(job_name=job_name, statuses=active), limit=1))
+ACTIVE_RUN_STATUSES = [
+    DagsterRunStatus.QUEUED,
+    DagsterRunStatus.NOT_STARTED,
+    DagsterRunStatus.STARTING,
+    DagsterRunStatus.STARTED,
+]
+# Kafka Connect calls from a sensor: the daemon gives an evaluation 60 s in all.
+CONNECT_BUDGET_S = 20.0
+# A run that starts the stream waits up to 300 s for the query (common.start_stream): while one this
+# recent is active, a stream that is not running yet is being started, not dead.
+START_GRACE_S = 600.0
+
+
+def _active_runs(context: SensorEvaluationContext, job_name: str, newer_than_s: float | None = None) -> bool:
+    records = context.instance.get_run_records(filters=RunsFilter(job_name=job_name, statuses=ACTIVE_RUN_STATUSES))
+    now = time.time()
+    return any(newer_than_s is None or now - r.create_timestamp.timestamp() < newer_than_s for r in records)
+
+
+def _started_at(started_at: str | None) -> float:
+    try:
+        return datetime.fromisoformat(started_at).timestamp() if started_at else 0.0
+    except ValueError:
+        return 0.0
 
 
 def _lag_observations(translator: CdcTranslator, pipeline: PipelineConfig, snapshot: LagSnapshot) -> list:
@@ -128,6 +147,61 @@ def _lag_observations(translator: CdcTranslator, pipeline: PipelineConfig, snaps
             )
         )
     return events
+
+
+RUN_FAILURE_BATCH = 50
+MAX_UNDELIVERED = 100
+
+
+def _in_this_location(context: SensorEvaluationContext, run: DagsterRun) -> bool:
+    """Whether `run` belongs to the sensor's code location (as Dagster's run-status sensors decide; a
+    run executed in-process has no location, nor does a sensor evaluated outside a daemon)."""
+    origin = run.remote_job_origin
+    run_location = origin.repository_origin.code_location_origin.location_name if origin else None
+    location = context.code_location_origin.location_name if context.code_location_origin else None
+    return run_location == location
+
+
+def _step_errors(instance: DagsterInstance, run_id: str, limit: int = 3) -> list[str]:
+    """`step: first line of its error` for the run's failed steps."""
+    errors = []
+    for record in instance.get_records_for_run(run_id, of_type=DagsterEventType.STEP_FAILURE).records:
+        event = record.event_log_entry.dagster_event
+        data = event.step_failure_data if event else None
+        if data is None:
+            continue
+        user = data.user_failure_data.description if data.user_failure_data else None
+        message = user or (data.error.message if data.error else "") or "no message"
+        errors.append(f"{event.step_key}: {message.strip().splitlines()[0][:400]}")
+    return errors[:limit]
+
+
+def _run_failure_alert(instance: DagsterInstance, run: DagsterRun) -> Alert:
+    errors = _step_errors(instance, run.run_id)
+    launched_by = run.tags.get("dagster/schedule_name") or run.tags.get("dagster/sensor_name") or "a user"
+    return Alert(
+        incident=f"run:{run.run_id}",
+        title=f"Run of {run.job_name} failed",
+        where=f"job {run.job_name}, run {run.run_id}",
+        summary="; ".join(errors) or "the run failed before any step ran (see the run's event log)",
+        action="open the run in the Dagster UI for the failed step's error and logs, fix, then re-execute",
+        severity="warning",
+        details={"launched_by": launched_by},
+    )
+
+
+def _connector_gone(config: PipelineConfig, name: str):  # noqa: ANN202
+    def make(resolved: bool) -> Alert:
+        return Alert(
+            incident=f"connector:{config.name}",
+            title=f"Debezium connector {name} no longer exists",
+            where=f"connector {name}",
+            summary="it was deleted; nothing is captured until the provision job creates it again",
+            action="run the provision job",
+            resolved=resolved,
+        )
+
+    return make
 
 
 def build_sensors(restart_stream_job: JobDefinition) -> list[SensorDefinition]:
@@ -214,14 +288,18 @@ def build_sensors(restart_stream_job: JobDefinition) -> list[SensorDefinition]:
         except UnsupportedCheckpoint as exc:
             checkpoint = None
             context.log.debug(str(exc))
-        if status.desired == "running" and not status.running:
+        starting = any(_active_runs(context, job, START_GRACE_S) for job in ("start_stream", restart_stream_job.name))
+        if status.desired == "running" and not status.running and not starting:
             problems["dead"] = f"the stream (pid {status.pid or '-'}) is not running though it should"
         if checkpoint is not None and checkpoint.exists and not checkpoint.readable:
             problems["unreadable"] = f"checkpoint {location} is unreadable: {checkpoint.error}"
         wanted = status.desired == "running"
+        # A restarted query re-runs its unfinished batch from the old offsets file and commits nothing
+        # before its first batch: ages count from the stream's start at the earliest.
+        started = _started_at(status.started_at)
         pending = checkpoint.pending_batch if checkpoint is not None else None
         if wanted and pending is not None and checkpoint.pending_since is not None:
-            age = now - checkpoint.pending_since
+            age = now - max(checkpoint.pending_since, started)
             if age > monitor.stall_after_s:
                 problems["stalled"] = f"batch {pending} started {age:.0f} s ago and never committed"
         try:
@@ -236,15 +314,15 @@ def build_sensors(restart_stream_job: JobDefinition) -> list[SensorDefinition]:
             status.running and lag is not None and lag.total and committed == state.get("committed")
             and checkpoint is not None and checkpoint.last_commit_at is not None and "stalled" not in problems
         ):  # fmt: skip
-            idle = now - checkpoint.last_commit_at
+            idle = now - max(checkpoint.last_commit_at, started)
             if idle > monitor.stall_after_s:
                 problems["no_progress"] = f"no batch committed for {idle:.0f} s while {lag.total} messages wait"
 
         incidents = Incidents(state.get("incidents"))
-        restart = state.get("restart", {"attempts": 0, "next_at": 0.0})
+        backoff = RestartBackoff(state.get("restart"))
         will_restart = (
             monitor.restart_stream and ("dead" in problems or "stalled" in problems or "no_progress" in problems)
-            and "unreadable" not in problems and status.desired == "running" and now >= restart["next_at"]
+            and "unreadable" not in problems and status.desired == "running" and backoff.due(now)
         )  # fmt: skip
 
         def make(resolved: bool) -> Alert:
@@ -273,28 +351,29 @@ def build_sensors(restart_stream_job: JobDefinition) -> list[SensorDefinition]:
 
         _update(context, incidents, notifier, f"checkpoint:{config.name}", bool(problems), make)
         run_requests = []
-        if will_restart and _restart_in_progress(context, restart_stream_job.name):
+        if will_restart and _active_runs(context, restart_stream_job.name):
             context.log.info("a restart_stream run is already queued or running; not requesting another")
             will_restart = False
         if will_restart:
-            attempts = restart["attempts"] + 1
-            delay = min(monitor.restart_backoff_s * 2 ** (attempts - 1), monitor.restart_backoff_max_s)
-            restart = {"attempts": attempts, "next_at": now + delay}
+            delay = backoff.record_attempt(now, monitor.restart_backoff_s, monitor.restart_backoff_max_s)
             context.log.warning(
-                f"restarting the stream (attempt {attempts}); next attempt no sooner than {delay:.0f} s"
+                f"restarting the stream (attempt {backoff.attempts}); next attempt no sooner than {delay:.0f} s"
             )
             run_requests.append(
-                RunRequest(run_key=f"restart-{config.name}-{int(now)}", tags={"cdc/reason": ",".join(problems)})
+                RunRequest(
+                    run_key=f"restart-{config.name}-{int(now)}",
+                    tags={"cdc/reason": ",".join(problems), AUTOMATIC_TAG: "true"},
+                )
             )
         elif not problems:
-            restart = {"attempts": 0, "next_at": 0.0}
+            backoff.reset()
         metadata = {"running": status.running, "desired": status.desired, "problems": MetadataValue.json(problems)}
         if checkpoint is not None:
             metadata.update({k: v for k, v in checkpoint.as_metadata().items() if v is not None})
         return SensorResult(
             run_requests=run_requests,
             asset_events=[AssetObservation(asset_key=CdcTranslator(config).stream_key(), metadata=metadata)],
-            cursor=json.dumps({"incidents": incidents.state, "restart": restart, "committed": committed}),
+            cursor=json.dumps({"incidents": incidents.state, "restart": backoff.state, "committed": committed}),
         )
 
     @sensor(
@@ -318,10 +397,15 @@ def build_sensors(restart_stream_job: JobDefinition) -> list[SensorDefinition]:
         problem = ""
         restarted = False
         try:
-            status = kafka_connect.connector_status(name)
+            status = kafka_connect.connector_status(name, budget_s=CONNECT_BUDGET_S)
         except ConnectError as exc:
             if str(exc).startswith("404 "):
-                return SkipReason(f"connector {name} is not provisioned (run the provision job)")
+                # Deleted on purpose (or never provisioned): nothing is failing any more.
+                _update(context, incidents, notifier, f"connector:{config.name}", False, _connector_gone(config, name))
+                return SensorResult(
+                    skip_reason=f"connector {name} is not provisioned (run the provision job)",
+                    cursor=json.dumps({"incidents": incidents.state}),
+                )
             status, problem = None, f"Kafka Connect refused the status request: {exc}"
         except Exception as exc:  # unreachable Connect is an incident too
             status, problem = (
@@ -339,13 +423,23 @@ def build_sensors(restart_stream_job: JobDefinition) -> list[SensorDefinition]:
                     f"{t.get('worker_id', '?')}: {(t.get('trace') or 'no trace').splitlines()[0][:300]}"
                     for t in failed
                 )
-        if failed and monitor.restart_connector_tasks:
+        backoff = RestartBackoff(state.get("restart"))
+        now = time.time()
+        if failed and monitor.restart_connector_tasks and backoff.due(now):
             try:
-                kafka_connect.restart(name, include_tasks=True, only_failed=True)
+                kafka_connect.restart(name, include_tasks=True, only_failed=True, budget_s=CONNECT_BUDGET_S)
                 restarted = True
-                context.log.warning(f"restarted the failed parts of connector {name}")
+                delay = backoff.record_attempt(now, monitor.restart_backoff_s, monitor.restart_backoff_max_s)
+                context.log.warning(
+                    f"restarted the failed parts of connector {name} (attempt {backoff.attempts}); "
+                    f"if they fail again, the next restart waits {delay:.0f} s"
+                )
             except Exception as exc:
                 context.log.error(f"could not restart connector {name}: {exc}")
+        elif failed and monitor.restart_connector_tasks:
+            context.log.info(f"connector {name} still failed; next automatic restart after the backoff")
+        elif not problem:
+            backoff.reset()
 
         def make(resolved: bool) -> Alert:
             return Alert(
@@ -372,7 +466,7 @@ def build_sensors(restart_stream_job: JobDefinition) -> list[SensorDefinition]:
                     metadata={**states, "problem": problem or "none", "restarted_failed_tasks": restarted},
                 )
             ],
-            cursor=json.dumps({"incidents": incidents.state}),
+            cursor=json.dumps({"incidents": incidents.state, "restart": backoff.state}),
         )
 
     @sensor(
@@ -406,26 +500,50 @@ def build_sensors(restart_stream_job: JobDefinition) -> list[SensorDefinition]:
             for row in rows
         ]  # fmt: skip
         newest = rows[-1]["recorded_at"]
-        cursor = newest.astimezone(UTC).isoformat() if isinstance(newest, datetime) else str(newest)
+        if isinstance(newest, datetime):
+            # DateTime64(3, 'UTC') may come back naive: it is UTC, not the daemon host's local time.
+            cursor = (newest.replace(tzinfo=UTC) if newest.tzinfo is None else newest.astimezone(UTC)).isoformat()
+        else:
+            cursor = str(newest)
         return SensorResult(asset_events=events, cursor=cursor)
 
-    @run_failure_sensor(
+    @sensor(
         name="alert_on_run_failure",
+        minimum_interval_seconds=30,
         default_status=DefaultSensorStatus.RUNNING,
-        description="Alerts on every failed run of this code location.",
+        description="Alerts on every failed run of this code location, with the failed steps' errors; an alert "
+        "the webhook did not take is sent again at the next evaluation.",
     )
-    def alert_on_run_failure(context: RunFailureSensorContext, notifier: NotifierResource) -> None:
-        run = context.dagster_run
-        message = context.failure_event.message or "no error message"
-        notifier.send(
-            Alert(
-                incident=f"run:{run.run_id}",
-                title=f"Run of {run.job_name} failed",
-                where=f"job {run.job_name}, run {run.run_id}",
-                summary=message.splitlines()[0][:500],
-                action="open the run in the Dagster UI for the failed step's error and logs, fix, then re-execute",
-                severity="warning",
-            )
-        )
+    def alert_on_run_failure(context: SensorEvaluationContext, notifier: NotifierResource) -> SensorResult:
+        state = _cursor(context)
+        instance = context.instance
+        if "after" not in state:  # the first evaluation: failures from now on, not the instance's history
+            latest = instance.fetch_run_status_changes(DagsterEventType.RUN_FAILURE, limit=1).records
+            after = latest[0].storage_id if latest else 0
+            return SensorResult(skip_reason="watching for failed runs", cursor=json.dumps({"after": after}))
+        after, pending = state["after"], list(state.get("pending", []))
+        records = instance.fetch_run_status_changes(
+            RunStatusChangeRecordsFilter(DagsterEventType.RUN_FAILURE, after_storage_id=after),
+            limit=RUN_FAILURE_BATCH, ascending=True,
+        ).records  # fmt: skip
+        for record in records:
+            after = record.storage_id
+            run = instance.get_run_by_id(record.event_log_entry.run_id)
+            if run is not None and _in_this_location(context, run) and run.run_id not in pending:
+                pending.append(run.run_id)
+        undelivered = []
+        for run_id in pending:
+            run = instance.get_run_by_id(run_id)
+            if run is None:
+                continue
+            try:
+                notifier.send(_run_failure_alert(instance, run))
+            except Exception as exc:
+                context.log.error(f"could not deliver the alert for the failed run {run_id}: {exc}")
+                undelivered.append(run_id)
+        if len(undelivered) > MAX_UNDELIVERED:
+            context.log.error(f"dropping {len(undelivered) - MAX_UNDELIVERED} undelivered run-failure alerts")
+            undelivered = undelivered[-MAX_UNDELIVERED:]
+        return SensorResult(cursor=json.dumps({"after": after, "pending": undelivered}))
 
     return [consumer_lag, checkpoint_health, connector_status, stream_metrics, alert_on_run_failure]

@@ -6,7 +6,7 @@ from urllib.parse import quote
 import requests
 from dagster import ConfigurableResource
 from pydantic import Field
-from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential
 
 from cdc_pipeline.health import Health, connect_health
 
@@ -28,14 +28,18 @@ class KafkaConnectResource(ConfigurableResource):
     url: str = Field(description="Base URL of the Connect REST API (CDC_CONNECT_URL).")
     timeout_s: float = 30.0
 
-    @retry(
-        retry=retry_if_exception(_retryable),
-        stop=stop_after_attempt(6),
-        wait=wait_exponential(0.5, max=8),
-        reraise=True,
-    )
-    def request(self, method: str, path: str, body: Any = None) -> Any:
-        response = requests.request(method, f"{self.url.rstrip('/')}{path}", json=body, timeout=self.timeout_s)
+    def request(self, method: str, path: str, body: Any = None, *, budget_s: float | None = None) -> Any:
+        """One REST call, retried on connection errors and 409 (a rebalance). `budget_s` bounds the
+        whole call, retries included (sensors must answer within the daemon's evaluation timeout)."""
+        timeout = self.timeout_s if budget_s is None else min(self.timeout_s, budget_s / 3)
+        stop = stop_after_attempt(6) if budget_s is None else stop_after_attempt(6) | stop_after_delay(budget_s)
+        retrying = Retrying(
+            retry=retry_if_exception(_retryable), stop=stop, wait=wait_exponential(0.5, max=8), reraise=True
+        )
+        return retrying(self._request_once, method, path, body, timeout)
+
+    def _request_once(self, method: str, path: str, body: Any, timeout: float) -> Any:
+        response = requests.request(method, f"{self.url.rstrip('/')}{path}", json=body, timeout=timeout)
         if response.status_code >= 400:
             try:
                 message = response.json().get("message", response.text)
@@ -57,8 +61,8 @@ class KafkaConnectResource(ConfigurableResource):
     def connector_config(self, name: str) -> dict[str, Any]:
         return self.request("GET", f"/connectors/{quote(name)}/config")
 
-    def connector_status(self, name: str) -> dict[str, Any]:
-        return self.request("GET", f"/connectors/{quote(name)}/status")
+    def connector_status(self, name: str, *, budget_s: float | None = None) -> dict[str, Any]:
+        return self.request("GET", f"/connectors/{quote(name)}/status", budget_s=budget_s)
 
     def pause(self, name: str) -> None:
         self.request("PUT", f"/connectors/{quote(name)}/pause")
@@ -66,9 +70,11 @@ class KafkaConnectResource(ConfigurableResource):
     def resume(self, name: str) -> None:
         self.request("PUT", f"/connectors/{quote(name)}/resume")
 
-    def restart(self, name: str, *, include_tasks: bool = True, only_failed: bool = False) -> Any:
+    def restart(
+        self, name: str, *, include_tasks: bool = True, only_failed: bool = False, budget_s: float | None = None
+    ) -> Any:
         query = f"?includeTasks={str(include_tasks).lower()}&onlyFailed={str(only_failed).lower()}"
-        return self.request("POST", f"/connectors/{quote(name)}/restart{query}")
+        return self.request("POST", f"/connectors/{quote(name)}/restart{query}", budget_s=budget_s)
 
     def delete(self, name: str) -> None:
         self.request("DELETE", f"/connectors/{quote(name)}")
