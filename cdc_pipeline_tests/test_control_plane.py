@@ -7,6 +7,7 @@ shared by the tests of this module, which run in file order: each leaves the str
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import psycopg
@@ -34,6 +36,7 @@ from cdc_pipeline.config import PipelineConfig
 from cdc_pipeline.connector import connector_name
 from cdc_pipeline.definitions import build_definitions
 from cdc_pipeline.defs.common import AUTOMATIC_TAG, stream_lag
+from cdc_pipeline.defs.jobs import run_backfill
 from cdc_pipeline.resources import (
     ClickHouseResource,
     KafkaConnectResource,
@@ -394,6 +397,39 @@ def test_truncated_replica_fails_the_count_check_and_backfill_restores_it(contro
     assert backfill["scan_status"] == "SUCCEEDED" and backfill["debezium_rows_scanned"] == 61, backfill
     checks = _checks(control.run("check_replicas"))
     assert all(c.passed for c in checks.values()), {k: c.metadata for k, c in checks.items() if not c.passed}
+    control.wait_until_replica_matches()
+
+
+def test_overlapping_backfills_each_end_with_their_own_scan(control: ControlPlane) -> None:
+    # Two backfills of one table at once: Debezium may queue the second into the first's snapshot and
+    # report both under one id; each job must still end with its own table scan.
+    table = control.config.table(f"{control.schema}.events")
+    condition = "id > 100"
+    with control.conn.cursor() as cursor:
+        everything = cursor.execute(f"SELECT count(*) FROM {control.schema}.events").fetchone()[0]
+        some = cursor.execute(f"SELECT count(*) FROM {control.schema}.events WHERE {condition}").fetchone()[0]
+    results: dict[str, dict] = {}
+    errors: list[BaseException] = []
+
+    def backfill(name: str, where: str | None) -> None:
+        context = SimpleNamespace(log=logging.getLogger(f"test.backfill.{name}"))
+        try:
+            results[name] = run_backfill(
+                context, control.config, table, where, control.resources["postgres"], control.resources["kafka"],
+                control.resources["kafka_connect"], 600, True,
+            )  # fmt: skip
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=backfill, args=args) for args in (("all", None), ("some", condition))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(900)
+    assert not errors and not any(t.is_alive() for t in threads), errors
+    assert results["all"]["scan_status"] == "SUCCEEDED" and results["all"]["debezium_rows_scanned"] == everything
+    assert results["some"]["scan_status"] == "SUCCEEDED" and results["some"]["debezium_rows_scanned"] == some
+    assert results["all"]["applied"] and results["some"]["applied"]
     control.wait_until_replica_matches()
 
 

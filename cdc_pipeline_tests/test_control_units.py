@@ -79,7 +79,13 @@ def test_restarts_back_off_exponentially_and_reset_when_healthy() -> None:
         assert not backoff.due(now + delays[-1] - 1)
         backoff = RestartBackoff(json.loads(json.dumps(backoff.state)))  # through a cursor
     assert delays == [60, 120, 240, 480, 600, 600]
-    backoff.reset()
+    # A brief recovery between failures does not reset the backoff; a stable one does.
+    backoff.healthy(3000, stable_after_s=600)
+    backoff.failing()
+    backoff.healthy(3100, stable_after_s=600)
+    backoff.healthy(3600, stable_after_s=600)
+    assert backoff.attempts == 6
+    backoff.healthy(3700, stable_after_s=600)
     assert backoff.due(0) and backoff.attempts == 0
 
 
@@ -183,12 +189,14 @@ def test_a_backfill_completes_with_its_own_table_scan() -> None:
     # a: 110 rows; its later notifications carry b's id (Debezium merged b into it).
     a = _follow("a", "t")
     assert a.completed and a.scan_status == "SUCCEEDED" and a.rows_scanned == 110 and a.chunk == (3, 3)
+    assert not a.merged
 
 
 def test_a_merged_backfill_waits_for_the_scan_queued_for_it() -> None:
     # b was queued behind a on the same table: the first scan of t is a's, the second is b's (EMPTY).
     b = _follow("b", "t")
     assert b.completed and b.scan_status == "EMPTY" and b.rows_scanned == 0
+    assert b.merged  # a's snapshot records are on the topic too: b cannot count its own
 
 
 def test_a_stopped_backfill_fails() -> None:

@@ -40,6 +40,7 @@ class SnapshotProgress:
     records: int = 0
     acknowledged: bool = False  # Debezium sent a notification with our signal's id
     scans_ahead: int = 0  # scans of our table still to complete before ours is done (ours included)
+    merged: bool = False  # queued behind another scan of our table: its records are on our topic too
     completed: bool = False  # our table's scan completed
     chunk: tuple[int, int] | None = None  # (index, total) of the chunk being read, from IN_PROGRESS
     rows_scanned: int | None = None  # from TABLE_SCAN_COMPLETED of our table
@@ -95,6 +96,7 @@ def apply_notification(progress: SnapshotProgress, notification: dict[str, Any],
             return  # an earlier snapshot's news
         progress.acknowledged = True
         progress.scans_ahead = max(1, queue.count(table))
+        progress.merged = progress.scans_ahead > 1
     kind = notification.get("type")
     if kind == "IN_PROGRESS" and data.get("current_collection_in_progress") == table:
         with contextlib.suppress(KeyError, ValueError):  # older Debezium versions send no chunk numbers
@@ -140,6 +142,7 @@ def follow_snapshot(
     expected: int,
     timeout: float,
     settle_s: float = 10.0,
+    on_acknowledged: Callable[[], None] | None = None,
     on_progress: Callable[[SnapshotProgress], None] | None = None,
     report_every: float = 10.0,
 ) -> SnapshotProgress:
@@ -151,7 +154,9 @@ def follow_snapshot(
     The notification can be readable before the last chunk's records are, so after it this waits
     until as many snapshot records as Debezium scanned arrived, or none for `settle_s`: rows changed
     while their chunk was read are dropped from the chunk by Debezium (the streamed change wins), so
-    fewer records than rows scanned is normal under concurrent writes."""
+    fewer records than rows scanned is normal under concurrent writes. When our scan was queued behind
+    another of the same table, the records cannot be told apart: then only the quiet period counts.
+    `on_acknowledged` is called once Debezium has taken our signal."""
     progress = SnapshotProgress(expected)
     consumer.assign(
         [TopicPartition(topic, pid, offset) for pid, offset in (start or {0: 0}).items()]
@@ -165,7 +170,8 @@ def follow_snapshot(
         if progress.completed:
             completed_at = completed_at or now
             quiet = now - max(completed_at, last_record_at or 0.0)
-            if progress.records >= (progress.rows_scanned or 0) or quiet > settle_s:
+            counted = not progress.merged and progress.records >= (progress.rows_scanned or 0)
+            if counted or quiet > settle_s:
                 progress.end_offsets = end_offsets(consumer, topic)
                 break
         if now > deadline:
@@ -179,7 +185,10 @@ def follow_snapshot(
             if message.topic() == notification_topic:
                 notification = _payload(message.value())
                 if notification is not None:
+                    acknowledged = progress.acknowledged
                     apply_notification(progress, notification, signal_id, table)
+                    if progress.acknowledged and not acknowledged and on_acknowledged:
+                        on_acknowledged()
             elif _is_snapshot_record(message.value()):
                 progress.seen_keys.add(message.key() or b"")
                 progress.records += 1

@@ -22,9 +22,19 @@ class RestartBackoff:
         """Count a restart made at `now`; returns the wait before the next one may be made."""
         attempts = self.attempts + 1
         delay = min(first_delay_s * 2 ** (attempts - 1), max_delay_s)
-        self.state = {"attempts": attempts, "next_at": now + delay}
+        self.state = {"attempts": attempts, "next_at": now + delay}  # also ends any healthy period
         return delay
 
+    def failing(self) -> None:
+        """Failing (again): a healthy period that had begun does not count."""
+        self.state.pop("healthy_since", None)
+
+    def healthy(self, now: float, stable_after_s: float) -> None:
+        """Healthy at `now`; once healthy for `stable_after_s`, the next incident starts with the
+        shortest wait again (a brief recovery between failures does not reset the backoff)."""
+        since = float(self.state.setdefault("healthy_since", now))
+        if now - since >= stable_after_s and self.attempts:
+            self.reset()
+
     def reset(self) -> None:
-        """The problem cleared: the next incident starts with the shortest wait again."""
         self.state = {"attempts": 0, "next_at": 0.0}

@@ -203,6 +203,33 @@ def _notification_topic(connect: KafkaConnectResource, config: PipelineConfig) -
     return topic
 
 
+class BackfillLock:
+    """A PostgreSQL session advisory lock per pipeline (released when its connection ends, also if
+    the run dies)."""
+
+    def __init__(self, conn: psycopg.Connection, pipeline: str) -> None:
+        self.conn, self.key, self.held = conn, f"cdc-pipeline backfill {pipeline}", False
+
+    def acquire(self, timeout: float, log: Any) -> None:
+        deadline = time.monotonic() + timeout
+        next_note = 0.0
+        while not self.conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (self.key,)).fetchone()[0]:
+            if time.monotonic() > deadline:
+                raise Failure(
+                    f"another backfill's signal was not taken by Debezium in {timeout:.0f} s: is the connector running?"
+                )
+            if time.monotonic() > next_note:
+                log.info("waiting until Debezium has taken the signal of another backfill of this pipeline")
+                next_note = time.monotonic() + 30
+            time.sleep(1)
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (self.key,))
+            self.held = False
+
+
 def run_backfill(
     context: OpExecutionContext,
     config: PipelineConfig,
@@ -220,30 +247,34 @@ def run_backfill(
     topic = config.topic_for(table)
     consumer = kafka.consumer(f"{config.consumer_group}-backfill", **{"enable.partition.eof": False})
     try:
-        start = end_offsets(consumer, topic)
-        notification_start = end_offsets(consumer, notification_topic)
+        # The signal connection holds the pipeline's backfill lock until Debezium acknowledged the signal:
+        # two signals it takes in at once would be reported under one id only (see control/backfill.py).
         with postgres.connect(autocommit=True) as conn:
+            lock = BackfillLock(conn, config.name)
+            lock.acquire(timeout, context.log)
+            start = end_offsets(consumer, topic)
+            notification_start = end_offsets(consumer, notification_topic)
             expected = exact_count(conn, table, condition)
             signal_id = request_incremental_snapshot(conn, config, table, condition)
-        context.log.info(f"signal {signal_id}: incremental snapshot of {expected} rows of {table.name} requested")
+            context.log.info(f"signal {signal_id}: incremental snapshot of {expected} rows of {table.name} requested")
 
-        def report(progress: SnapshotProgress) -> None:
-            chunk = f", chunk {progress.chunk[0]} of {progress.chunk[1]}" if progress.chunk else ""
-            done = ", complete" if progress.completed else ""
-            context.log.info(
-                f"backfill {table.name}: {progress.seen} of {progress.expected} rows snapshotted "
-                f"({progress.fraction:.0%}{chunk}{done})"
-            )
+            def report(progress: SnapshotProgress) -> None:
+                chunk = f", chunk {progress.chunk[0]} of {progress.chunk[1]}" if progress.chunk else ""
+                done = ", complete" if progress.completed else ""
+                context.log.info(
+                    f"backfill {table.name}: {progress.seen} of {progress.expected} rows snapshotted "
+                    f"({progress.fraction:.0%}{chunk}{done})"
+                )
 
-        try:
-            progress = follow_snapshot(
-                consumer, topic=topic, notification_topic=notification_topic, start=start,
-                notification_start=notification_start, signal_id=signal_id, table=table.name, expected=expected,
-                timeout=timeout, on_progress=report,
-            )  # fmt: skip
-        except (SnapshotFailed, TimeoutError) as exc:
-            raise Failure(str(exc)) from None
-    finally:
+            try:
+                progress = follow_snapshot(
+                    consumer, topic=topic, notification_topic=notification_topic, start=start,
+                    notification_start=notification_start, signal_id=signal_id, table=table.name, expected=expected,
+                    timeout=timeout, on_acknowledged=lock.release, on_progress=report,
+                )  # fmt: skip
+            except (SnapshotFailed, TimeoutError) as exc:
+                raise Failure(str(exc)) from None
+    finally:  # closing the connection releases the lock if it is still held
         consumer.close()
     applied_lag = None
     if wait_applied:

@@ -151,6 +151,7 @@ def _lag_observations(translator: CdcTranslator, pipeline: PipelineConfig, snaps
 
 RUN_FAILURE_BATCH = 50
 MAX_UNDELIVERED = 100
+RUN_ALERT_BUDGET_S = 30.0
 
 
 def _in_this_location(context: SensorEvaluationContext, run: DagsterRun) -> bool:
@@ -349,7 +350,11 @@ def build_sensors(restart_stream_job: JobDefinition) -> list[SensorDefinition]:
                 resolved=resolved,
             )  # fmt: skip
 
-        _update(context, incidents, notifier, f"checkpoint:{config.name}", bool(problems), make)
+        # While a start/restart run brings the stream up, its state is neither a failure nor a recovery:
+        # the incident and the backoff stay as they are until the run is done.
+        settling = starting and status.desired == "running" and not status.running
+        if not settling:
+            _update(context, incidents, notifier, f"checkpoint:{config.name}", bool(problems), make)
         run_requests = []
         if will_restart and _active_runs(context, restart_stream_job.name):
             context.log.info("a restart_stream run is already queued or running; not requesting another")
@@ -365,8 +370,10 @@ def build_sensors(restart_stream_job: JobDefinition) -> list[SensorDefinition]:
                     tags={"cdc/reason": ",".join(problems), AUTOMATIC_TAG: "true"},
                 )
             )
-        elif not problems:
-            backoff.reset()
+        elif problems:
+            backoff.failing()
+        elif not settling:
+            backoff.healthy(now, monitor.restart_backoff_reset_s)
         metadata = {"running": status.running, "desired": status.desired, "problems": MetadataValue.json(problems)}
         if checkpoint is not None:
             metadata.update({k: v for k, v in checkpoint.as_metadata().items() if v is not None})
@@ -437,9 +444,10 @@ def build_sensors(restart_stream_job: JobDefinition) -> list[SensorDefinition]:
             except Exception as exc:
                 context.log.error(f"could not restart connector {name}: {exc}")
         elif failed and monitor.restart_connector_tasks:
+            backoff.failing()
             context.log.info(f"connector {name} still failed; next automatic restart after the backoff")
         elif not problem:
-            backoff.reset()
+            backoff.healthy(now, monitor.restart_backoff_reset_s)
 
         def make(resolved: bool) -> Alert:
             return Alert(
@@ -517,6 +525,8 @@ def build_sensors(restart_stream_job: JobDefinition) -> list[SensorDefinition]:
     def alert_on_run_failure(context: SensorEvaluationContext, notifier: NotifierResource) -> SensorResult:
         state = _cursor(context)
         instance = context.instance
+        if "after" not in state and "record_id" in state:  # the cursor of Dagster's run_failure_sensor
+            state["after"] = state["record_id"]
         if "after" not in state:  # the first evaluation: failures from now on, not the instance's history
             latest = instance.fetch_run_status_changes(DagsterEventType.RUN_FAILURE, limit=1).records
             after = latest[0].storage_id if latest else 0
@@ -531,16 +541,22 @@ def build_sensors(restart_stream_job: JobDefinition) -> list[SensorDefinition]:
             run = instance.get_run_by_id(record.event_log_entry.run_id)
             if run is not None and _in_this_location(context, run) and run.run_id not in pending:
                 pending.append(run.run_id)
-        undelivered = []
-        for run_id in pending:
+        undelivered: list[str] = []
+        deadline = time.monotonic() + RUN_ALERT_BUDGET_S
+        for index, run_id in enumerate(pending):
+            if time.monotonic() > deadline:  # the rest at the next evaluation, inside the daemon's time limit
+                undelivered += pending[index:]
+                break
             run = instance.get_run_by_id(run_id)
             if run is None:
                 continue
             try:
                 notifier.send(_run_failure_alert(instance, run))
             except Exception as exc:
+                # The webhook is down: keep this and the rest for the next evaluation rather than time out.
                 context.log.error(f"could not deliver the alert for the failed run {run_id}: {exc}")
-                undelivered.append(run_id)
+                undelivered += pending[index:]
+                break
         if len(undelivered) > MAX_UNDELIVERED:
             context.log.error(f"dropping {len(undelivered) - MAX_UNDELIVERED} undelivered run-failure alerts")
             undelivered = undelivered[-MAX_UNDELIVERED:]

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
 import requests
 from dagster import ConfigurableResource
 from pydantic import Field
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_before_delay, wait_exponential
 
 from cdc_pipeline.health import Health, connect_health
 
@@ -31,15 +33,22 @@ class KafkaConnectResource(ConfigurableResource):
     def request(self, method: str, path: str, body: Any = None, *, budget_s: float | None = None) -> Any:
         """One REST call, retried on connection errors and 409 (a rebalance). `budget_s` bounds the
         whole call, retries included (sensors must answer within the daemon's evaluation timeout)."""
-        timeout = self.timeout_s if budget_s is None else min(self.timeout_s, budget_s / 3)
-        stop = stop_after_attempt(6) if budget_s is None else stop_after_attempt(6) | stop_after_delay(budget_s)
+        if budget_s is None:
+            retrying = Retrying(
+                retry=retry_if_exception(_retryable), stop=stop_after_attempt(6), wait=wait_exponential(0.5, max=8),
+                reraise=True,
+            )  # fmt: skip
+            return retrying(self._request_once, method, path, body, lambda: self.timeout_s)
+        deadline = time.monotonic() + budget_s
         retrying = Retrying(
-            retry=retry_if_exception(_retryable), stop=stop, wait=wait_exponential(0.5, max=8), reraise=True
-        )
-        return retrying(self._request_once, method, path, body, timeout)
+            retry=retry_if_exception(_retryable), stop=stop_after_attempt(6) | stop_before_delay(budget_s),
+            wait=wait_exponential(0.5, max=8), reraise=True,
+        )  # fmt: skip
+        # Each attempt may take only what is left of the budget.
+        return retrying(self._request_once, method, path, body, lambda: max(0.5, deadline - time.monotonic()))
 
-    def _request_once(self, method: str, path: str, body: Any, timeout: float) -> Any:
-        response = requests.request(method, f"{self.url.rstrip('/')}{path}", json=body, timeout=timeout)
+    def _request_once(self, method: str, path: str, body: Any, timeout: Callable[[], float]) -> Any:
+        response = requests.request(method, f"{self.url.rstrip('/')}{path}", json=body, timeout=timeout())
         if response.status_code >= 400:
             try:
                 message = response.json().get("message", response.text)

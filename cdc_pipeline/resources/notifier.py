@@ -21,7 +21,8 @@ class NotifierResource(ConfigurableResource):
 
     webhook_url: str | None = Field(default=None, description="Incoming webhook URL (CDC_ALERT_WEBHOOK_URL).")
     log_alerts: bool = Field(default=True, description="Also write every alert to the log.")
-    timeout_s: float = 10.0
+    # Per attempt (3 attempts): an alert is sent from a sensor, which the daemon gives 60 s in all.
+    timeout_s: float = 5.0
 
     def send(self, alert: Alert) -> None:
         """Deliver `alert` to every channel; AlertDeliveryError if the webhook refuses it after retries."""

@@ -43,6 +43,9 @@ class MonitorResource(ConfigurableResource):
     restart_stream: bool = Field(default=False, description="Restart a dead stream (CDC_AUTO_RESTART_STREAM).")
     restart_backoff_s: float = Field(default=60, description="First wait between restarts; doubles per attempt.")
     restart_backoff_max_s: float = Field(default=1800, description="Longest wait between restarts.")
+    restart_backoff_reset_s: float = Field(
+        default=600, description="Healthy this long after a restart: the next incident starts with the first wait."
+    )
     restart_connector_tasks: bool = Field(False, description="Restart failed tasks (CDC_AUTO_RESTART_CONNECTOR).")
     check_wait_s: float = Field(default=120, description="How long the row-count check waits for lag to reach zero.")
     freshness_max_age_s: float = Field(default=600, description="Oldest unapplied change may be this old.")
