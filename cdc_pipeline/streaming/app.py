@@ -29,6 +29,11 @@ from cdc_pipeline.streaming.sink import ClickHouseSink
 
 log = logging.getLogger("cdc_pipeline.streaming")
 
+# Reading offsets of a topic Debezium has just created can fail until the broker serves its partition
+# (seen on a busy single broker for over 3 s). Spark's default, 3 tries 1 s apart, then ends the query;
+# a minute of tries rides that out, while a Kafka that is really gone still fails the query.
+KAFKA_OFFSET_FETCH = {"fetchOffset.numRetries": "60", "fetchOffset.retryIntervalMs": "1000"}
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -72,6 +77,7 @@ def run(pipeline: PipelineConfig, settings: Settings, checkpoint_location: str) 
         .option("maxOffsetsPerTrigger", pipeline.stream.max_offsets_per_trigger)
         # Missing offsets (retention, a recreated topic) stop the query loudly instead of skipping data.
         .option("failOnDataLoss", "true")
+        .options(**KAFKA_OFFSET_FETCH)
         .load()
     )
     query = (

@@ -24,6 +24,7 @@ from pyspark.sql import SparkSession
 from cdc_pipeline.clickhouse import connect_clickhouse
 from cdc_pipeline.config import load_pipeline_config
 from cdc_pipeline.settings import Settings
+from cdc_pipeline.streaming.app import KAFKA_OFFSET_FETCH
 from cdc_pipeline.streaming.apply import BatchStats, ChangeApplier
 from cdc_pipeline.streaming.dlq import DeadLetters
 from cdc_pipeline.streaming.sink import ClickHouseSink
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         .option("startingOffsets", json.dumps(starting))
         .option("endingOffsets", json.dumps(ending))
         .option("failOnDataLoss", "true")
+        .options(**KAFKA_OFFSET_FETCH)
         .load()
     )
     result: dict[str, BatchStats] = {}
