@@ -46,7 +46,6 @@ class SnapshotProgress:
     rows_scanned: int | None = None  # from TABLE_SCAN_COMPLETED of our table
     scan_status: str | None = None
     end_offsets: dict[int, int] = field(default_factory=dict)  # of the table topic once completed
-    started_at: float = field(default_factory=time.monotonic)
 
     @property
     def seen(self) -> int:

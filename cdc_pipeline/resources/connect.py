@@ -33,19 +33,17 @@ class KafkaConnectResource(ConfigurableResource):
     def request(self, method: str, path: str, body: Any = None, *, budget_s: float | None = None) -> Any:
         """One REST call, retried on connection errors and 409 (a rebalance). `budget_s` bounds the
         whole call, retries included (sensors must answer within the daemon's evaluation timeout)."""
-        if budget_s is None:
-            retrying = Retrying(
-                retry=retry_if_exception(_retryable), stop=stop_after_attempt(6), wait=wait_exponential(0.5, max=8),
-                reraise=True,
-            )  # fmt: skip
-            return retrying(self._request_once, method, path, body, lambda: self.timeout_s)
-        deadline = time.monotonic() + budget_s
+        deadline = None if budget_s is None else time.monotonic() + budget_s
+        stop = stop_after_attempt(6) if budget_s is None else stop_after_attempt(6) | stop_before_delay(budget_s)
         retrying = Retrying(
-            retry=retry_if_exception(_retryable), stop=stop_after_attempt(6) | stop_before_delay(budget_s),
-            wait=wait_exponential(0.5, max=8), reraise=True,
-        )  # fmt: skip
-        # Each attempt may take only what is left of the budget.
-        return retrying(self._request_once, method, path, body, lambda: max(0.5, deadline - time.monotonic()))
+            retry=retry_if_exception(_retryable), stop=stop, wait=wait_exponential(0.5, max=8), reraise=True
+        )
+
+        def timeout() -> float:  # within a budget, an attempt may take only what is left of it
+            left = self.timeout_s if deadline is None else deadline - time.monotonic()
+            return max(0.5, min(self.timeout_s, left))
+
+        return retrying(self._request_once, method, path, body, timeout)
 
     def _request_once(self, method: str, path: str, body: Any, timeout: Callable[[], float]) -> Any:
         response = requests.request(method, f"{self.url.rstrip('/')}{path}", json=body, timeout=timeout())
