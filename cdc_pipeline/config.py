@@ -27,6 +27,8 @@ _CLICKHOUSE_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 ClickHouseIdentifier = Annotated[str, StringConstraints(pattern=_CLICKHOUSE_NAME, max_length=200)]
 TopicName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]+$", max_length=200)]
 
+OutOfRangePolicy = Literal["clamp", "text", "dlq"]
+
 _TRIGGER_INTERVAL = re.compile(r"^(\d+)\s+(milliseconds?|seconds?|minutes?)$")
 _UNIT_MS = {"millisecond": 1, "second": 1_000, "minute": 60_000}
 _SINK_PLACEHOLDERS = {"schema", "table"}
@@ -92,6 +94,11 @@ class TableConfig(_Model):
     partition_by: str | None = Field(
         None, min_length=1, description="ClickHouse `PARTITION BY` expression of the replica, e.g. toYYYYMM(ts)."
     )
+    out_of_range: dict[str, OutOfRangePolicy] | None = Field(
+        None,
+        description="Per column: what to do with dates/timestamps outside ClickHouse's range "
+        "(clamp, text or dlq); default: `sink.clickhouse.out_of_range`.",
+    )
 
     @property
     def schema_name(self) -> str:
@@ -138,6 +145,12 @@ class ClickHouseSinkConfig(_Model):
     table_name: str = Field(
         "{schema}_{table}", description="Template of replica table names; placeholders `{schema}` and `{table}`."
     )
+    out_of_range: OutOfRangePolicy = Field(
+        "clamp",
+        description="Dates/timestamps outside ClickHouse's 1900-01-01..2299-12-31 (sentinels such as 0001-01-01, "
+        "9999-12-31, 'infinity'): `clamp` stores the nearest representable value and counts it, `text` makes "
+        "the column ISO 8601 text (exact), `dlq` dead-letters the row.",
+    )
 
     @field_validator("table_name")
     @classmethod
@@ -177,6 +190,12 @@ class StreamConfig(_Model):
         description="Kafka group the stream commits processed offsets to; default: `cdc-<name>-stream`.",
     )
     query_name: PgIdentifier | None = Field(None, description="Spark streaming query name; default: `cdc_<name>`.")
+    sink_retry_seconds: float = Field(
+        300,
+        gt=0,
+        description="How long a batch retries a failing ClickHouse write (connection, timeout, memory, a detached "
+        "table...) before it fails uncommitted; rows are never dead-lettered for such errors.",
+    )
 
     @field_validator("trigger_interval")
     @classmethod

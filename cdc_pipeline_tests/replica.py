@@ -90,10 +90,19 @@ class RunningPipeline:
 
 
 def write_schema_pipeline(
-    name: str, tables: list[str], work_dir: Path, *, trigger: str = "1 seconds", **source: Any
+    name: str,
+    tables: list[str],
+    work_dir: Path,
+    *,
+    trigger: str = "1 seconds",
+    stream: dict[str, Any] | None = None,
+    table_options: dict[str, dict[str, Any]] | None = None,
+    clickhouse: dict[str, Any] | None = None,
+    **source: Any,
 ) -> tuple[PipelineConfig, Path]:
     """A pipeline over the tables of PostgreSQL schema `name`, replicated to ClickHouse database
-    `name` under their own names; written to `work_dir/<name>.yaml`. `source` adds source settings."""
+    `name` under their own names; written to `work_dir/<name>.yaml`. `source` adds source settings,
+    `stream` stream settings, `table_options` per-table keys, `clickhouse` sink.clickhouse keys."""
     raw = {
         "name": name,
         "source": {
@@ -103,9 +112,9 @@ def write_schema_pipeline(
             "heartbeat_interval_ms": 5000,
             **source,
         },
-        "tables": [{"name": f"{name}.{t}", "clickhouse_table": t} for t in tables],
-        "sink": {"clickhouse": {"database": name}},
-        "stream": {"trigger_interval": trigger, "max_offsets_per_trigger": 2000},
+        "tables": [{"name": f"{name}.{t}", "clickhouse_table": t, **(table_options or {}).get(t, {})} for t in tables],
+        "sink": {"clickhouse": {"database": name, **(clickhouse or {})}},
+        "stream": {"trigger_interval": trigger, "max_offsets_per_trigger": 2000, **(stream or {})},
     }
     config = parse_pipeline_config(raw, source=f"{name}.yaml")
     config_path = work_dir / f"{name}.yaml"
@@ -115,11 +124,11 @@ def write_schema_pipeline(
 
 @contextmanager
 def pipeline_for_schema(
-    settings: Settings, name: str, tables: list[str], work_dir: Path, trigger: str = "1 seconds"
+    settings: Settings, name: str, tables: list[str], work_dir: Path, trigger: str = "1 seconds", **options: Any
 ) -> Iterator[RunningPipeline]:
     """Provision a connector for `<name>.<table>` tables (already created by the caller); stop and
-    remove everything afterwards, also when the test fails."""
-    config, config_path = write_schema_pipeline(name, tables, work_dir, trigger=trigger)
+    remove everything afterwards, also when the test fails. `options` go to write_schema_pipeline."""
+    config, config_path = write_schema_pipeline(name, tables, work_dir, trigger=trigger, **options)
     connect = KafkaConnectResource(url=settings.connect_url)
     running = RunningPipeline(
         settings, config, config_path, str(work_dir / "checkpoint"), name, name, work_dir / "stream.log"

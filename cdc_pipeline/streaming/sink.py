@@ -8,11 +8,12 @@ order, can never bring back an older row; deletes are rows with `_is_deleted = 1
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
-from clickhouse_connect.driver.binding import quote_identifier
+from clickhouse_connect.driver.binding import format_query_value, quote_identifier
 from clickhouse_connect.driver.client import Client
 
 from cdc_pipeline.streaming.types import ColumnSpec
@@ -24,6 +25,20 @@ META_COLUMNS = (
     ("_source_ts", "DateTime64(3, 'UTC')"),
 )
 META_NAMES = tuple(name for name, _ in META_COLUMNS)
+# Every replica table the stream has created or written to, per database: a registered table that is
+# missing was dropped or detached behind the stream's back, and is reported instead of recreated empty.
+REGISTRY_TABLE = "_cdc_replica_tables"
+
+
+class ReplicaTableMissingError(RuntimeError):
+    """A replica table the stream wrote to before no longer exists (dropped or detached)."""
+
+
+def registry_sql(database: str) -> str:
+    return (
+        f"CREATE TABLE IF NOT EXISTS {quote_identifier(database)}.{REGISTRY_TABLE} "
+        "(table String, registered_at DateTime64(3, 'UTC')) ENGINE = ReplacingMergeTree ORDER BY table"
+    )
 
 
 @dataclass(frozen=True)
@@ -67,6 +82,29 @@ class ClickHouseSink:
     def __init__(self, client: Client) -> None:
         self.client = client
         self._known_columns: dict[str, set[str]] = {}
+        self._registries: set[str] = set()
+
+    def forget(self, table: ReplicaTable) -> None:
+        """Drop what is cached about `table` (after an error that says it changed or vanished)."""
+        self._known_columns.pop(table.qualified, None)
+
+    def _registry(self, database: str) -> str:
+        qualified = f"{quote_identifier(database)}.{REGISTRY_TABLE}"
+        if database not in self._registries:
+            self.client.command(registry_sql(database))
+            self._registries.add(database)
+        return qualified
+
+    def _registered(self, table: ReplicaTable) -> bool:
+        registry = self._registry(table.database)
+        found = self.client.query(
+            f"SELECT count() FROM {registry} WHERE table = {{t:String}}", parameters={"t": table.name}
+        ).result_rows
+        return bool(found and found[0][0])
+
+    def _register(self, table: ReplicaTable) -> None:
+        registry = self._registry(table.database)
+        self.client.insert(registry, [[table.name, datetime.now(UTC)]], column_names=["table", "registered_at"])
 
     def existing_columns(self, table: ReplicaTable) -> list[str]:
         """Column names in table order (empty if the table does not exist)."""
@@ -85,10 +123,20 @@ class ClickHouseSink:
         ran: list[str] = []
         existing = self.existing_columns(table)
         if not existing:
+            if self._registered(table):
+                raise ReplicaTableMissingError(
+                    f"replica table {table.qualified} was dropped or detached behind the stream's back; the stream "
+                    "will not recreate it empty and write around the rows it held. If it was detached, ATTACH it "
+                    f"again. To rebuild it on purpose: drop it, run `ALTER TABLE {quote_identifier(table.database)}"
+                    f".{REGISTRY_TABLE} DELETE WHERE table = '{table.name}'`, restart the stream and backfill the "
+                    "table (backfill_table job)."
+                )
             ddl = create_table_sql(table, columns)
             self.client.command(ddl)
             ran.append(ddl)
             existing = self.existing_columns(table)
+        if known is None:
+            self._register(table)
         source_columns = [name for name in existing if name not in META_NAMES]
         for column in columns:
             if column.name not in source_columns:
@@ -104,6 +152,31 @@ class ClickHouseSink:
                 source_columns.append(column.name)
         self._known_columns[table.qualified] = set(source_columns)
         return ran
+
+    def current_rows(
+        self, table: ReplicaTable, keys: Sequence[Sequence[Any]], columns: Sequence[str]
+    ) -> dict[tuple[Any, ...], dict[str, Any]]:
+        """The live (FINAL, not deleted) values of `columns` for the rows with these key values, by
+        normalized key (see `normalize_key`); keys without a live row are absent. Strings come back as
+        bytes (bytea replicas hold arbitrary bytes), times as aware UTC datetimes: both insert as-is."""
+        if not keys or not columns:
+            return {}
+        key_list = ", ".join(quote_identifier(k) for k in table.key_columns)
+        wanted = ", ".join(
+            str(format_query_value(tuple(key) if len(table.key_columns) > 1 else key[0])) for key in keys
+        )
+        selected = ", ".join(quote_identifier(c) for c in [*table.key_columns, *columns])
+        key_expr = f"({key_list})" if len(table.key_columns) > 1 else key_list
+        result = self.client.query(
+            f"SELECT {selected} FROM {table.qualified} FINAL WHERE {key_expr} IN ({wanted}) AND _is_deleted = 0",
+            query_formats={"String": "bytes", "FixedString": "bytes"},
+            query_tz="UTC",
+        )
+        width = len(table.key_columns)
+        return {
+            normalize_key(row[:width]): {name: _as_utc(v) for name, v in zip(columns, row[width:], strict=True)}
+            for row in result.result_rows
+        }
 
     def upsert(self, table: ReplicaTable, column_names: Sequence[str], rows: Sequence[Sequence[Any]]) -> int:
         """Insert new row states; each row ends with the META_COLUMNS values."""
@@ -138,3 +211,29 @@ class ClickHouseSink:
             parameters={"v": str(row_version), "ts": source_ts},
         )
         return True
+
+
+def normalize_key(values: Sequence[Any]) -> tuple[Any, ...]:
+    """A key tuple comparable between converted change values and values read back from ClickHouse."""
+    return tuple(_normalize(value) for value in values)
+
+
+def _normalize(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    if isinstance(value, datetime):
+        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+    if isinstance(value, Mapping):
+        return tuple(sorted(value.items()))
+    if isinstance(value, list):
+        return tuple(_normalize(v) for v in value)
+    return value
+
+
+def _as_utc(value: Any) -> Any:
+    # Replica timestamps are UTC; a naive datetime would be read as local time by the insert.
+    if isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    if isinstance(value, list):
+        return [_as_utc(v) for v in value]
+    return value
