@@ -29,7 +29,13 @@ from cdc_pipeline.config import PipelineConfig, TableConfig
 from cdc_pipeline.connector import connector_name
 from cdc_pipeline.control.backfill import SnapshotFailed, SnapshotProgress, end_offsets, follow_snapshot
 from cdc_pipeline.control.reconcile import Differences, normalize, reconcile
-from cdc_pipeline.control.source import exact_count, primary_key, request_incremental_snapshot, source_columns
+from cdc_pipeline.control.source import (
+    UnsupportedSnapshotName,
+    exact_count,
+    primary_key,
+    request_incremental_snapshot,
+    source_columns,
+)
 from cdc_pipeline.defs import common
 from cdc_pipeline.defs.common import AUTOMATIC_TAG, database_of, lag_metadata, stream_env, stream_lag
 from cdc_pipeline.defs.translator import CdcTranslator
@@ -255,7 +261,10 @@ def run_backfill(
             start = end_offsets(consumer, topic)
             notification_start = end_offsets(consumer, notification_topic)
             expected = exact_count(conn, table, condition)
-            signal_id = request_incremental_snapshot(conn, config, table, condition)
+            try:
+                signal_id = request_incremental_snapshot(conn, config, table, condition)
+            except UnsupportedSnapshotName as exc:
+                raise Failure(str(exc)) from None
             context.log.info(f"signal {signal_id}: incremental snapshot of {expected} rows of {table.name} requested")
 
             def report(progress: SnapshotProgress) -> None:
@@ -269,7 +278,8 @@ def run_backfill(
             try:
                 progress = follow_snapshot(
                     consumer, topic=topic, notification_topic=notification_topic, start=start,
-                    notification_start=notification_start, signal_id=signal_id, table=table.name, expected=expected,
+                    notification_start=notification_start, signal_id=signal_id, table=table.collection_id,
+                    expected=expected,
                     timeout=timeout, on_acknowledged=lock.release, on_progress=report,
                 )  # fmt: skip
             except (SnapshotFailed, TimeoutError) as exc:
