@@ -180,7 +180,9 @@ def resume_connector() -> None:
 
 
 class BackfillConfig(Config):
-    table: str = Field(description="Source table (`schema.table`) of the pipeline to backfill.")
+    table: str = Field(
+        description='Source table of the pipeline to backfill, as in pipeline.yaml (`public.orders`, `public."User"`).'
+    )
     condition: str | None = Field(
         default=None, description="Optional SQL filter on the source table, e.g. `updated_at > '2026-01-01'`."
     )
@@ -347,7 +349,9 @@ def backfill_table() -> None:
 
 
 class ReplayConfig(Config):
-    table: str = Field(description="Source table (`schema.table`) whose topic is replayed.")
+    table: str = Field(
+        description='Source table whose topic is replayed, as in pipeline.yaml (`public.orders`, `public."User"`).'
+    )
     start_offset: int | None = Field(default=None, description="First offset (partition 0), inclusive.")
     end_offset: int | None = Field(default=None, description="Last offset, exclusive; default the current end.")
     start_time: str | None = Field(default=None, description="ISO 8601 start of a time window (instead of offsets).")
