@@ -19,9 +19,16 @@ from clickhouse_connect.driver.client import Client
 from psycopg import sql
 
 from cdc_pipeline.clickhouse import connect_clickhouse
-from cdc_pipeline.config import PipelineConfig, parse_pipeline_config
+from cdc_pipeline.config import PipelineConfig, TableConfig, parse_pipeline_config
+from cdc_pipeline.control.backfill import SnapshotProgress, end_offsets, follow_snapshot
 from cdc_pipeline.control.reconcile import reconcile
-from cdc_pipeline.control.source import check_source, primary_key, request_incremental_snapshot, source_columns
+from cdc_pipeline.control.source import (
+    check_source,
+    exact_count,
+    primary_key,
+    request_incremental_snapshot,
+    source_columns,
+)
 from cdc_pipeline.definitions import build_definitions
 from cdc_pipeline.defs.translator import key_part
 from cdc_pipeline.resources import KafkaResource
@@ -227,11 +234,16 @@ def test_quoted_tables_replicate_exactly(settings: Settings, quoted_source: tupl
                 _replica_has_the_exact_columns(client, running)
                 _debezium_used_the_exact_names(settings, conn, running)
 
-                # Backfills: Debezium's snapshot signal names "User" as an exact regex and "Order Items"
-                # in double quotes; each re-reads its table into the emptied replica.
-                for table in (config.table(USER), config.table(SPACED)):
+                # Backfills: Debezium's snapshot signal names "User" as an exact regex and "Order Items" in
+                # double quotes. Each re-reads its table into the emptied replica: first the rows matching a
+                # condition (Debezium applies it only if its pattern matched the name: it scans only those),
+                # then the whole table; Debezium's notifications name the tables exactly.
+                kafka = KafkaResource(bootstrap_servers=settings.kafka_bootstrap_servers)
+                for table, condition in ((config.table(USER), '"id" % 2 = 1'), (config.table(SPACED), "id % 2 = 0")):
                     client.command(f"TRUNCATE TABLE `{name}`.`{config.sink_table(table)}`")
-                    request_incremental_snapshot(conn, config, table)
+                    for where in (condition, None):
+                        progress = _backfill(kafka, conn, config, table, where)
+                        assert progress.rows_scanned == exact_count(conn, table, where) > 0, (table.name, where)
                 workload.run(conn, 100)
                 running.wait_until_replica_matches(conn, client, tables, timeout=600)
 
@@ -247,6 +259,24 @@ def test_quoted_tables_replicate_exactly(settings: Settings, quoted_source: tupl
                 assert running.stream_alive(), running.log_tail()
     finally:
         client.close()
+
+
+def _backfill(
+    kafka: KafkaResource, conn: psycopg.Connection, config: PipelineConfig, table: TableConfig, where: str | None
+) -> SnapshotProgress:
+    """An incremental snapshot of `table`, followed through Debezium's notifications until its scan completed."""
+    consumer = kafka.consumer(f"{config.consumer_group}-backfill", **{"enable.partition.eof": False})
+    try:
+        topic = config.topic_for(table)
+        start, notification_start = end_offsets(consumer, topic), end_offsets(consumer, config.notification_topic)
+        signal_id = request_incremental_snapshot(conn, config, table, where)
+        return follow_snapshot(
+            consumer, topic=topic, notification_topic=config.notification_topic, start=start,
+            notification_start=notification_start, signal_id=signal_id, table=table.collection_id,
+            expected=exact_count(conn, table, where), timeout=300,
+        )  # fmt: skip
+    finally:
+        consumer.close()
 
 
 def _replica_has_the_exact_columns(client: Client, running: RunningPipeline) -> None:
