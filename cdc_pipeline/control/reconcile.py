@@ -103,7 +103,7 @@ def primary_key(conn: psycopg.Connection, schema: str, table: str) -> list[str]:
     rows = conn.execute(
         "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
         "WHERE i.indrelid = %s::regclass AND i.indisprimary ORDER BY array_position(i.indkey, a.attnum)",
-        (f'"{schema}"."{table}"',),
+        (sql.Identifier(schema, table).as_string(conn),),
     ).fetchall()
     return [r[0] for r in rows]
 
@@ -125,9 +125,7 @@ def source_rows(
     selected = [
         sql.SQL("{}::text").format(sql.Identifier(n)) if types[n] == "interval" else sql.Identifier(n) for n in names
     ]
-    query = sql.SQL("SELECT {} FROM {}.{}").format(
-        sql.SQL(", ").join(selected), sql.Identifier(schema), sql.Identifier(table)
-    )
+    query = sql.SQL("SELECT {} FROM {}").format(sql.SQL(", ").join(selected), sql.Identifier(schema, table))
     if condition:
         query += sql.SQL(" WHERE ") + sql.SQL(condition)  # an operator-supplied filter
     conn.execute("SET intervalstyle = 'iso_8601'")

@@ -4,6 +4,7 @@ table observations, and Debezium signals (incremental snapshots for backfills)."
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +12,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from cdc_pipeline.config import PipelineConfig, TableConfig
+from cdc_pipeline.config import PipelineConfig, TableConfig, display_name
+from cdc_pipeline.connector import CASE_SENSITIVE, regex_literal
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,7 @@ def check_source(conn: psycopg.Connection, pipeline: PipelineConfig) -> list[Sou
         exists = conn.execute("SELECT 1 FROM pg_tables WHERE schemaname = %s AND tablename = %s", parts).fetchone()
         checks.append(
             SourceCheck(
-                label, exists is not None, f"{'.'.join(parts)} {'exists' if exists else 'is missing'}",
+                label, exists is not None, f"{display_name(*parts)} {'exists' if exists else 'is missing'}",
                 "run the provision job (it creates the table) or create it as in the README",
             )
         )  # fmt: skip
@@ -186,15 +188,44 @@ def primary_key(conn: psycopg.Connection, table: TableConfig) -> list[str]:
     return [r[0] for r in rows]
 
 
+_NEEDS_DEBEZIUM_QUOTES = re.compile(r"[.\s\"'`]")
+_REGEX_META = re.compile(r"[\\\[\](){}*+?|^$]")
+
+
+class UnsupportedSnapshotName(ValueError):
+    """Debezium's execute-snapshot signal cannot name this table."""
+
+
+def snapshot_collection(table: TableConfig) -> tuple[str, str]:
+    """How an execute-snapshot signal names `table`: the `data-collections` entry and the regex of its
+    `additional-conditions`. Debezium matches each entry as a (case-sensitive) regex against its
+    `schema.table` identifiers and parses what matched with its identifier parser; an entry matching
+    nothing is parsed as it is. So a plain name is an exact regex, and a name with a dot, a space or a
+    quote (which the parser would split or unquote) is given in double quotes, which match no identifier."""
+    schema, name = table.schema_name, table.table_name
+    if not (_NEEDS_DEBEZIUM_QUOTES.search(schema) or _NEEDS_DEBEZIUM_QUOTES.search(name)):
+        exact = CASE_SENSITIVE + regex_literal(schema) + r"\." + regex_literal(name)
+        return exact, exact
+    if _REGEX_META.search(schema + name) or "''" in schema + name or "``" in schema + name:
+        raise UnsupportedSnapshotName(
+            f"Debezium's snapshot signal cannot name {table.name}: a name with a dot, a space or a quote is "
+            "given in double quotes, which Debezium also compiles as a regex, so it cannot contain any of "
+            "\\ [ ] ( ) { } * + ? | ^ $ (nor '' or ``); rename the table to backfill it"
+        )
+    quoted = ".".join('"' + part.replace('"', '""') + '"' for part in (schema, name))
+    return quoted, CASE_SENSITIVE + regex_literal(quoted)
+
+
 def request_incremental_snapshot(
     conn: psycopg.Connection, pipeline: PipelineConfig, table: TableConfig, condition: str | None = None
 ) -> str:
     """Ask Debezium for an incremental snapshot of `table` (optionally only rows matching the SQL
     `condition`) by inserting an `execute-snapshot` row into the signal table; returns the signal id.
     The snapshot runs in chunks interleaved with streaming, so nothing stops while it runs."""
-    data: dict[str, Any] = {"data-collections": [table.name], "type": "incremental"}
+    collection, pattern = snapshot_collection(table)
+    data: dict[str, Any] = {"data-collections": [collection], "type": "incremental"}
     if condition:
-        data["additional-conditions"] = [{"data-collection": table.name, "filter": condition}]
+        data["additional-conditions"] = [{"data-collection": pattern, "filter": condition}]
     signal_id = f"backfill-{uuid.uuid4()}"
     conn.execute(
         sql.SQL("INSERT INTO {} (id, type, data) VALUES (%s, 'execute-snapshot', %s)").format(

@@ -29,7 +29,13 @@ from cdc_pipeline.config import PipelineConfig, TableConfig
 from cdc_pipeline.connector import connector_name
 from cdc_pipeline.control.backfill import SnapshotFailed, SnapshotProgress, end_offsets, follow_snapshot
 from cdc_pipeline.control.reconcile import Differences, normalize, reconcile
-from cdc_pipeline.control.source import exact_count, primary_key, request_incremental_snapshot, source_columns
+from cdc_pipeline.control.source import (
+    UnsupportedSnapshotName,
+    exact_count,
+    primary_key,
+    request_incremental_snapshot,
+    source_columns,
+)
 from cdc_pipeline.defs import common
 from cdc_pipeline.defs.common import AUTOMATIC_TAG, database_of, lag_metadata, stream_env, stream_lag
 from cdc_pipeline.defs.translator import CdcTranslator
@@ -174,7 +180,9 @@ def resume_connector() -> None:
 
 
 class BackfillConfig(Config):
-    table: str = Field(description="Source table (`schema.table`) of the pipeline to backfill.")
+    table: str = Field(
+        description='Source table of the pipeline to backfill, as in pipeline.yaml (`public.orders`, `public."User"`).'
+    )
     condition: str | None = Field(
         default=None, description="Optional SQL filter on the source table, e.g. `updated_at > '2026-01-01'`."
     )
@@ -255,7 +263,10 @@ def run_backfill(
             start = end_offsets(consumer, topic)
             notification_start = end_offsets(consumer, notification_topic)
             expected = exact_count(conn, table, condition)
-            signal_id = request_incremental_snapshot(conn, config, table, condition)
+            try:
+                signal_id = request_incremental_snapshot(conn, config, table, condition)
+            except UnsupportedSnapshotName as exc:
+                raise Failure(str(exc)) from None
             context.log.info(f"signal {signal_id}: incremental snapshot of {expected} rows of {table.name} requested")
 
             def report(progress: SnapshotProgress) -> None:
@@ -269,7 +280,8 @@ def run_backfill(
             try:
                 progress = follow_snapshot(
                     consumer, topic=topic, notification_topic=notification_topic, start=start,
-                    notification_start=notification_start, signal_id=signal_id, table=table.name, expected=expected,
+                    notification_start=notification_start, signal_id=signal_id, table=table.collection_id,
+                    expected=expected,
                     timeout=timeout, on_acknowledged=lock.release, on_progress=report,
                 )  # fmt: skip
             except (SnapshotFailed, TimeoutError) as exc:
@@ -337,7 +349,9 @@ def backfill_table() -> None:
 
 
 class ReplayConfig(Config):
-    table: str = Field(description="Source table (`schema.table`) whose topic is replayed.")
+    table: str = Field(
+        description='Source table whose topic is replayed, as in pipeline.yaml (`public.orders`, `public."User"`).'
+    )
     start_offset: int | None = Field(default=None, description="First offset (partition 0), inclusive.")
     end_offset: int | None = Field(default=None, description="Last offset, exclusive; default the current end.")
     start_time: str | None = Field(default=None, description="ISO 8601 start of a time window (instead of offsets).")
