@@ -14,6 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from cdc_pipeline.sqlcheck import CLICKHOUSE_CLAUSES, check_expression
+
 CONFIG_ENV_VAR = "CDC_PIPELINE_CONFIG"
 DEFAULT_CONFIG_FILE = Path("pipeline.yaml")
 
@@ -92,6 +94,12 @@ class TableConfig(_Model):
     partition_by: str | None = Field(
         None, min_length=1, description="ClickHouse `PARTITION BY` expression of the replica, e.g. toYYYYMM(ts)."
     )
+
+    @field_validator("partition_by")
+    @classmethod
+    def _one_expression(cls, value: str | None) -> str | None:
+        # Pasted into CREATE TABLE: one expression, not a way to add clauses or statements.
+        return None if value is None else check_expression(value, "partition_by", "clickhouse", CLICKHOUSE_CLAUSES)
 
     @property
     def schema_name(self) -> str:
@@ -285,7 +293,10 @@ class PipelineConfig(_Model):
 
     def clickhouse_database(self, default: str) -> str:
         """The ClickHouse database: configured, or `default` (the CDC_CLICKHOUSE_DATABASE setting)."""
-        return self.sink.clickhouse.database or default
+        database = self.sink.clickhouse.database or default
+        if not re.fullmatch(_CLICKHOUSE_NAME, database):
+            raise ValueError(f"ClickHouse database {database!r} (CDC_CLICKHOUSE_DATABASE): use letters, digits and _")
+        return database
 
     def table(self, name: str) -> TableConfig:
         """A captured table by `schema.table` (or unqualified, in the first schema); KeyError if not captured."""

@@ -208,7 +208,7 @@ def control(
         "monitor": MonitorResource(lag_window=3, lag_threshold=1_000_000, stall_after_s=30, check_wait_s=120),
     }  # fmt: skip
     defs = build_definitions(config, config_path, resources)
-    client = connect_clickhouse(clickhouse_url, "default", None)
+    client = connect_clickhouse(clickhouse_url, "default", os.environ["CDC_CLICKHOUSE_PASSWORD"])
     plane = ControlPlane(
         settings, config, config_path, work_dir, resources, defs, DagsterInstance.ephemeral(), webhook, conn, client
     )

@@ -41,6 +41,7 @@ from cdc_pipeline.resources import (
     PostgresResource,
     SparkResource,
 )
+from cdc_pipeline.sqlcheck import InvalidFragment, validate_condition
 from cdc_pipeline.streaming import replay as replay_app
 from cdc_pipeline.streaming.launch import submit_env
 
@@ -250,6 +251,11 @@ def run_backfill(
         # The signal connection holds the pipeline's backfill lock until Debezium acknowledged the signal:
         # two signals it takes in at once would be reported under one id only (see control/backfill.py).
         with postgres.connect(autocommit=True) as conn:
+            if condition is not None:
+                try:
+                    condition = validate_condition(conn, table.schema_name, table.table_name, condition)
+                except InvalidFragment as exc:
+                    raise Failure(f"backfill {table.name}: {exc}") from None
             lock = BackfillLock(conn, config.name)
             lock.acquire(timeout, context.log)
             start = end_offsets(consumer, topic)
@@ -398,7 +404,7 @@ def replay_op(
     context.log.info(f"replaying {topic} offsets [{start}, {end}) with spark-submit on {spark.master}")
     # In its own process group, so a timeout stops spark-submit's JVM and its Python driver together.
     process = subprocess.Popen(
-        argv, env=submit_env(stream_env(kafka, clickhouse, pipeline)), stdout=subprocess.PIPE,
+        argv, env=submit_env(stream_env(kafka, clickhouse, pipeline), master=spark.master), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
     try:
