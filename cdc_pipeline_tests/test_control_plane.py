@@ -199,7 +199,9 @@ def control(
         "kafka": KafkaResource(bootstrap_servers=settings.kafka_bootstrap_servers),
         "kafka_connect": KafkaConnectResource(url=settings.connect_url),
         "spark": SparkResource(master="local[2]", jvm_cache_dir=str(settings.jvm_cache_dir)),
-        "clickhouse": ClickHouseResource(url=clickhouse_url, database=name),
+        "clickhouse": ClickHouseResource(
+            url=clickhouse_url, password=os.environ["CDC_CLICKHOUSE_PASSWORD"], database=name
+        ),
         "pipeline": PipelineResource(
             config_path=str(config_path), stack_dir=str(work_dir), control_dir=str(work_dir / "control"),
             checkpoint_location=str(work_dir / "checkpoint"),

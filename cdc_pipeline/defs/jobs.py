@@ -244,6 +244,13 @@ def run_backfill(
 ) -> dict[str, Any]:
     """Signal an incremental snapshot of `table`, follow it until Debezium reports it complete, then
     wait until the stream applied it."""
+    if condition is not None:
+        # One boolean expression on the table, checked by PostgreSQL before Debezium or a count sees it.
+        with postgres.connect(autocommit=True) as conn:
+            try:
+                condition = validate_condition(conn, table.schema_name, table.table_name, condition)
+            except InvalidFragment as exc:
+                raise Failure(f"backfill {table.name}: {exc}") from None
     notification_topic = _notification_topic(connect, config)
     topic = config.topic_for(table)
     consumer = kafka.consumer(f"{config.consumer_group}-backfill", **{"enable.partition.eof": False})
@@ -251,11 +258,6 @@ def run_backfill(
         # The signal connection holds the pipeline's backfill lock until Debezium acknowledged the signal:
         # two signals it takes in at once would be reported under one id only (see control/backfill.py).
         with postgres.connect(autocommit=True) as conn:
-            if condition is not None:
-                try:
-                    condition = validate_condition(conn, table.schema_name, table.table_name, condition)
-                except InvalidFragment as exc:
-                    raise Failure(f"backfill {table.name}: {exc}") from None
             lock = BackfillLock(conn, config.name)
             lock.acquire(timeout, context.log)
             start = end_offsets(consumer, topic)
