@@ -168,6 +168,8 @@ REFUSED = [
     "SELECT 1 INTO OUTFILE '{out}'",
     "SELECT 1 INTO OUTFILE '{out}' FORMAT TSV",
     "INSERT INTO {db}.t FROM INFILE '{secret}' FORMAT LineAsString",
+    "INSERT INTO {db}.t FORMAT Values ('ok'), (file('{secret}'))",
+    "INSERT INTO {db}.t VALUES ('ok'), (FILE('{secret}'))",
     "CREATE TABLE {db}.f (s String) ENGINE = File(LineAsString, '{secret}')",
     "CREATE TABLE {db}.f (s String) ENGINE FileLog('{secret_dir}', 'LineAsString')",
     "CREATE TABLE {db}.f (s String) ENGINE = `URL`('http://127.0.0.1:{connect_port}/', 'LineAsString')",
@@ -200,6 +202,17 @@ def test_files_urls_and_other_servers_are_refused(
     assert secret_file.read_text().strip() not in body
     assert not out.exists(), f"{query} wrote {out}"
     assert endpoint.post("SELECT 1") == (200, "1\n")  # and the endpoint still serves
+
+
+def test_values_data_is_checked_too(endpoint: Endpoint, secret_file: Path, ch_database: str) -> None:
+    table = f"{ch_database}.t"
+    status, body = endpoint.request(
+        "POST", "/?query=" + quote(f"INSERT INTO {table} FORMAT Values"), f"(file('{secret_file}'))".encode()
+    )
+    assert status != 200 and "Code: 497" in body
+    assert endpoint.post(f"INSERT INTO {table} FORMAT Values ('values-ok'), (concat('a', 'b'))")[0] == 200
+    assert endpoint.post(f"SELECT count() FROM {table} WHERE s IN ('values-ok', 'ab')") == (200, "2\n")
+    assert secret_file.read_text().strip() not in endpoint.post(f"SELECT * FROM {table}")[1]
 
 
 def test_file_naming_settings_are_refused_as_url_parameters(endpoint: Endpoint, secret_file: Path) -> None:
@@ -261,6 +274,28 @@ def test_postgres_tcp_needs_the_right_password(settings: Settings, local_stack: 
             psycopg.connect(**base, user=user, **extra, sslmode="disable").close()
     with psycopg.connect(settings.postgres_conninfo()) as conn:
         assert conn.execute("SELECT current_user").fetchone() == ("cdc",)
+
+
+def test_stack_up_locks_down_a_cluster_left_with_trust(settings: Settings, local_stack: LocalStack) -> None:
+    """A server started by an older version (`trust`) is locked down by the next `stack up`."""
+    params = settings.postgres_params
+    anyone = {"host": params["host"], "port": params["port"], "dbname": "postgres", "user": "postgres"}
+    hba = local_stack.postgres.data_dir / "pg_hba.conf"
+    hba.write_text("local all all trust\nhost all all all trust\n")
+    with psycopg.connect(host=str(local_stack.postgres.socket_dir), port=params["port"], user="postgres") as conn:
+        conn.execute("SELECT pg_reload_conf()")
+    wait_for(lambda: _connects(anyone), 30, "the trust rules to apply")
+    LocalStack(settings, say=lambda _: None).up()
+    assert "trust" not in hba.read_text()
+    assert not _connects(anyone)
+
+
+def _connects(params: dict[str, str]) -> bool:
+    try:
+        psycopg.connect(**params, connect_timeout=10, sslmode="disable").close()
+    except psycopg.OperationalError:
+        return False
+    return True
 
 
 # --- 3. Kafka Connect ---------------------------------------------------------------------------

@@ -1077,6 +1077,10 @@ class _Handler(BaseHTTPRequestHandler):
             except _Incomplete:
                 raise _syntax_error("Max query size exceeded") from None
         readonly = self.command == "GET"
+        if split is not None and split.fmt.lower() == "values":
+            # Values data may hold SQL expressions (file(...) included), which ClickHouse evaluates:
+            # the request is checked and run as one SQL text, like INSERT ... VALUES.
+            split = None
         if split is not None:
             statement = head[: split.statement_end].decode(errors="replace").strip()
             self._statement = f"{statement} FORMAT {split.fmt}"

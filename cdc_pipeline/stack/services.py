@@ -279,6 +279,11 @@ class PostgresService(Service):
         dbname = self.params.get("dbname") or role
         password = self.settings.postgres_password.get_secret_value() if self.settings.postgres_password else ""
         with psycopg.connect(self._superuser_conninfo(), autocommit=True) as conn:
+            # A server started by an older version (trust, 0755 socket directory) is locked down now.
+            _, entry = self._run_as()
+            self.socket_dir.chmod(0o700)
+            self._write_auth_config(entry)
+            conn.execute("SELECT pg_reload_conf()")
             exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
             verb = "ALTER" if exists else "CREATE"
             conn.execute(
