@@ -29,7 +29,7 @@ from cdc_pipeline.settings import Settings
 from cdc_pipeline.sqlcheck import InvalidFragment, check_expression, validate_condition
 from cdc_pipeline.stack.jvm import DEBEZIUM_CONNECTOR_CLASS
 from cdc_pipeline.stack.services import CONNECT_CONNECTOR_ENV, JVM_ENV
-from cdc_pipeline.stack.stack import LocalStack
+from cdc_pipeline.stack.stack import LocalStack, is_loopback
 from cdc_pipeline.streaming.launch import SparkSubmit, submit_env
 from cdc_pipeline_tests.conftest import wait_for
 from cdc_pipeline_tests.test_connector import cleanup
@@ -320,6 +320,20 @@ def test_every_stack_service_listens_on_loopback_only(local_stack: LocalStack) -
         assert addresses and {a.rsplit(":", 1)[0] for a in addresses} <= LOOPBACK, (service.name, addresses)
 
 
+def test_the_stack_refuses_to_listen_beyond_loopback(tmp_path: Path) -> None:
+    from cdc_pipeline.stack.services import StackError
+
+    exposed = Settings(
+        _env_file=None, stack_dir=tmp_path, connect_url="http://0.0.0.0:18083", postgres_password="x",
+        clickhouse_password="y",
+    )  # fmt: skip
+    stack = LocalStack(exposed, say=lambda _: None)
+    with pytest.raises(StackError, match="loopback only, not on 0.0.0.0:18083"):
+        stack._start_if_needed(stack.connect)
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.10") and not is_loopback("db.example")
+
+
 def test_connect_worker_gets_only_the_variables_connectors_need(local_stack: LocalStack) -> None:
     process = local_stack.connect.process.running()
     assert process is not None
@@ -356,24 +370,29 @@ def test_connector_configs_resolve_only_allow_listed_variables(settings: Setting
 # --- 4. the Spark UI ----------------------------------------------------------------------------
 
 
-def test_spark_ui_is_off_and_read_only_by_default_and_configurable(tmp_path: Path) -> None:
+def test_spark_ui_is_off_and_read_only_by_default_and_configurable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SPARK_LOCAL_IP", raising=False)
     config = tmp_path / "pipeline.yaml"
-    local = SparkSubmit(master="local[2]", jars=("kafka.jar",)).stream_argv(config)
-    confs = dict(item.split("=", 1) for item in (local[i + 1] for i, a in enumerate(local) if a == "--conf"))
-    assert confs["spark.ui.enabled"] == "false"
-    assert confs["spark.ui.killEnabled"] == "false"
-    assert confs["spark.driver.bindAddress"] == confs["spark.driver.host"] == "127.0.0.1"
-    assert submit_env(master="local[2]")["SPARK_LOCAL_IP"] == "127.0.0.1" or "SPARK_LOCAL_IP" in os.environ
 
-    enabled = SparkSubmit(master="local[2]", jars=("kafka.jar",), conf={"spark.ui.enabled": "true"}).stream_argv(config)
-    assert "spark.ui.enabled=true" in enabled and "spark.ui.killEnabled=false" in enabled
+    def confs(argv: list[str]) -> dict[str, str]:
+        return dict(argv[i + 1].split("=", 1) for i, arg in enumerate(argv) if arg == "--conf")
 
-    cluster = SparkSubmit(master="spark://spark-master:7077", jars=("kafka.jar",)).stream_argv(config)
-    assert "spark.ui.enabled=false" in cluster
-    assert not any(arg.startswith("spark.driver.bindAddress") for arg in cluster)  # executors must reach it
-    assert "SPARK_LOCAL_IP" not in submit_env(master="spark://spark-master:7077", extra={}) or (
-        "SPARK_LOCAL_IP" in os.environ
-    )
+    local = confs(SparkSubmit(master="local[2]", jars=("kafka.jar",)).stream_argv(config))
+    assert local["spark.ui.enabled"] == local["spark.ui.killEnabled"] == "false"
+    assert local["spark.driver.bindAddress"] == local["spark.driver.host"] == "127.0.0.1"
+    # An enabled UI binds SPARK_LOCAL_IP (else every interface): loopback for a local master.
+    assert submit_env(master="local[2]")["SPARK_LOCAL_IP"] == "127.0.0.1"
+
+    enabled = SparkSubmit(master="local[2]", jars=("kafka.jar",), conf={"spark.ui.enabled": "true"})
+    assert confs(enabled.stream_argv(config))["spark.ui.enabled"] == "true"
+    assert confs(enabled.stream_argv(config))["spark.ui.killEnabled"] == "false"
+
+    cluster = confs(SparkSubmit(master="spark://spark-master:7077", jars=("kafka.jar",)).stream_argv(config))
+    assert cluster["spark.ui.enabled"] == "false"
+    assert "spark.driver.bindAddress" not in cluster  # the cluster's executors must reach the driver
+    assert "SPARK_LOCAL_IP" not in submit_env(master="spark://spark-master:7077")
 
 
 # --- 5. user SQL fragments ----------------------------------------------------------------------
