@@ -494,7 +494,9 @@ def _token_name(token: _Token) -> str | None:
 def _check_statement(text: str, refused_functions: frozenset[str]) -> None:
     """Refuse what a locked-down server would refuse but chDB in clickhouse-local mode runs anyway."""
     try:
-        tokens = list(_tokens(text))
+        # ClickHouse skips Unicode whitespace (e.g. U+00A0) between tokens and allows no other
+        # non-ASCII character outside literals: so `file\u00a0(...)` is a call of file().
+        tokens = [t for t in _tokens(text) if not (t.kind == "punct" and ord(t.text) > 0x7F)]
     except _Incomplete:
         # Unterminated quote or comment: refused before the engine guesses where it ends.
         raise _syntax_error("Unterminated quoted string, identifier or comment") from None
