@@ -29,7 +29,8 @@ It is locked down like a real server configured for one application user:
   name files (``format_schema``, ``format_template_*``, ``output_format_schema``).
 
 One process owns the chDB data directory; MergeTree data persists there across restarts. All
-chDB calls go through one chDB connection, serialized by a lock.
+chDB calls go through two chDB connections (read-write for POST, read-only for GET), serialized by
+one lock.
 
 Run it with ``python -m cdc_pipeline.stack.clickhouse_local --port 8123 --data-dir DIR``.
 """
