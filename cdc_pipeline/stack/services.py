@@ -220,7 +220,14 @@ class PostgresService(Service):
         and TCP, except the superuser `postgres` over the socket for the OS user that runs the stack and
         the one that runs the server (peer authentication: how the stack creates the login role and
         database with no password to keep)."""
-        os_users = sorted({pwd.getpwuid(os.geteuid()).pw_name, entry.pw_name if entry else ""} - {""})
+        try:
+            me = pwd.getpwuid(os.geteuid()).pw_name
+        except KeyError as exc:
+            raise StackError(
+                f"The stack's OS user (uid {os.geteuid()}) has no passwd entry: PostgreSQL's peer authentication, "
+                "which the stack uses to create its role and database, needs one."
+            ) from exc
+        os_users = sorted({me, entry.pw_name if entry else ""} - {""})
         hba = (
             "# Written by cdc-pipeline at every `stack up`; edits are overwritten.\n"
             "# TYPE  DATABASE     USER      ADDRESS  METHOD\n"
