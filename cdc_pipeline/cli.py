@@ -179,7 +179,7 @@ def stream_run(
     if dry_run:
         click.echo(shlex.join(argv))
         return
-    sys.exit(subprocess.call(argv, env=submit_env()))
+    sys.exit(subprocess.call(argv, env=submit_env(master=submit.master)))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from cdc_pipeline.sqlcheck import CLICKHOUSE_CLAUSES, check_expression
+
 CONFIG_ENV_VAR = "CDC_PIPELINE_CONFIG"
 DEFAULT_CONFIG_FILE = Path("pipeline.yaml")
 
@@ -271,6 +273,12 @@ class TableConfig(_Model):
         "(clamp, text or dlq); default: `sink.clickhouse.out_of_range`.",
     )
 
+    @field_validator("partition_by")
+    @classmethod
+    def _one_expression(cls, value: str | None) -> str | None:
+        # Pasted into CREATE TABLE: one expression, not a way to add clauses or statements.
+        return None if value is None else check_expression(value, "partition_by", "clickhouse", CLICKHOUSE_CLAUSES)
+
     @property
     def schema_name(self) -> str:
         """The exact source schema name (valid once loaded: names are qualified by `PipelineConfig`)."""
@@ -515,7 +523,10 @@ class PipelineConfig(_Model):
 
     def clickhouse_database(self, default: str) -> str:
         """The ClickHouse database: configured, or `default` (the CDC_CLICKHOUSE_DATABASE setting)."""
-        return self.sink.clickhouse.database or default
+        database = self.sink.clickhouse.database or default
+        if not re.fullmatch(_CLICKHOUSE_NAME, database):
+            raise ValueError(f"ClickHouse database {database!r} (CDC_CLICKHOUSE_DATABASE): use letters, digits and _")
+        return database
 
     def table(self, name: str) -> TableConfig:
         """A captured table by its pipeline.yaml name (`public.orders`, `public."User"`, or unqualified, in

@@ -162,8 +162,10 @@ def wal_position(conn: psycopg.Connection, pipeline: PipelineConfig) -> dict[str
 def exact_count(conn: psycopg.Connection, table: TableConfig, condition: str | None = None) -> int:
     query = sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table.schema_name, table.table_name))
     if condition:
-        query += sql.SQL(" WHERE ") + sql.SQL(condition)  # an operator-supplied filter, like Debezium's own
-    return conn.execute(query).fetchone()[0]
+        # An operator-supplied filter, like Debezium's own; checked by sqlcheck.validate_condition first.
+        # A prepared statement (extended protocol) can never run a second statement.
+        query += sql.SQL(" WHERE ({})").format(sql.SQL(condition))
+    return conn.execute(query, prepare=True).fetchone()[0]
 
 
 def source_columns(conn: psycopg.Connection, table: TableConfig) -> list[str]:

@@ -118,7 +118,7 @@ class StreamController:
             self._write_state(desired="running")
             return self.status()
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.process.start(argv, env=submit_env(env))
+        self.process.start(argv, env=submit_env(env, master=master))
         self._write_state(
             desired="running", host=socket.gethostname(), master=master, checkpoint=checkpoint,
             started_by=started_by, started_at=datetime.now(UTC).isoformat(timespec="seconds"), stopped_at=None,

@@ -47,6 +47,7 @@ from cdc_pipeline.resources import (
     PostgresResource,
     SparkResource,
 )
+from cdc_pipeline.sqlcheck import InvalidFragment, validate_condition
 from cdc_pipeline.streaming import replay as replay_app
 from cdc_pipeline.streaming.launch import submit_env
 
@@ -251,6 +252,13 @@ def run_backfill(
 ) -> dict[str, Any]:
     """Signal an incremental snapshot of `table`, follow it until Debezium reports it complete, then
     wait until the stream applied it."""
+    if condition is not None:
+        # One boolean expression on the table, checked by PostgreSQL before Debezium or a count sees it.
+        with postgres.connect(autocommit=True) as conn:
+            try:
+                condition = validate_condition(conn, table.schema_name, table.table_name, condition)
+            except InvalidFragment as exc:
+                raise Failure(f"backfill {table.name}: {exc}") from None
     notification_topic = _notification_topic(connect, config)
     topic = config.topic_for(table)
     consumer = kafka.consumer(f"{config.consumer_group}-backfill", **{"enable.partition.eof": False})
@@ -412,7 +420,7 @@ def replay_op(
     context.log.info(f"replaying {topic} offsets [{start}, {end}) with spark-submit on {spark.master}")
     # In its own process group, so a timeout stops spark-submit's JVM and its Python driver together.
     process = subprocess.Popen(
-        argv, env=submit_env(stream_env(kafka, clickhouse, pipeline)), stdout=subprocess.PIPE,
+        argv, env=submit_env(stream_env(kafka, clickhouse, pipeline), master=spark.master), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
     try:

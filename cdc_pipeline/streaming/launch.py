@@ -27,7 +27,21 @@ def kafka_source_jars(cache_dir: Path) -> list[str]:
     return layout.jars("spark-kafka")
 
 
-DEFAULT_CONF = {"spark.sql.shuffle.partitions": "4", "spark.ui.showConsoleProgress": "false"}
+# The Spark UI serves job details and (unless disabled) kill links to anyone who reaches its port, on
+# every interface: off by default, and read-only when turned on (`--conf spark.ui.enabled=true`, or the
+# spark resource's `conf`). With a local master nothing outside this machine needs the driver: it and
+# an enabled UI bind loopback only (see `submit_env`). Every key can be overridden with `conf`.
+DEFAULT_CONF = {
+    "spark.sql.shuffle.partitions": "4",
+    "spark.ui.showConsoleProgress": "false",
+    "spark.ui.enabled": "false",
+    "spark.ui.killEnabled": "false",
+}
+LOCAL_MASTER_CONF = {"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1"}
+
+
+def is_local_master(master: str) -> bool:
+    return master == "local" or master.startswith("local[")
 
 
 @dataclass(frozen=True)
@@ -58,9 +72,14 @@ class SparkSubmit:
         jars = list(self.jars) or ([] if self.packages else kafka_source_jars(self.jvm_cache_dir))
         if jars:
             argv += ["--jars", ",".join(jars)]
-        for key, value in sorted({**DEFAULT_CONF, **self.conf}.items()):
+        for key, value in sorted(self.effective_conf().items()):
             argv += ["--conf", f"{key}={value}"]
         return [*argv, application, *args]
+
+    def effective_conf(self) -> dict[str, str]:
+        """The Spark conf passed to spark-submit: the defaults above, then `conf`."""
+        local = LOCAL_MASTER_CONF if is_local_master(self.master) else {}
+        return {**DEFAULT_CONF, **local, **self.conf}
 
     def stream_argv(
         self, config_path: Path, *, checkpoint_location: str | None = None, name: str | None = None
@@ -72,11 +91,15 @@ class SparkSubmit:
         return self.argv(str(APPLICATION), *args, name=name)
 
 
-def submit_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment for spark-submit: the driver runs this interpreter (where cdc_pipeline is installed)."""
+def submit_env(extra: Mapping[str, str] | None = None, master: str | None = None) -> dict[str, str]:
+    """Environment for spark-submit: the driver runs this interpreter (where cdc_pipeline is installed).
+    With a local `master`, SPARK_LOCAL_IP=127.0.0.1 (unless set): the only way to keep an enabled Spark
+    UI, which binds SPARK_LOCAL_IP or else every interface, on loopback."""
     env = dict(os.environ)
     env.setdefault("PYSPARK_PYTHON", sys.executable)
     env.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    if master is not None and is_local_master(master):
+        env.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     env.update(extra or {})
     return env
 
