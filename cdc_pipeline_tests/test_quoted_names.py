@@ -207,7 +207,9 @@ def quoted_source(settings: Settings, local_stack: LocalStack, unique_name: str)
 def test_quoted_tables_replicate_exactly(settings: Settings, quoted_source: tuple[str, str], tmp_path: Path) -> None:
     name, schema = quoted_source
     workload = QuotedWorkload(schema, seed=int(name[2:], 16) % 10_000)
-    client: Client = connect_clickhouse(settings.clickhouse_endpoint, settings.clickhouse_user)
+    client: Client = connect_clickhouse(
+        settings.clickhouse_endpoint, settings.clickhouse_user, settings.clickhouse_password.get_secret_value()
+    )
     tables = [USER, ORDER_ITEM, SPACED]
     try:
         with psycopg.connect(settings.postgres_conninfo(), autocommit=True) as conn:

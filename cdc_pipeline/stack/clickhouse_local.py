@@ -492,6 +492,20 @@ def _token_name(token: _Token) -> str | None:
     return None
 
 
+def _plain_reattach(tokens: list[_Token]) -> bool:
+    """`ATTACH TABLE [IF NOT EXISTS] [db.]name`: re-attaching a detached table of this server, which a real
+    server allows with grants. Every other ATTACH (FROM a path, a column list, a dictionary) is refused."""
+    words = [t for t in tokens if not (t.kind == "punct" and t.text == ";")]
+    if len(words) < 3 or words[0].text.upper() != "ATTACH" or words[1].text.upper() != "TABLE":
+        return False
+    rest = words[2:]
+    if len(rest) >= 3 and [t.text.upper() for t in rest[:3]] == ["IF", "NOT", "EXISTS"]:
+        rest = rest[3:]
+    if len(rest) == 3 and rest[1].text == ".":
+        rest = [rest[0], rest[2]]
+    return 1 <= len(rest) <= 2 and all(t.kind in ("word", "identifier") for t in rest)
+
+
 def _check_statement(text: str, refused_functions: frozenset[str]) -> None:
     """Refuse what a locked-down server would refuse but chDB in clickhouse-local mode runs anyway."""
     try:
@@ -501,7 +515,8 @@ def _check_statement(text: str, refused_functions: frozenset[str]) -> None:
     except _Incomplete:
         # Unterminated quote or comment: refused before the engine guesses where it ends.
         raise _syntax_error("Unterminated quoted string, identifier or comment") from None
-    if tokens and tokens[0].kind == "word" and tokens[0].text.upper() in _REFUSED_STATEMENTS:
+    refused = tokens and tokens[0].kind == "word" and tokens[0].text.upper() in _REFUSED_STATEMENTS
+    if refused and not _plain_reattach(tokens):
         raise _access_denied(f"{tokens[0].text.upper()} statement")
     for index, token in enumerate(tokens):
         name = _token_name(token)
