@@ -267,7 +267,7 @@ class TableConfig(_Model):
     partition_by: str | None = Field(
         None, min_length=1, description="ClickHouse `PARTITION BY` expression of the replica, e.g. toYYYYMM(ts)."
     )
-    out_of_range: dict[str, OutOfRangePolicy] | None = Field(
+    out_of_range: dict[ColumnName, OutOfRangePolicy] | None = Field(
         None,
         description="Per column: what to do with dates/timestamps outside ClickHouse's range "
         "(clamp, text or dlq); default: `sink.clickhouse.out_of_range`.",
