@@ -50,6 +50,7 @@ from cdc_pipeline.streaming.launch import APPLICATION, SparkSubmit
 DEFAULT_STREAM = StreamConfig()
 PROBE_INTERVAL_S = 0.1
 VISIBILITY_POLL_S = 0.05
+MAX_POLL_S = 2.0
 
 
 class BenchError(RuntimeError):
@@ -87,8 +88,9 @@ def wait_until(
     guard: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """Poll every check until each has returned True once; returns seconds from `started` to each one's
-    first success. A check that raises counts as not done (the table may not exist yet). `guard` raises
-    when waiting is pointless (the stream died)."""
+    first success, to within the poll interval (`interval`, growing to 2% of the elapsed time, at most
+    2 s). A check that raises counts as not done (the table may not exist yet). `guard` raises when
+    waiting is pointless (the stream died)."""
     done: dict[str, float] = {}
     last_error: dict[str, str] = {}
     due = dict.fromkeys(checks, 0.0)
@@ -108,7 +110,9 @@ def wait_until(
                 last_error[name] = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             if ok:
                 done[name] = time.monotonic() - started
-            due[name] = time.monotonic() + (intervals or {}).get(name, interval)
+            # Resolution stays within ~2% of the elapsed time while long waits load the services less.
+            pause = max((intervals or {}).get(name, interval), min(MAX_POLL_S, 0.02 * (time.monotonic() - started)))
+            due[name] = time.monotonic() + pause
         if guard:
             guard()
         time.sleep(min(0.05, interval))
@@ -568,11 +572,11 @@ class Bench:
                 stream.guard()
                 next_probe += PROBE_INTERVAL_S
                 time.sleep(max(0.0, next_probe - time.monotonic()))
-            with contextlib.suppress(BenchError):
+            with contextlib.suppress(BenchError):  # probes still invisible are reported as such
                 wait_until(
                     {"every probe visible": lambda: set(committed) <= set(watcher.seen)},
                     started=time.monotonic(),
-                    timeout=120,
+                    timeout=self.options.wait_timeout_s,
                     guard=stream.guard,
                 )
         finally:
