@@ -14,6 +14,7 @@ from pyspark.sql import SparkSession
 
 from cdc_pipeline.bench import SCENARIOS
 from cdc_pipeline.bench.baseline import position
+from cdc_pipeline.bench.report import Report, Stage, percentile
 from cdc_pipeline.stack.stack import LocalStack
 from cdc_pipeline.streaming.envelope import decode_envelope
 
@@ -73,6 +74,26 @@ def test_bench_measures_every_scenario(local_stack: LocalStack, tmp_path: Path) 
     memory = report["memory"]["peak_rss_bytes"]
     for component in ("postgres", "kafka", "connect", "clickhouse", "spark driver (JVM)", "spark driver (Python)"):
         assert memory[component] > 0, component
-    assert memory["baseline consumer"] > 0
-    assert report["memory"]["peak_total_rss_bytes"] >= max(memory.values())
+    assert memory["plain consumer"] > 0
+    assert report["memory"]["peak_total_rss_bytes"] >= memory["spark driver (JVM)"]
     assert {t["name"] for t in report["targets"]} >= {"stack peak RSS <= 6 GiB"}
+
+
+def test_targets_say_pass_miss_and_by_how_much() -> None:
+    report = Report(options={}, stream_config={"max_offsets_per_trigger": 10_000})
+    report.add(Stage("snapshot", "capture", 100_000, 4.0))  # 25,000 rows/s
+    report.add(Stage("snapshot", "pipeline", 100_000, 2.0))  # 50,000 rows/s
+    report.add(Stage("catchup", "stream", 200_000, 80.0, ratio_vs_baseline=0.5))  # 2,500 rows/s
+    report.latency = {"p50_s": 0.5, "p99_s": 3.0}
+    report.memory_total = 7 * 1024**3
+    targets = {t.name: t for t in report.targets()}
+    assert targets["snapshot applied >= 25,000 rows/s"].passed is True
+    assert targets["snapshot applied >= 0.9x capture"].passed is True
+    assert targets["catchup applied >= 25,000 rows/s"].detail == "10.0x short"
+    assert targets["catchup applied >= 0.9x capture"].passed is False
+    assert targets["catchup applied >= 1.0x plain consumer"].passed is False
+    assert targets["latency p50 <= 1 s"].passed is True
+    assert targets["latency p99 <= 2 s"].detail == "1.5x over"
+    assert targets["no OutOfMemoryError at max_offsets_per_trigger 200,000"].passed is None
+    assert targets["stack peak RSS <= 6 GiB"].passed is False
+    assert percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.0 and percentile([1.0, 2.0], 99) == 2.0

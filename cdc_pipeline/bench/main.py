@@ -16,7 +16,7 @@ from rich.console import Console
 from cdc_pipeline.bench.env import throwaway_settings
 from cdc_pipeline.bench.memory import RssSampler, watch_stack
 from cdc_pipeline.bench.report import Report
-from cdc_pipeline.bench.run import Bench, BenchOptions
+from cdc_pipeline.bench.run import BASELINE, Bench, BenchOptions
 from cdc_pipeline.settings import Settings
 
 
@@ -45,7 +45,7 @@ def run_bench(base: Settings, options: BenchOptions, *, output: Path, use_runnin
             "use_running_stack": use_running_stack,
         }
     )
-    sampler = RssSampler()
+    sampler = RssSampler(outside_total=(BASELINE,))
     bench: Bench | None = None
     try:
         if use_running_stack:

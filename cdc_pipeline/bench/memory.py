@@ -39,10 +39,13 @@ def _is_java(proc: psutil.Process) -> bool:
 
 class RssSampler:
     """Samples the registered components every `interval` seconds until stopped; keeps per-component peaks
-    and the peak of their sum at one instant (the stack's peak, not the sum of peaks)."""
+    and the peak of their sum at one instant (the stack's peak, not the sum of peaks), without the
+    components in `outside_total`."""
 
-    def __init__(self, interval: float = 0.5) -> None:
+    def __init__(self, interval: float = 0.5, outside_total: tuple[str, ...] = ()) -> None:
         self.interval = interval
+        # Components sampled but not part of the stack total (the bench's own baseline consumer).
+        self.outside_total = set(outside_total)
         self.peaks: dict[str, int] = {}
         self.peak_total = 0
         self.samples = 0
@@ -77,7 +80,8 @@ class RssSampler:
         with self._lock:
             for component, rss in now.items():
                 self.peaks[component] = max(self.peaks.get(component, 0), rss)
-            self.peak_total = max(self.peak_total, sum(now.values()))
+            total = sum(rss for component, rss in now.items() if component not in self.outside_total)
+            self.peak_total = max(self.peak_total, total)
             self.samples += 1
 
     def _run(self) -> None:

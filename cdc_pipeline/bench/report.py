@@ -41,7 +41,11 @@ class Stage:
         return self.rows / self.seconds if self.seconds > 0 else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "rows_per_s": round(self.rows_per_s, 1), "seconds": round(self.seconds, 3)}
+        found = {**asdict(self), "rows_per_s": round(self.rows_per_s, 1), "seconds": round(self.seconds, 3)}
+        for key in ("ratio_vs_capture", "ratio_vs_baseline"):
+            if found[key] is not None:
+                found[key] = round(found[key], 3)
+        return found
 
 
 @dataclass
@@ -121,7 +125,8 @@ class Report:
         if self.latency.get("p50_s") is not None:
             for key, limit in (("p50_s", TARGET_P50_S), ("p99_s", TARGET_P99_S)):
                 value = self.latency[key]
-                found.append(Target(f"latency {key[:3]} <= {limit:g} s", f"{value:.2f} s", value <= limit, ""))
+                over = f"{value / limit:.1f}x over" if value > limit else ""
+                found.append(Target(f"latency {key[:3]} <= {limit:g} s", f"{value:.2f} s", value <= limit, over))
         else:
             found.append(Target(f"latency p50 <= {TARGET_P50_S:g} s, p99 <= {TARGET_P99_S:g} s", "not run", None))
         max_offsets = self.stream_config.get("max_offsets_per_trigger") or 0
@@ -147,7 +152,7 @@ class Report:
                     f"stack peak RSS <= {TARGET_PEAK_RSS / GIB:g} GiB",
                     f"{self.memory_total / GIB:.2f} GiB",
                     self.memory_total <= TARGET_PEAK_RSS,
-                    _by(TARGET_PEAK_RSS, self.memory_total) if self.memory_total > TARGET_PEAK_RSS else "",
+                    f"{self.memory_total / TARGET_PEAK_RSS:.1f}x over" if self.memory_total > TARGET_PEAK_RSS else "",
                 )
             )
         return found
@@ -220,6 +225,7 @@ class Report:
             for name, rss in sorted(self.memory.items()):
                 memory.add_row(name, f"{rss / 2**20:,.0f}")
             memory.add_row("[b]stack total (at one instant)[/b]", f"[b]{self.memory_total / 2**20:,.0f}[/b]")
+            memory.caption = "the stack total leaves out the plain consumer (it runs alone, as a comparison)"
             for name in self.memory_unwatched:
                 memory.add_row(name, "not local")
             console.print(memory)

@@ -51,6 +51,7 @@ DEFAULT_STREAM = StreamConfig()
 PROBE_INTERVAL_S = 0.1
 VISIBILITY_POLL_S = 0.05
 MAX_POLL_S = 2.0
+BASELINE = "plain consumer"  # its RSS component: not part of the stack
 
 
 class BenchError(RuntimeError):
@@ -515,7 +516,7 @@ class Bench:
             process = subprocess.Popen(
                 argv, stdout=subprocess.PIPE, stderr=log, env=self._env(), cwd=self.work_dir, start_new_session=True
             )
-        self.sampler.watch("baseline consumer", process.pid)
+        self.sampler.watch(BASELINE, process.pid)
         try:
             out, _ = process.communicate(timeout=self.options.wait_timeout_s)
         except BaseException:
@@ -524,7 +525,7 @@ class Bench:
             process.wait()
             raise
         finally:
-            self.sampler.forget("baseline consumer")
+            self.sampler.forget(BASELINE)
         if process.returncode != 0:
             tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
             raise BenchError(f"the plain consumer failed (exit {process.returncode}):\n{tail}")
