@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg
 import yaml
 from confluent_kafka import Consumer, KafkaException, TopicPartition
@@ -208,17 +209,23 @@ class StreamRun:
         return commits.is_dir() and any(p.name.isdigit() for p in commits.iterdir())
 
     def stop(self, timeout: float = 60) -> None:
+        """SIGTERM to the whole process group (the query stops cleanly), SIGKILL after `timeout`. Also kills
+        what outlives spark-submit: its Python driver can stay behind when the JVM exits mid-batch."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
+        if process is None:
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
+        deadline = time.monotonic() + timeout
+        while _group_alive(process.pid) and time.monotonic() < deadline:
+            process.poll()  # reap spark-submit itself, or the group never looks empty
+            time.sleep(0.2)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while _group_alive(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -680,6 +687,15 @@ class VisibilityWatcher(threading.Thread):
         self.join(timeout=10)
         with contextlib.suppress(Exception):
             self.client.close()
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of the group is still running (zombies waiting to be reaped do not count)."""
+    for proc in psutil.process_iter(["pid"]):
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                return True
+    return False
 
 
 def remove_connector(settings: Settings, config: PipelineConfig) -> None:
