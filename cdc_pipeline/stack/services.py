@@ -366,7 +366,9 @@ class KafkaService(Service):
         config = self._config()
         data = self.state_dir / "kafka" / "data"
         if not (data / "meta.properties").exists():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            cluster_id = "-"
+            while cluster_id.startswith("-"):  # like Kafka's Uuid.randomUuid(): the tool would read "-x" as an option
+                cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             argv = self._java(
                 "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config), "--ignore-formatted"
             )
