@@ -22,6 +22,7 @@ from pyspark.sql import functions as F
 from cdc_pipeline.config import PipelineConfig
 from cdc_pipeline.streaming.dlq import DeadLetters
 from cdc_pipeline.streaming.envelope import ROW_OPS, decode_envelope, latest_changes, truncate_positions, version
+from cdc_pipeline.streaming.evolution import partial_columns
 from cdc_pipeline.streaming.sink import ClickHouseSink, ReplicaTable
 from cdc_pipeline.streaming.types import ColumnSpec, ValueConversionError, columns_from_schema
 
@@ -129,9 +130,10 @@ class ChangeApplier:
             names = {c.name for c in columns}
             columns += [c for c in key_columns if c.name not in names]
             keys = tuple(c.name for c in key_columns) or tuple(table_config.primary_key or ())
-            table = ReplicaTable(self.database, self.pipeline.sink_table(table_config), keys, table_config.partition_by)
+            sink_name = self.pipeline.sink_table(table_config)
+            table = ReplicaTable(self.database, sink_name, keys, table_config.partition_by, table_config.name)
             if columns:
-                self.sink.ensure_table(table, columns)
+                self.sink.ensure_table(table, columns, partial_columns(schemas.get(topic, [])))
             if topic in truncates and self.sink.truncate(table, truncates[topic], _ts(None)):
                 stats.truncates += 1
             self._write_rows(table, {c.name: c for c in columns}, changes.get(topic, []), stats)

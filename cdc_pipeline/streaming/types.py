@@ -86,6 +86,14 @@ class ColumnSpec:
     clickhouse_type: str
     convert: Converter
     optional: bool
+    # The Connect field's `default` as Debezium sent it (JSON form, before conversion); has_default tells
+    # an absent default from a null one. Schema evolution uses it (see streaming/evolution.py).
+    default: Any = None
+    has_default: bool = False
+    # The PostgreSQL type, length and scale from column.propagate.source.type (None when absent).
+    source_type: str | None = None
+    source_length: str | None = None
+    source_scale: str | None = None
 
 
 def _column(field: dict[str, Any]) -> str:
@@ -321,6 +329,11 @@ def columns_from_schema(value_schema: dict[str, Any]) -> list[ColumnSpec]:
             clickhouse_type=clickhouse_type(field),
             convert=value_converter(field),
             optional=bool(field.get("optional")),
+            default=field.get("default"),
+            has_default="default" in field,
+            source_type=(field.get("parameters") or {}).get(SOURCE_TYPE),
+            source_length=(field.get("parameters") or {}).get(SOURCE_LENGTH),
+            source_scale=(field.get("parameters") or {}).get(SOURCE_SCALE),
         )
         for field in after["fields"]
     ]
