@@ -218,7 +218,15 @@ class ClickHouseSink:
         return ran
 
     def _modify(self, table: ReplicaTable, change: TypeChange) -> str:
-        """Convert the column in place, synchronously (ClickHouse rewrites the data before the next insert)."""
+        """Convert the column in place, synchronously (ClickHouse rewrites the data before the next insert).
+        A key column cannot change type in place (ClickHouse forbids it): the table is rebuilt instead."""
+        keys = self.client.query(
+            "SELECT is_in_sorting_key OR is_in_partition_key FROM system.columns "
+            "WHERE database = {db:String} AND table = {t:String} AND name = {c:String}",
+            parameters={"db": table.database, "t": table.name, "c": change.column},
+        ).result_rows
+        if keys and keys[0][0]:
+            return self._rebuild(table, change)
         ddl = f"ALTER TABLE {table.qualified} MODIFY COLUMN {quote_identifier(change.column)} {change.new_type}"
         try:
             self.client.command(ddl, settings={"mutations_sync": 2})
@@ -234,19 +242,63 @@ class ClickHouseSink:
                     f"ALTER TABLE {table.qualified} MODIFY COLUMN {quote_identifier(change.column)} {change.old_type}",
                     settings={"mutations_sync": 2},
                 )
-            raise SchemaChangeError(
-                f"{table.qualified}: column {change.column!r} changed type in {table.source or 'the source'} from "
-                f"{change.old_type} to {change.new_type}, and ClickHouse cannot convert the replica's values "
-                f"({str(exc).splitlines()[0][:300]}). The stream stops rather than write wrong values. To fix: drop "
-                f"the replica table (DROP TABLE {table.qualified}) and restart the stream; "
-                + (
-                    "a re-snapshot of the table has been requested and re-reads every row (if it already passed, "
-                    "run the backfill_table job)"
-                    if self.evolution is not None
-                    else "then run the backfill_table job for the table"
-                )
-            ) from exc
+            raise self._conversion_failed(table, change, exc) from exc
         return ddl
+
+    def _rebuild(self, table: ReplicaTable, change: TypeChange) -> str:
+        """Copy the table into one with the new column type (every row version, converted by the INSERT),
+        then swap the two atomically. On failure the replica table is left as it was."""
+        scratch = ReplicaTable(table.database, f"{table.name}__cdc_rebuild", table.key_columns)
+        columns = self.client.query(
+            "SELECT name, type, default_kind, default_expression FROM system.columns "
+            "WHERE database = {db:String} AND table = {t:String} ORDER BY position",
+            parameters={"db": table.database, "t": table.name},
+        ).result_rows
+        sorting_key, partition_key, settings = self.client.query(
+            "SELECT sorting_key, partition_key, engine_full LIKE '%allow_nullable_key = 1%' FROM system.tables "
+            "WHERE database = {db:String} AND name = {t:String}",
+            parameters={"db": table.database, "t": table.name},
+        ).result_rows[0]
+        definitions = [
+            f"{quote_identifier(name)} {change.new_type if name == change.column else ch_type}"
+            + (f" {kind} {expression}" if kind else "")
+            for name, ch_type, kind, expression in columns
+        ]
+        nullable_key = settings or change.new_type.startswith("Nullable(")
+        ddl = (
+            f"CREATE TABLE {scratch.qualified} (\n  "
+            + ",\n  ".join(definitions)
+            + "\n) ENGINE = ReplacingMergeTree(_version, _is_deleted)\n"
+            + (f"PARTITION BY {partition_key}\n" if partition_key else "")
+            + f"ORDER BY ({sorting_key})"
+            + ("\nSETTINGS allow_nullable_key = 1" if nullable_key else "")
+        )
+        self.client.command(f"DROP TABLE IF EXISTS {scratch.qualified}")
+        self.client.command(ddl)
+        try:
+            self.client.command(f"INSERT INTO {scratch.qualified} SELECT * FROM {table.qualified}")
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                self.client.command(f"DROP TABLE IF EXISTS {scratch.qualified}")
+            raise self._conversion_failed(table, change, exc) from exc
+        self.client.command(f"EXCHANGE TABLES {table.qualified} AND {scratch.qualified}")
+        self.client.command(f"DROP TABLE {scratch.qualified}")
+        log.warning("rebuilt %s with key column %s as %s", table.qualified, change.column, change.new_type)
+        return ddl
+
+    def _conversion_failed(self, table: ReplicaTable, change: TypeChange, exc: Exception) -> SchemaChangeError:
+        return SchemaChangeError(
+            f"{table.qualified}: column {change.column!r} changed type in {table.source or 'the source'} from "
+            f"{change.old_type} to {change.new_type}, and ClickHouse cannot convert the replica's values "
+            f"({str(exc).splitlines()[0][:300]}). The stream stops rather than write wrong values. To fix: drop "
+            f"the replica table (DROP TABLE {table.qualified}) and restart the stream; "
+            + (
+                "a re-snapshot of the table has been requested and re-reads every row (if it already passed, "
+                "run the backfill_table job)"
+                if self.evolution is not None
+                else "then run the backfill_table job for the table"
+            )
+        )
 
     def upsert(self, table: ReplicaTable, column_names: Sequence[str], rows: Sequence[Sequence[Any]]) -> int:
         """Insert new row states; each row ends with the META_COLUMNS values."""
