@@ -22,6 +22,7 @@ from cdc_pipeline.stack.stack import LocalStack
 from cdc_pipeline.streaming.envelope import version
 from cdc_pipeline.streaming.evolution import (
     Action,
+    ChangeRecord,
     SchemaChangeError,
     SchemaEvolution,
     SourceCatalog,
@@ -332,3 +333,30 @@ def test_a_key_column_type_change_rebuilds_the_table(sink) -> None:  # noqa: ANN
     rows = client.query(f"SELECT id, qty, c FROM {table.qualified} FINAL ORDER BY id").result_rows
     assert rows == [(1, 10, "x"), (2**40, 1, "y")]  # the deleted row stays deleted, the DEFAULT stays
     assert client.query(f"EXISTS TABLE {table.database}.items__cdc_rebuild").result_rows == [(0,)]
+
+
+class CountingCatalog(SourceCatalog):
+    """The real catalog, except that signals are counted instead of sent to a connector."""
+
+    def __init__(self, pipeline) -> None:  # noqa: ANN001
+        super().__init__(pipeline, lambda: "")
+        self.signals = 0
+
+    def request_resnapshot(self, table) -> str:  # noqa: ANN001
+        self.signals += 1
+        return f"schema-change-{self.signals}"
+
+
+@pytest.mark.integration
+def test_a_change_is_re_snapshotted_once_even_when_its_batch_is_replayed(sink, unique_name: str) -> None:  # noqa: ANN001
+    _, table, client = sink
+    pipeline = _pipeline(unique_name)
+    catalog = CountingCatalog(pipeline)
+    evolution = SchemaEvolution(pipeline, catalog)
+    record = ChangeRecord("items", f"{unique_name}.t", "qty", "type_change", "Int32", "Int64", "modify", "test")
+    assert evolution.resnapshot(client, table.database, [record])[0].signal_id == "schema-change-1"
+    assert evolution.resnapshot(client, table.database, [record])[0].signal_id == "schema-change-1"  # replayed
+    back = ChangeRecord("items", f"{unique_name}.t", "qty", "type_change", "Int64", "Int32", "modify", "test")
+    assert evolution.resnapshot(client, table.database, [back])[0].signal_id == "schema-change-2"
+    assert evolution.resnapshot(client, table.database, [record])[0].signal_id == "schema-change-3"  # changed again
+    assert catalog.signals == 3

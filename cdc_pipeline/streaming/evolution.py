@@ -418,14 +418,17 @@ class SchemaEvolution:
         client.insert(f"{quote_identifier(database)}.{SCHEMA_CHANGES_TABLE}", rows, column_names=SCHEMA_CHANGE_COLUMNS)
 
     def _already_signalled(self, client: Client, database: str, record: ChangeRecord) -> str | None:
+        """The signal id if the latest record of this column is this very change with a re-snapshot (a
+        replayed batch, or a restart after a failure); None otherwise."""
         self._ensure_log(client, database)
         rows = client.query(
-            f"SELECT signal_id FROM {quote_identifier(database)}.{SCHEMA_CHANGES_TABLE} "
-            "WHERE replica_table = {t:String} AND column = {c:String} AND change = {k:String} "
-            "AND new_type = {n:String} AND signal_id != '' LIMIT 1",
-            parameters={"t": record.replica_table, "c": record.column, "k": record.change, "n": record.new_type},
+            f"SELECT change, new_type, signal_id FROM {quote_identifier(database)}.{SCHEMA_CHANGES_TABLE} "
+            "WHERE replica_table = {t:String} AND column = {c:String} ORDER BY recorded_at DESC LIMIT 1",
+            parameters={"t": record.replica_table, "c": record.column},
         ).result_rows
-        return rows[0][0] if rows else None
+        if rows and rows[0][0] == record.change and rows[0][1] == record.new_type and rows[0][2]:
+            return rows[0][2]
+        return None
 
     def resnapshot(self, client: Client, database: str, records: Sequence[ChangeRecord]) -> list[ChangeRecord]:
         """Request one re-snapshot of the table for `records` (changes that need one), unless each was

@@ -270,7 +270,7 @@ class ClickHouseSink:
             + ",\n  ".join(definitions)
             + "\n) ENGINE = ReplacingMergeTree(_version, _is_deleted)\n"
             + (f"PARTITION BY {partition_key}\n" if partition_key else "")
-            + f"ORDER BY ({sorting_key})"
+            + (f"ORDER BY {sorting_key}" if sorting_key.startswith("(") else f"ORDER BY ({sorting_key})")
             + ("\nSETTINGS allow_nullable_key = 1" if nullable_key else "")
         )
         self.client.command(f"DROP TABLE IF EXISTS {scratch.qualified}")
