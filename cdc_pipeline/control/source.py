@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -218,17 +219,54 @@ def snapshot_collection(table: TableConfig) -> tuple[str, str]:
     return quoted, CASE_SENSITIVE + regex_literal(quoted)
 
 
+class SignalLock:
+    """A PostgreSQL session advisory lock per pipeline around inserting a snapshot signal (released
+    when its connection ends, also if the process dies). Debezium reports two signals it takes in at
+    once under the newest id only, so whoever follows its own signal (the backfill job) holds the lock
+    until Debezium acknowledged it; the stream's schema-change re-snapshots take it for a moment."""
+
+    def __init__(self, conn: psycopg.Connection, pipeline: str) -> None:
+        self.conn, self.key, self.held = conn, f"cdc-pipeline backfill {pipeline}", False
+
+    def try_acquire(self) -> bool:
+        query = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
+        self.held = bool(self.conn.execute(query, (self.key,)).fetchone()[0])
+        return self.held
+
+    def wait(self, timeout: float, on_wait: Any = None, note_every: float = 30.0) -> bool:
+        """Try for up to `timeout` seconds; `on_wait()` is called every `note_every` s while waiting."""
+        deadline = time.monotonic() + timeout
+        next_note = 0.0
+        while not self.try_acquire():
+            if time.monotonic() > deadline:
+                return False
+            if on_wait is not None and time.monotonic() > next_note:
+                on_wait()
+                next_note = time.monotonic() + note_every
+            time.sleep(1)
+        return True
+
+    def release(self) -> None:
+        if self.held:
+            self.conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (self.key,))
+            self.held = False
+
+
 def request_incremental_snapshot(
-    conn: psycopg.Connection, pipeline: PipelineConfig, table: TableConfig, condition: str | None = None
+    conn: psycopg.Connection,
+    pipeline: PipelineConfig,
+    table: TableConfig,
+    condition: str | None = None,
+    id_prefix: str = "backfill",
 ) -> str:
     """Ask Debezium for an incremental snapshot of `table` (optionally only rows matching the SQL
-    `condition`) by inserting an `execute-snapshot` row into the signal table; returns the signal id.
-    The snapshot runs in chunks interleaved with streaming, so nothing stops while it runs."""
+    `condition`) by inserting an `execute-snapshot` row into the signal table; returns the signal id
+    (`<id_prefix>-<uuid>`). The snapshot runs in chunks interleaved with streaming, so nothing stops."""
     collection, pattern = snapshot_collection(table)
     data: dict[str, Any] = {"data-collections": [collection], "type": "incremental"}
     if condition:
         data["additional-conditions"] = [{"data-collection": pattern, "filter": condition}]
-    signal_id = f"backfill-{uuid.uuid4()}"
+    signal_id = f"{id_prefix}-{uuid.uuid4()}"
     conn.execute(
         sql.SQL("INSERT INTO {} (id, type, data) VALUES (%s, 'execute-snapshot', %s)").format(
             sql.Identifier(*pipeline.signal_table_parts)

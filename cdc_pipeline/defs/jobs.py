@@ -30,6 +30,7 @@ from cdc_pipeline.connector import connector_name
 from cdc_pipeline.control.backfill import SnapshotFailed, SnapshotProgress, end_offsets, follow_snapshot
 from cdc_pipeline.control.reconcile import Differences, normalize, reconcile
 from cdc_pipeline.control.source import (
+    SignalLock,
     UnsupportedSnapshotName,
     exact_count,
     primary_key,
@@ -212,31 +213,15 @@ def _notification_topic(connect: KafkaConnectResource, config: PipelineConfig) -
     return topic
 
 
-class BackfillLock:
-    """A PostgreSQL session advisory lock per pipeline (released when its connection ends, also if
-    the run dies)."""
-
-    def __init__(self, conn: psycopg.Connection, pipeline: str) -> None:
-        self.conn, self.key, self.held = conn, f"cdc-pipeline backfill {pipeline}", False
+class BackfillLock(SignalLock):
+    """The pipeline's signal lock (control/source.py), failing the run after `timeout`."""
 
     def acquire(self, timeout: float, log: Any) -> None:
-        deadline = time.monotonic() + timeout
-        next_note = 0.0
-        while not self.conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (self.key,)).fetchone()[0]:
-            if time.monotonic() > deadline:
-                raise Failure(
-                    f"another backfill's signal was not taken by Debezium in {timeout:.0f} s: is the connector running?"
-                )
-            if time.monotonic() > next_note:
-                log.info("waiting until Debezium has taken the signal of another backfill of this pipeline")
-                next_note = time.monotonic() + 30
-            time.sleep(1)
-        self.held = True
-
-    def release(self) -> None:
-        if self.held:
-            self.conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (self.key,))
-            self.held = False
+        note = lambda: log.info("waiting until Debezium has taken the signal of another backfill of this pipeline")  # noqa: E731
+        if not self.wait(timeout, note):
+            raise Failure(
+                f"another backfill's signal was not taken by Debezium in {timeout:.0f} s: is the connector running?"
+            )
 
 
 def run_backfill(

@@ -143,8 +143,25 @@ class _Schemas:
     values: dict[int, dict[str, ColumnSpec]] = field(default_factory=dict)
     keys: dict[int, dict[str, ColumnSpec]] = field(default_factory=dict)
     bad: dict[tuple[str, int | None], str] = field(default_factory=dict)
-    columns: list[ColumnSpec] = field(default_factory=list)  # union of the good value schemas, first seen first
+    # Union of the good value schemas' columns: in first-seen order (new columns append), each with the
+    # newest schema's spec (a type changed within the batch converts the replica column before the insert).
+    columns: list[ColumnSpec] = field(default_factory=list)
     key_columns: list[ColumnSpec] = field(default_factory=list)
+
+    def merge(self, specs: list[ColumnSpec]) -> None:
+        position = {c.name: i for i, c in enumerate(self.columns)}
+        for spec in specs:
+            if spec.name in position:
+                self.columns[position[spec.name]] = spec
+            else:
+                position[spec.name] = len(self.columns)
+                self.columns.append(spec)
+
+    def partial_columns(self) -> set[str]:
+        """Columns that some of the batch's schemas lack: rows written from those get the column's
+        ClickHouse DEFAULT, which matters when the table is created (see streaming/evolution.py)."""
+        names = [set(specs) for specs in self.values.values()]
+        return set.union(*names) - set.intersection(*names) if names else set()
 
 
 @dataclass
@@ -249,8 +266,7 @@ class ChangeApplier:
                         self._on_clamp,
                     )
                     schemas.values[vid] = {spec.name: spec for spec in specs}
-                    known = {c.name for c in schemas.columns}
-                    schemas.columns += [spec for spec in specs if spec.name not in known]
+                    schemas.merge(specs)
                 except (UnsupportedTypeError, RowError) as exc:
                     schemas.bad[("value", vid)] = f"unusable value schema: {exc}"
             if kid not in schemas.keys and ("key", kid) not in schemas.bad:
@@ -301,10 +317,14 @@ class ChangeApplier:
             names = {c.name for c in columns}
             columns += [c for c in topic_schemas.key_columns if c.name not in names]
             keys = tuple(c.name for c in topic_schemas.key_columns) or tuple(table_config.primary_key or ())
-            table = ReplicaTable(self.database, self.pipeline.sink_table(table_config), keys, table_config.partition_by)
+            sink_name = self.pipeline.sink_table(table_config)
+            table = ReplicaTable(self.database, sink_name, keys, table_config.partition_by, table_config.name)
             if columns and keys:
+                partial = topic_schemas.partial_columns()
                 self._retrying(
-                    lambda t=table, c=columns: self.sink.ensure_table(t, c), f"creating {table.qualified}", table
+                    lambda t=table, c=columns, p=partial: self.sink.ensure_table(t, c, p),
+                    f"creating {table.qualified}",
+                    table,
                 )
             if topic in truncates:
                 done = self._retrying(

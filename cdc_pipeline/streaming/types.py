@@ -98,6 +98,14 @@ class ColumnSpec:
     optional: bool
     # bytea (or bytea[]): the converted values are bytes; every other String column holds str.
     binary: bool = False
+    # The Connect field's `default` as Debezium sent it (JSON form, before conversion); has_default tells
+    # an absent default from a null one. Schema evolution uses it (see streaming/evolution.py).
+    default: Any = None
+    has_default: bool = False
+    # The PostgreSQL type, length and scale from column.propagate.source.type (None when absent).
+    source_type: str | None = None
+    source_length: str | None = None
+    source_scale: str | None = None
 
 
 def _column(field: dict[str, Any]) -> str:
@@ -468,6 +476,11 @@ def columns_from_schema(
                     convert=value_converter(field, column_policy, on_clamp),
                     optional=bool(field.get("optional")),
                     binary=_is_binary(field),
+                    default=field.get("default"),
+                    has_default="default" in field,
+                    source_type=(field.get("parameters") or {}).get(SOURCE_TYPE),
+                    source_length=(field.get("parameters") or {}).get(SOURCE_LENGTH),
+                    source_scale=(field.get("parameters") or {}).get(SOURCE_SCALE),
                 )
             )
         except UnsupportedTypeError:
