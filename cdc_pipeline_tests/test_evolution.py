@@ -244,7 +244,10 @@ def test_an_unreachable_catalog_stops_with_the_fix(unique_name: str) -> None:
 
 @pytest.fixture
 def sink(local_stack: LocalStack, unique_name: str) -> Iterator[tuple[ClickHouseSink, ReplicaTable, Client]]:
-    client = connect_clickhouse(local_stack.settings.clickhouse_endpoint)
+    settings = local_stack.settings
+    client = connect_clickhouse(
+        settings.clickhouse_endpoint, settings.clickhouse_user, settings.clickhouse_password.get_secret_value()
+    )
     client.command(f"CREATE DATABASE {unique_name}")
     try:
         yield ClickHouseSink(client), ReplicaTable(unique_name, "items", ("id",)), client
