@@ -66,6 +66,12 @@ _BEYOND = {"infinity": 1, "-infinity": -1}
 
 
 def _clamped(pg_type: str, value: Any) -> Any:
+    if pg_type == "ARRAY" and isinstance(value, list):
+        return [_clamped("element", v) for v in value]
+    if pg_type == "element":  # an array element: its type shows in its value
+        if isinstance(value, datetime):
+            return min(max(value, _LOW_TIME), _HIGH_TIME)
+        return min(max(value, _LOW_DATE), _HIGH_DATE) if isinstance(value, date) else value
     if pg_type == "date":
         if isinstance(value, str):  # 'infinity', '-infinity' or a year Python cannot hold (see _lenient_loaders)
             low = _BEYOND.get(value) == -1 or value.endswith(" BC")
