@@ -59,18 +59,23 @@ class RunningPipeline:
         except OSError:
             return ""
 
+    def key(self, conn: psycopg.Connection, table: str) -> list[str]:
+        """The replica key of `table`: its `primary_key` override, else the source's primary key."""
+        override = self.config.table(f"{self.schema}.{table}").primary_key
+        return list(override or primary_key(conn, self.schema, table))
+
     def mismatches(self, conn: psycopg.Connection, client: Client, tables: list[str]) -> list[str]:
         problems = []
         for table in tables:
             columns = source_columns(conn, self.schema, table)
-            key = primary_key(conn, self.schema, table)
+            key = self.key(conn, table)
             sink_table = self.config.sink_table(self.config.table(f"{self.schema}.{table}"))
             try:
                 replica = replica_rows(client, self.database, sink_table, columns, key)
             except Exception as exc:  # table not created yet, column not added yet
                 problems.append(f"{table}: {str(exc).splitlines()[0][:200]}")
                 continue
-            problems += [f"{table}: {p}" for p in diff(source_rows(conn, self.schema, table), replica)]
+            problems += [f"{table}: {p}" for p in diff(source_rows(conn, self.schema, table, columns, key), replica)]
         return problems
 
     def wait_until_replica_matches(
@@ -82,7 +87,7 @@ class RunningPipeline:
         while time.monotonic() < deadline:
             problems = self.mismatches(conn, client, tables)
             if not problems:
-                return sum(len(source_rows(conn, self.schema, table)) for table in tables)
+                return sum(len(source_rows(conn, self.schema, table, key=self.key(conn, table))) for table in tables)
             if self.stream is not None and not self.stream_alive():
                 raise AssertionError(f"the stream exited:\n{self.log_tail()}")
             time.sleep(3)
@@ -90,10 +95,11 @@ class RunningPipeline:
 
 
 def write_schema_pipeline(
-    name: str, tables: list[str], work_dir: Path, *, trigger: str = "1 seconds", **source: Any
+    name: str, tables: list[str | dict[str, Any]], work_dir: Path, *, trigger: str = "1 seconds", **source: Any
 ) -> tuple[PipelineConfig, Path]:
     """A pipeline over the tables of PostgreSQL schema `name`, replicated to ClickHouse database
-    `name` under their own names; written to `work_dir/<name>.yaml`. `source` adds source settings."""
+    `name` under their own names; written to `work_dir/<name>.yaml`. `source` adds source settings.
+    A table is its name, or a `tables[]` entry with an unqualified name (e.g. with `primary_key`)."""
     raw = {
         "name": name,
         "source": {
@@ -103,7 +109,10 @@ def write_schema_pipeline(
             "heartbeat_interval_ms": 5000,
             **source,
         },
-        "tables": [{"name": f"{name}.{t}", "clickhouse_table": t} for t in tables],
+        "tables": [
+            {**entry, "name": f"{name}.{entry['name']}", "clickhouse_table": entry["name"]}
+            for entry in ({"name": t} if isinstance(t, str) else t for t in tables)
+        ],
         "sink": {"clickhouse": {"database": name}},
         "stream": {"trigger_interval": trigger, "max_offsets_per_trigger": 2000},
     }
@@ -115,7 +124,7 @@ def write_schema_pipeline(
 
 @contextmanager
 def pipeline_for_schema(
-    settings: Settings, name: str, tables: list[str], work_dir: Path, trigger: str = "1 seconds"
+    settings: Settings, name: str, tables: list[str | dict[str, Any]], work_dir: Path, trigger: str = "1 seconds"
 ) -> Iterator[RunningPipeline]:
     """Provision a connector for `<name>.<table>` tables (already created by the caller); stop and
     remove everything afterwards, also when the test fails."""

@@ -28,6 +28,19 @@ def kafka_source_jars(cache_dir: Path) -> list[str]:
 
 
 DEFAULT_CONF = {"spark.sql.shuffle.partitions": "4", "spark.ui.showConsoleProgress": "false"}
+# Any OutOfMemoryError ends the driver JVM at once, and with it the Python driver (see app.bind_to_jvm):
+# a JVM that lost a thread other than a task's to OOM limps on with its query hung.
+DRIVER_JAVA_OPTIONS_KEY = "spark.driver.extraJavaOptions"
+DRIVER_JAVA_OPTIONS = "-XX:+ExitOnOutOfMemoryError"
+
+
+def spark_conf(conf: Mapping[str, str]) -> dict[str, str]:
+    """The defaults, then `conf`; the driver's JVM options always include DRIVER_JAVA_OPTIONS."""
+    merged = {**DEFAULT_CONF, **conf}
+    options = merged.get(DRIVER_JAVA_OPTIONS_KEY, "")
+    if DRIVER_JAVA_OPTIONS not in options.split():
+        merged[DRIVER_JAVA_OPTIONS_KEY] = f"{options} {DRIVER_JAVA_OPTIONS}".strip()
+    return merged
 
 
 @dataclass(frozen=True)
@@ -58,7 +71,7 @@ class SparkSubmit:
         jars = list(self.jars) or ([] if self.packages else kafka_source_jars(self.jvm_cache_dir))
         if jars:
             argv += ["--jars", ",".join(jars)]
-        for key, value in sorted({**DEFAULT_CONF, **self.conf}.items()):
+        for key, value in sorted(spark_conf(self.conf).items()):
             argv += ["--conf", f"{key}={value}"]
         return [*argv, application, *args]
 
