@@ -174,6 +174,8 @@ class StreamController:
         check that none is left; True if there was something to end."""
         if record is None:
             return False
+        if self._state().get("host") not in (None, socket.gethostname()):
+            return False  # the pid is another host's: nothing of it runs here
         stopped = self.process.stop(timeout=timeout, group=True)
         left = group_members(record)
         if left:
