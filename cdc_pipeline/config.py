@@ -128,6 +128,11 @@ class SourceConfig(_Model):
         description="Kafka topic configs for the topics provisioning creates, over the defaults "
         "cleanup.policy=delete, retention.ms=-1, retention.bytes=-1 (e.g. min.insync.replicas).",
     )
+    set_replica_identity: bool = Field(
+        False,
+        description="Let provisioning run ALTER TABLE ... REPLICA IDENTITY FULL on captured tables whose replica "
+        "identity does not carry their key (needs the tables' owner; the WAL then holds whole old rows).",
+    )
     connector_properties: dict[str, str] = Field(
         default_factory=dict,
         description="Extra Debezium/Connect properties, applied last (e.g. errors.max.retries, poll.interval.ms).",

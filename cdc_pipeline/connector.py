@@ -12,6 +12,7 @@ import psycopg
 from psycopg import sql
 
 from cdc_pipeline.config import PipelineConfig, TableConfig
+from cdc_pipeline.control.source import set_full_identity
 from cdc_pipeline.resources.connect import ConnectError, KafkaConnectResource
 from cdc_pipeline.settings import ENV_PREFIX, Settings
 from cdc_pipeline.stack.jvm import DEBEZIUM_CONNECTOR_CLASS
@@ -151,7 +152,9 @@ def provision_connector(
 
 
 def prepare_source(conninfo: str, pipeline: PipelineConfig) -> list[str]:
-    """Create the signal table and (if configured) the heartbeat table when missing; return what was done."""
+    """Create the signal table and (if configured) the heartbeat table when missing, and with
+    `source.set_replica_identity` give tables whose key the old row lacks REPLICA IDENTITY FULL;
+    return what was done."""
     tables = [
         (
             pipeline.signal_table_parts,
@@ -170,4 +173,5 @@ def prepare_source(conninfo: str, pipeline: PipelineConfig) -> list[str]:
                 continue
             conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(sql.Identifier(schema, table), columns))
             done.append(f"created table {schema}.{table}")
+        done += set_full_identity(conn, pipeline)
     return done

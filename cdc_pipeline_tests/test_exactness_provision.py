@@ -220,6 +220,33 @@ def test_keys_without_a_full_old_row_image_are_refused_with_the_fix(
     assert [check.line() for check in check_source(source, fixed) if not check.ok] == []
 
 
+def test_provisioning_sets_the_identity_a_key_override_needs_when_allowed(
+    settings: Settings, source: psycopg.Connection, unique_name: str, tmp_path: Path
+) -> None:
+    _schema(
+        source,
+        unique_name,
+        "CREATE TABLE coded (id int PRIMARY KEY, code text NOT NULL UNIQUE, v text); "
+        "CREATE TABLE plain (id int PRIMARY KEY, v text); CREATE TABLE keyless (code text, v text)",
+    )
+    tables = [{"name": "coded", "primary_key": ["code"]}, {"name": "plain"}, {"name": "keyless"}]
+    config, _ = write_schema_pipeline(unique_name, tables, tmp_path, set_replica_identity=True)
+    assert prepare_source(settings.postgres_conninfo(), config) == [
+        f"created table {unique_name}.cdc_signal",
+        f"set REPLICA IDENTITY FULL on {unique_name}.coded (its key ['code'] was not in the old row)",
+    ]
+    identities = dict(
+        source.execute(
+            "SELECT relname, relreplident FROM pg_class WHERE relnamespace = %s::regnamespace", (unique_name,)
+        ).fetchall()
+    )
+    assert (identities["coded"], identities["plain"], identities["keyless"]) == ("f", "d", "d")
+    # What FULL cannot fix is still refused: a table without any key.
+    failed = [check.name for check in check_source(source, config) if not check.ok]
+    assert failed == [f"primary key {unique_name}.keyless"]
+    assert prepare_source(settings.postgres_conninfo(), config) == []  # idempotent
+
+
 def test_a_key_override_with_full_identity_replicates_key_changes_and_deletes(
     settings: Settings, source: psycopg.Connection, clickhouse: Client, unique_name: str, tmp_path: Path
 ) -> None:

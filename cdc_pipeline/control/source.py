@@ -139,6 +139,38 @@ def _key_checks(conn: psycopg.Connection, pipeline: PipelineConfig, table: Table
     return checks
 
 
+def tables_lacking_identity(conn: psycopg.Connection, pipeline: PipelineConfig) -> list[TableConfig]:
+    """Captured tables whose key is fine but whose replica identity does not carry it: exactly those
+    that `REPLICA IDENTITY FULL` makes replicable."""
+    lacking = []
+    for table in pipeline.tables:
+        failed = [check.name for check in _key_checks(conn, pipeline, table) if not check.ok]
+        if failed == [f"replica identity {table.name}"]:
+            lacking.append(table)
+    return lacking
+
+
+def set_full_identity(conn: psycopg.Connection, pipeline: PipelineConfig) -> list[str]:
+    """With `source.set_replica_identity`, give every table that needs it REPLICA IDENTITY FULL;
+    returns what was done. A role that does not own a table gets an error naming the statement."""
+    if not pipeline.source.set_replica_identity:
+        return []
+    done = []
+    for table in tables_lacking_identity(conn, pipeline):
+        statement = sql.SQL("ALTER TABLE {} REPLICA IDENTITY FULL").format(
+            sql.Identifier(table.schema_name, table.table_name)
+        )
+        try:
+            conn.execute(statement)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise PermissionError(
+                f"source.set_replica_identity: {conn.info.user} may not alter {table.name} "
+                f"({exc.diag.message_primary}): run {statement.as_string(conn)} as the table's owner"
+            ) from None
+        done.append(f"set REPLICA IDENTITY FULL on {table.name} (its key {table.primary_key} was not in the old row)")
+    return done
+
+
 def check_source(conn: psycopg.Connection, pipeline: PipelineConfig) -> list[SourceCheck]:
     """Everything the connector needs from PostgreSQL, each with the fix when it is missing."""
     checks: list[SourceCheck] = []
