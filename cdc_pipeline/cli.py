@@ -194,7 +194,73 @@ def stream_run(
     if dry_run:
         click.echo(shlex.join(argv))
         return
-    sys.exit(subprocess.call(argv, env=submit_env()))
+    sys.exit(subprocess.call(argv, env=submit_env(master=submit.master)))
+
+
+@main.command()
+@click.option("--rows", default=100_000, show_default=True, type=click.IntRange(min=100), help="Rows of the table.")
+@click.option("--rate", default=1_000, show_default=True, type=click.IntRange(min=1), help="Background changes/s.")
+@click.option(
+    "--latency-seconds", default=60.0, show_default=True, type=click.FloatRange(min=1), help="Latency window."
+)
+@click.option(
+    "--scenarios", default="snapshot,burst,catchup,latency", show_default=True, help="Comma list of scenarios."
+)
+@click.option(
+    "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("bench.json"), show_default=True,
+    help="Where to write the results as JSON.",
+)  # fmt: skip
+@click.option("--keep-stack", is_flag=True, help="Leave the stack (and the run's data) in place afterwards.")
+@click.option(
+    "--use-running-stack", is_flag=True, help="Use the stack the settings point at instead of a throwaway one."
+)
+@click.option("--rows-per-transaction", default=10_000, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-offsets-per-trigger", type=click.IntRange(min=1), default=None, help="Default: pipeline default.")
+@click.option("--trigger-interval", default=None, help="Throughput streams' trigger. Default: pipeline default.")
+@click.option("--latency-trigger", default="500 milliseconds", show_default=True, help="Latency stream's trigger.")
+@click.option("--master", default=None, help="Spark master [env CDC_SPARK_MASTER; default local[2]].")
+def bench(
+    rows: int,
+    rate: int,
+    latency_seconds: float,
+    scenarios: str,
+    output: Path,
+    keep_stack: bool,
+    use_running_stack: bool,
+    rows_per_transaction: int,
+    max_offsets_per_trigger: int | None,
+    trigger_interval: str | None,
+    latency_trigger: str,
+    master: str | None,
+) -> None:
+    """Benchmark the whole pipeline on this machine: snapshot, update burst, catch-up (stream vs a plain
+    consumer), latency under load, and peak memory; prints tables and writes JSON."""
+    from cdc_pipeline.bench import SCENARIOS
+    from cdc_pipeline.bench.main import run_bench
+    from cdc_pipeline.bench.run import BenchOptions
+    from cdc_pipeline.config import StreamConfig, trigger_interval_ms
+
+    chosen = tuple(s.strip() for s in scenarios.split(",") if s.strip())
+    unknown = [s for s in chosen if s not in SCENARIOS]
+    if unknown or not chosen:
+        raise click.BadParameter(
+            f"unknown {unknown or 'empty list'}; choose from {', '.join(SCENARIOS)}", param_hint="--scenarios"
+        )
+    for value, hint in ((trigger_interval, "--trigger-interval"), (latency_trigger, "--latency-trigger")):
+        try:
+            if value is not None:
+                trigger_interval_ms(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint=hint) from None
+    defaults = StreamConfig()
+    options = BenchOptions(
+        rows=rows, rate=rate, latency_seconds=latency_seconds, scenarios=chosen,
+        rows_per_transaction=rows_per_transaction,
+        trigger_interval=trigger_interval or defaults.trigger_interval,
+        max_offsets_per_trigger=max_offsets_per_trigger or defaults.max_offsets_per_trigger,
+        latency_trigger=latency_trigger, master=master, keep=keep_stack,
+    )  # fmt: skip
+    sys.exit(run_bench(_settings(None), options, output=output, use_running_stack=use_running_stack))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ derives its names from the loaded `PipelineConfig`."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import string
@@ -11,21 +12,32 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from cdc_pipeline.sqlcheck import CLICKHOUSE_CLAUSES, check_expression
 
 CONFIG_ENV_VAR = "CDC_PIPELINE_CONFIG"
 DEFAULT_CONFIG_FILE = Path("pipeline.yaml")
 
-# Unquoted PostgreSQL identifiers fold to lower case, so only lower-case names mean the same in YAML and SQL.
+# Names the pipeline itself creates (publication, query): unquoted lower-case PostgreSQL identifiers.
 PgIdentifier = Annotated[str, StringConstraints(pattern=r"^[a-z_][a-z0-9_]*$", max_length=63)]
 PipelineName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*$", max_length=48)]
 SlotName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,63}$")]
-QualifiedName = Annotated[str, StringConstraints(pattern=r"^[a-z_][a-z0-9_]*\.[a-z_][a-z0-9_]*$")]
-TableName = Annotated[str, StringConstraints(pattern=r"^([a-z_][a-z0-9_]*\.)?[a-z_][a-z0-9_]*$")]
 _CLICKHOUSE_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 ClickHouseIdentifier = Annotated[str, StringConstraints(pattern=_CLICKHOUSE_NAME, max_length=200)]
 TopicName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]+$", max_length=200)]
+
+OutOfRangePolicy = Literal["clamp", "text", "dlq"]
 
 _TRIGGER_INTERVAL = re.compile(r"^(\d+)\s+(milliseconds?|seconds?|minutes?)$")
 _UNIT_MS = {"millisecond": 1, "second": 1_000, "minute": 60_000}
@@ -36,10 +48,170 @@ class PipelineConfigError(ValueError):
     """`pipeline.yaml` is missing, unparsable or invalid; the message names the file and each bad key."""
 
 
+# PostgreSQL's rules, as in SQL: an unquoted name is folded to lower case, a double-quoted name is exact
+# (case, spaces, any character; `""` is a quote inside). Unquoted names are only accepted in lower case:
+# `public.User` would silently mean `public.user`, which is rarely what a YAML author means.
+_UNQUOTED_CHARS = re.compile(r"[A-Za-z0-9_$]+")
+_PLAIN_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+MAX_IDENTIFIER_BYTES = 63  # NAMEDATALEN - 1: PostgreSQL truncates longer names
+
+
+def quote_name(name: str) -> str:
+    """`name` in pipeline.yaml (and SQL) syntax: bare when it is a plain lower-case name, else quoted."""
+    return name if _PLAIN_NAME.match(name) else '"' + name.replace('"', '""') + '"'
+
+
+def display_name(*parts: str) -> str:
+    """Exact name parts in pipeline.yaml syntax, e.g. `public."User"`."""
+    return ".".join(quote_name(part) for part in parts)
+
+
+def _fold_hint(text: str, start: int, end: int) -> str:
+    name = text[start:end]
+    lower, exact = text[:start] + name.lower() + text[end:], text[:start] + quote_name(name) + text[end:]
+    return f"write {lower} for the lower-case name, or {exact} for the exact one (in YAML: '{exact}')"
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_name(text: str, max_parts: int = 1) -> tuple[str, ...]:
+    """The exact name parts of `text` (1 to `max_parts` of them, dot-separated, each plain or quoted);
+    ValueError with the fix when it is not a valid name."""
+    if not isinstance(text, str) or not text:
+        raise ValueError("a name cannot be empty")
+    parts: list[str] = []
+    pos = 0
+    while True:
+        if pos < len(text) and text[pos] == '"':
+            end = pos + 1
+            chars: list[str] = []
+            while True:
+                close = text.find('"', end)
+                if close < 0:
+                    raise ValueError(f'{text!r}: unterminated quoted name (close it with ")')
+                chars.append(text[end:close])
+                if text.startswith('"', close + 1):  # "" is one quote inside the name
+                    chars.append('"')
+                    end = close + 2
+                    continue
+                pos = close + 1
+                break
+            name = "".join(chars)
+            if not name:
+                raise ValueError(f"{text!r}: a quoted name cannot be empty")
+        else:
+            match = _UNQUOTED_CHARS.match(text, pos)
+            if not match:
+                found = repr(text[pos]) if pos < len(text) else "the end"
+                raise ValueError(
+                    f"{text!r}: expected a name at position {pos + 1}, found {found} (double-quote a name with "
+                    "characters other than a-z, 0-9 and _)"
+                )
+            name = match.group()
+            if name[0].isdigit() or "$" in name[:1]:
+                raise ValueError(
+                    f"{text!r}: an unquoted name cannot start with {name[0]!r}; quote it: {quote_name(name)}"
+                )
+            if name != name.lower():
+                raise ValueError(
+                    f"{text!r}: unquoted names fold to lower case in PostgreSQL, so {name} means {name.lower()}; "
+                    + _fold_hint(text, pos, match.end())
+                )
+            pos = match.end()
+        if len(name.encode()) > MAX_IDENTIFIER_BYTES:
+            raise ValueError(f"{text!r}: {quote_name(name)} is longer than PostgreSQL's {MAX_IDENTIFIER_BYTES} bytes")
+        parts.append(name)
+        if pos == len(text):
+            break
+        if text[pos] != ".":
+            if text[pos - 1] == '"':
+                raise ValueError(
+                    f"{text!r}: unexpected {text[pos]!r} at position {pos + 1}: a quoted name ends at its closing "
+                    'quote (write "" for a quote inside it)'
+                )
+            rest = text[pos - len(name) :].split(".")[0]
+            raise ValueError(
+                f"{text!r}: unexpected {text[pos]!r} at position {pos + 1}: double-quote a name with characters "
+                f"other than a-z, 0-9 and _, e.g. {quote_name(rest)} (in YAML: '{quote_name(rest)}')"
+            )
+        if len(parts) == max_parts:
+            raise ValueError(f"{text!r}: expected at most {max_parts} dot-separated names, e.g. schema.table")
+        pos += 1
+    return tuple(parts)
+
+
+def _check_captured_name(name: str) -> str:
+    # Debezium limits: notifications list tables comma-separated; its publication DDL does not quote a
+    # name that starts or ends with a double quote; a blank name part is dropped from topic names.
+    if "," in name:
+        raise ValueError(f"{quote_name(name)}: Debezium cannot capture a name containing ','")
+    if name.startswith('"') or name.endswith('"'):
+        raise ValueError(f"{quote_name(name)}: Debezium cannot capture a name that starts or ends with '\"'")
+    if not name.strip():
+        raise ValueError(f"{quote_name(name)}: a name of only spaces cannot be captured")
+    return name
+
+
+def _parse_column(text: str) -> str:
+    return parse_name(text)[0]
+
+
+def _parse_schema(text: str) -> str:
+    return _check_captured_name(parse_name(text)[0])
+
+
+def _canonical_table(text: str) -> str:
+    parts = parse_name(text, 2)
+    for part in parts:
+        _check_captured_name(part)
+    return display_name(*parts)
+
+
+def _canonical_helper_table(text: str) -> str:
+    parts = parse_name(text, 2)
+    if len(parts) != 2:
+        raise ValueError(f"{text!r}: expected schema.table")
+    for part in parts:
+        # Debezium parses signal.data.collection itself: a comma separates names, quotes are its quoting.
+        if bad := {c for c in ",\"'`" if c in part}:
+            raise ValueError(
+                f"{text!r}: Debezium cannot use a signal or heartbeat table with {sorted(bad)} in its name"
+            )
+    return display_name(*parts)
+
+
+# Column names as written in pipeline.yaml (`id`, `"createdAt"`), validated to their exact names.
+ColumnName = Annotated[str, AfterValidator(_parse_column)]
+SchemaName = Annotated[str, AfterValidator(_parse_schema)]
+# `schema.table` or `table` in pipeline.yaml syntax; kept in canonical syntax (`public."User"`).
+TableName = Annotated[str, AfterValidator(_canonical_table)]
+HelperTableName = Annotated[str, AfterValidator(_canonical_helper_table)]
+
+
 def split_qualified(name: str) -> tuple[str, str]:
-    """`schema.table` as `(schema, table)`."""
-    schema, _, table = name.partition(".")
-    return schema, table
+    """A canonical `schema.table` (pipeline.yaml syntax) as its exact `(schema, table)` names."""
+    parts = parse_name(name, 2)
+    return (parts[0], parts[1]) if len(parts) == 2 else ("", parts[0])
+
+
+_INVALID_TOPIC_CHAR = re.compile(r"[^A-Za-z0-9._-]")
+MAX_TOPIC_LENGTH = 249
+
+
+def debezium_topic_name(*parts: str) -> str:
+    """The topic Debezium writes `prefix.schema.table` to: each UTF-16 unit other than a letter, digit,
+    `.`, `_` or `-` becomes `_`, at most 249 characters (Debezium's AbstractTopicNamingStrategy)."""
+    name = ".".join(parts)
+    sanitized = _INVALID_TOPIC_CHAR.sub(lambda m: "_" * (2 if ord(m.group()) > 0xFFFF else 1), name)
+    return sanitized[:MAX_TOPIC_LENGTH]
+
+
+_INVALID_CLICKHOUSE_CHAR = re.compile(r"[^A-Za-z0-9_]")
+
+
+def clickhouse_name_part(name: str) -> str:
+    """A source name for a ClickHouse table name template: case kept, other characters than ASCII
+    letters, digits and `_` replaced by `_` (the result is always quoted in SQL anyway)."""
+    return _INVALID_CLICKHOUSE_CHAR.sub("_", name)
 
 
 def trigger_interval_ms(interval: str) -> int:
@@ -58,8 +230,8 @@ class _Model(BaseModel):
 class ColumnFilter(_Model):
     """Which columns of a table are captured: an allow list or a deny list, not both."""
 
-    include: list[PgIdentifier] | None = Field(None, description="Capture only these columns.")
-    exclude: list[PgIdentifier] | None = Field(None, description="Capture every column except these.")
+    include: list[ColumnName] | None = Field(None, description="Capture only these columns (exact names).")
+    exclude: list[ColumnName] | None = Field(None, description="Capture every column except these (exact names).")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ColumnFilter:
@@ -78,9 +250,12 @@ class TableConfig(_Model):
     """One captured source table and its ClickHouse replica."""
 
     name: TableName = Field(
-        description="Source table as `schema.table`; an unqualified name means the first of `source.schemas`."
+        description=(
+            "Source table as `schema.table`; an unqualified name means the first of `source.schemas`. SQL rules: "
+            'unquoted names are lower case, double-quoted ones exact (`public."User"`).'
+        )
     )
-    primary_key: list[PgIdentifier] | None = Field(
+    primary_key: list[ColumnName] | None = Field(
         None,
         min_length=1,
         description="Columns that key the Kafka messages and the replica; default: the table's primary key.",
@@ -92,22 +267,38 @@ class TableConfig(_Model):
     partition_by: str | None = Field(
         None, min_length=1, description="ClickHouse `PARTITION BY` expression of the replica, e.g. toYYYYMM(ts)."
     )
+    out_of_range: dict[ColumnName, OutOfRangePolicy] | None = Field(
+        None,
+        description="Per column: what to do with dates/timestamps outside ClickHouse's range "
+        "(clamp, text or dlq); default: `sink.clickhouse.out_of_range`.",
+    )
+
+    @field_validator("partition_by")
+    @classmethod
+    def _one_expression(cls, value: str | None) -> str | None:
+        # Pasted into CREATE TABLE: one expression, not a way to add clauses or statements.
+        return None if value is None else check_expression(value, "partition_by", "clickhouse", CLICKHOUSE_CLAUSES)
 
     @property
     def schema_name(self) -> str:
-        """The source schema (valid once loaded: names are qualified by `PipelineConfig`)."""
+        """The exact source schema name (valid once loaded: names are qualified by `PipelineConfig`)."""
         return split_qualified(self.name)[0]
 
     @property
     def table_name(self) -> str:
-        """The source table without its schema."""
+        """The exact source table name, without its schema."""
         return split_qualified(self.name)[1]
+
+    @property
+    def collection_id(self) -> str:
+        """The table as Debezium names it (in notifications, `data_collections`): `schema.table`, unquoted."""
+        return f"{self.schema_name}.{self.table_name}"
 
 
 class SourceConfig(_Model):
     """The PostgreSQL side: schemas, replication slot, publication and Debezium helper tables."""
 
-    schemas: list[PgIdentifier] = Field(
+    schemas: list[SchemaName] = Field(
         default_factory=lambda: ["public"], min_length=1, description="Schemas that captured tables may come from."
     )
     topic_prefix: TopicName | None = Field(
@@ -115,10 +306,10 @@ class SourceConfig(_Model):
     )
     slot_name: SlotName | None = Field(None, description="Logical replication slot. Default: `cdc_<name>`.")
     publication_name: PgIdentifier | None = Field(None, description="Publication. Default: `cdc_<name>`.")
-    signal_table: QualifiedName = Field(
+    signal_table: HelperTableName = Field(
         "public.cdc_signal", description="Debezium signal table (`schema.table`), used for incremental snapshots."
     )
-    heartbeat_table: QualifiedName | None = Field(
+    heartbeat_table: HelperTableName | None = Field(
         None, description="Table the connector writes a heartbeat row to, so the slot advances on idle tables."
     )
     heartbeat_interval_ms: int = Field(10_000, ge=0, description="Heartbeat interval; 0 disables heartbeats.")
@@ -147,6 +338,12 @@ class ClickHouseSinkConfig(_Model):
     )
     table_name: str = Field(
         "{schema}_{table}", description="Template of replica table names; placeholders `{schema}` and `{table}`."
+    )
+    out_of_range: OutOfRangePolicy = Field(
+        "clamp",
+        description="Dates/timestamps outside ClickHouse's 1900-01-01..2299-12-31 (sentinels such as 0001-01-01, "
+        "9999-12-31, 'infinity'): `clamp` stores the nearest representable value and counts it, `text` makes "
+        "the column ISO 8601 text (exact), `dlq` dead-letters the row.",
     )
 
     @field_validator("table_name")
@@ -187,6 +384,12 @@ class StreamConfig(_Model):
         description="Kafka group the stream commits processed offsets to; default: `cdc-<name>-stream`.",
     )
     query_name: PgIdentifier | None = Field(None, description="Spark streaming query name; default: `cdc_<name>`.")
+    sink_retry_seconds: float = Field(
+        300,
+        gt=0,
+        description="How long a batch retries a failing ClickHouse write (connection, timeout, memory, a detached "
+        "table...) before it fails uncommitted; rows are never dead-lettered for such errors.",
+    )
 
     @field_validator("trigger_interval")
     @classmethod
@@ -212,27 +415,62 @@ class PipelineConfig(_Model):
     @model_validator(mode="after")
     def _cross_checks(self) -> PipelineConfig:
         errors: list[InitErrorDetails] = []
-        helper_tables = {self.source.signal_table, self.source.heartbeat_table} - {None}
-        seen_names: dict[str, int] = {}
+        helper_tables = {
+            split_qualified(name) for name in (self.source.signal_table, self.source.heartbeat_table) if name
+        }
+        seen_names: dict[tuple[str, str], int] = {}
         seen_sinks: dict[str, int] = {}
+        # Kafka refuses a topic whose name equals another's once '.' and '_' are treated alike.
+        seen_topics: dict[str, tuple[str, str]] = {
+            self._topic_key(self.topic_for_parts(*parts)): (display_name(*parts), "the signal or heartbeat table")
+            for parts in helper_tables
+        }
         for i, table in enumerate(self.tables):
-            if "." not in table.name:
-                table.name = f"{self.source.schemas[0]}.{table.name}"
+            if len(parse_name(table.name, 2)) == 1:  # unqualified: the first schema
+                table.name = f"{quote_name(self.source.schemas[0])}.{table.name}"
+            parts = (table.schema_name, table.table_name)
             if table.schema_name not in self.source.schemas:
-                errors.append(_detail(("tables", i, "name"), f"schema {table.schema_name!r} is not in source.schemas"))
-            if table.name in helper_tables:
+                hint = (
+                    ""
+                    if quote_name(table.schema_name) == table.schema_name
+                    else f" (add it as '{quote_name(table.schema_name)}')"
+                )
+                errors.append(
+                    _detail(("tables", i, "name"), f"schema {table.schema_name!r} is not in source.schemas{hint}")
+                )
+            if parts in helper_tables:
                 errors.append(_detail(("tables", i, "name"), f"{table.name} is the signal or heartbeat table"))
-            if table.name in seen_names:
-                errors.append(_detail(("tables", i, "name"), f"{table.name} repeats tables[{seen_names[table.name]}]"))
+            if parts in seen_names:
+                errors.append(_detail(("tables", i, "name"), f"{table.name} repeats tables[{seen_names[parts]}]"))
                 continue
-            seen_names[table.name] = i
+            seen_names[parts] = i
+            topic = self.topic_for(table)
+            other = seen_topics.get(self._topic_key(topic))
+            if other is not None:
+                errors.append(
+                    _detail(
+                        ("tables", i, "name"),
+                        f"{table.name} would be captured to topic {topic}, which collides with the topic of "
+                        f"{other[1]} {other[0]} (Debezium replaces characters other than letters, digits, '.', '_' "
+                        "and '-' with '_', and Kafka treats '.' and '_' alike): capture one of them in another "
+                        "pipeline (another topic_prefix)",
+                    )
+                )
+            seen_topics.setdefault(self._topic_key(topic), (table.name, f"tables[{i}]"))
             sink = self.sink_table(table)
             if not re.match(_CLICKHOUSE_NAME, sink):
-                errors.append(_detail(("tables", i, "clickhouse_table"), f"{sink!r} is not a valid ClickHouse name"))
+                errors.append(
+                    _detail(
+                        ("tables", i, "clickhouse_table"),
+                        f"{sink!r} is not a valid ClickHouse name ([A-Za-z_][A-Za-z0-9_]*): set clickhouse_table",
+                    )
+                )
             elif sink in seen_sinks:
                 errors.append(
                     _detail(
-                        ("tables", i, "clickhouse_table"), f"{sink} repeats tables[{seen_sinks[sink]}]'s sink table"
+                        ("tables", i, "clickhouse_table"),
+                        f"{sink} repeats tables[{seen_sinks[sink]}]'s sink table "
+                        "(set clickhouse_table to tell them apart)",
                     )
                 )
             seen_sinks.setdefault(sink, i)
@@ -295,19 +533,40 @@ class PipelineConfig(_Model):
 
     def clickhouse_database(self, default: str) -> str:
         """The ClickHouse database: configured, or `default` (the CDC_CLICKHOUSE_DATABASE setting)."""
-        return self.sink.clickhouse.database or default
+        database = self.sink.clickhouse.database or default
+        if not re.fullmatch(_CLICKHOUSE_NAME, database):
+            raise ValueError(f"ClickHouse database {database!r} (CDC_CLICKHOUSE_DATABASE): use letters, digits and _")
+        return database
 
     def table(self, name: str) -> TableConfig:
-        """A captured table by `schema.table` (or unqualified, in the first schema); KeyError if not captured."""
-        qualified = name if "." in name else f"{self.source.schemas[0]}.{name}"
+        """A captured table by its pipeline.yaml name (`public.orders`, `public."User"`, or unqualified, in
+        the first schema), or by Debezium's unquoted `schema.table`; KeyError if not captured."""
+        try:
+            parts = parse_name(name, 2)
+        except ValueError:
+            parts = None
+        if parts is not None:
+            wanted = parts if len(parts) == 2 else (self.source.schemas[0], parts[0])
+            for table in self.tables:
+                if (table.schema_name, table.table_name) == wanted:
+                    return table
         for table in self.tables:
-            if table.name == qualified:
+            if table.collection_id == name:
                 return table
         raise KeyError(f"{name} is not a table of pipeline {self.name}")
 
     def topic_for(self, table: TableConfig) -> str:
-        """The Kafka topic Debezium writes `table`'s changes to."""
-        return f"{self.topic_prefix}.{table.name}"
+        """The Kafka topic Debezium writes `table`'s changes to: `<prefix>.<schema>.<table>` with the exact
+        names, characters Kafka does not allow replaced by `_` as Debezium does."""
+        return self.topic_for_parts(table.schema_name, table.table_name)
+
+    def topic_for_parts(self, schema: str, table: str) -> str:
+        """The topic of the exact `schema`.`table` (see `topic_for`)."""
+        return debezium_topic_name(self.topic_prefix, schema, table)
+
+    @staticmethod
+    def _topic_key(topic: str) -> str:
+        return topic.replace(".", "_")
 
     def topics(self) -> list[str]:
         """Every captured table's topic, in `tables` order."""
@@ -318,9 +577,10 @@ class PipelineConfig(_Model):
         return next((table for table in self.tables if self.topic_for(table) == topic), None)
 
     def sink_table(self, table: TableConfig) -> str:
-        """The ClickHouse replica table of `table`."""
+        """The ClickHouse replica table of `table`: `clickhouse_table`, or the template rendered with the
+        exact names, case kept and other characters than letters, digits and `_` replaced by `_`."""
         return table.clickhouse_table or self.sink.clickhouse.table_name.format(
-            schema=table.schema_name, table=table.table_name
+            schema=clickhouse_name_part(table.schema_name), table=clickhouse_name_part(table.table_name)
         )
 
 

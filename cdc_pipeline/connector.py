@@ -11,8 +11,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from cdc_pipeline.config import PipelineConfig, TableConfig
-from cdc_pipeline.control.source import set_full_identity
+from cdc_pipeline.config import PipelineConfig, TableConfig, display_name
 from cdc_pipeline.resources.connect import ConnectError, KafkaConnectResource
 from cdc_pipeline.settings import ENV_PREFIX, Settings
 from cdc_pipeline.stack.jvm import DEBEZIUM_CONNECTOR_CLASS
@@ -30,27 +29,71 @@ def connector_name(pipeline: PipelineConfig) -> str:
     return f"cdc-{pipeline.name}-postgres"
 
 
-def _table_regex(qualified: str) -> str:
-    # Debezium include lists are comma-separated, anchored Java regexes: a plain name must be escaped.
-    return re.escape(qualified)
+_REGEX_PLAIN = re.compile(r"[A-Za-z0-9_]")
+# Debezium compiles include/exclude lists and key columns case-insensitively; `(?-i)` makes a pattern exact.
+CASE_SENSITIVE = "(?-i)"
 
 
-def _captured_tables(pipeline: PipelineConfig) -> list[str]:
+def regex_literal(name: str) -> str:
+    """`name` as a Java regex that matches exactly it, safe inside Debezium's lists: no `,` `;` `:`, no
+    whitespace (Debezium splits and trims on them) and no quotes. A plain lower-case name renders as
+    `re.escape` would (so existing configs render unchanged)."""
+    out = []
+    for char in name:
+        if _REGEX_PLAIN.match(char):
+            out.append(char)
+        elif char == ".":
+            out.append(r"\.")
+        else:
+            out.append("".join(f"\\x{{{ord(c):x}}}" for c in char))
+    return "".join(out)
+
+
+def _case_sensitive(pipeline: PipelineConfig) -> bool:
+    # Only a pipeline with a name that is not all lower case needs exact (case-sensitive) patterns; all
+    # lower-case pipelines render as they always did.
+    names = [part for schema, table in _captured_tables(pipeline) for part in (schema, table)]
+    for table in pipeline.tables:
+        names += table.primary_key or []
+        if table.columns:
+            names += table.columns.include or table.columns.exclude or []
+    return any(name != name.lower() for name in names)
+
+
+def _table_regex(pipeline: PipelineConfig, schema: str, table: str) -> str:
+    # Debezium include lists are comma-separated, anchored Java regexes over `schema.table` (exact names).
+    flag = CASE_SENSITIVE if _case_sensitive(pipeline) else ""
+    return f"{flag}{regex_literal(schema)}\\.{regex_literal(table)}"
+
+
+def debezium_table_id(schema: str, table: str) -> str:
+    """`schema.table` as Debezium's own identifier parser reads it (signal.data.collection): a part with a
+    dot or a space in double quotes (config.py refuses helper names with quotes or commas)."""
+    return ".".join(f'"{p}"' if re.search(r"[.\s]", p) else p for p in (schema, table))
+
+
+def _captured_tables(pipeline: PipelineConfig) -> list[tuple[str, str]]:
     # Debezium reads signals from the WAL, and heartbeat rows advance the slot: both tables must be captured.
-    helpers = [pipeline.source.signal_table, pipeline.source.heartbeat_table]
-    return [table.name for table in pipeline.tables] + [name for name in helpers if name]
+    helpers = [pipeline.signal_table_parts, pipeline.heartbeat_table_parts]
+    return [(t.schema_name, t.table_name) for t in pipeline.tables] + [parts for parts in helpers if parts]
 
 
-def _column_exclusions(table: TableConfig) -> str | None:
+def _column_exclusions(pipeline: PipelineConfig, table: TableConfig) -> str | None:
     if table.columns is None:
         return None
-    prefix = _table_regex(table.name) + r"\."
+    prefix = _table_regex(pipeline, table.schema_name, table.table_name) + r"\."
     if table.columns.exclude is not None:
-        return ",".join(prefix + re.escape(column) for column in table.columns.exclude)
+        return ",".join(prefix + regex_literal(column) for column in table.columns.exclude)
     # Debezium allows only one of column.include.list / column.exclude.list for the whole connector, so an
     # allow list becomes "every column except these" via a negative lookahead.
-    kept = "|".join(re.escape(column) for column in table.columns.include or [])
+    kept = "|".join(regex_literal(column) for column in table.columns.include or [])
     return f"{prefix}(?!(?:{kept})$).+"
+
+
+def _key_columns(pipeline: PipelineConfig, table: TableConfig) -> str:
+    # `<table regex>:<column>,<column>`; Debezium joins them as `<table regex>.<column>` regexes.
+    columns = ",".join(regex_literal(column) for column in table.primary_key or [])
+    return f"{_table_regex(pipeline, table.schema_name, table.table_name)}:{columns}"
 
 
 def heartbeat_query(pipeline: PipelineConfig) -> str | None:
@@ -83,9 +126,11 @@ def connector_config(pipeline: PipelineConfig, settings: Settings) -> dict[str, 
         # Debezium keeps the publication's table list equal to table.include.list: adding a table is a config change.
         "publication.autocreate.mode": "filtered",
         "snapshot.mode": "initial",
-        "table.include.list": ",".join(_table_regex(name) for name in _captured_tables(pipeline)),
+        "table.include.list": ",".join(_table_regex(pipeline, *parts) for parts in _captured_tables(pipeline)),
         # Source types (precision, scale, length) in the schema let the sink create exact ClickHouse types.
-        "column.propagate.source.type": ",".join(_table_regex(table.name) + r"\..+" for table in pipeline.tables),
+        "column.propagate.source.type": ",".join(
+            _table_regex(pipeline, t.schema_name, t.table_name) + r"\..+" for t in pipeline.tables
+        ),
         # Exact decimals: a double would round NUMERIC values, a byte-encoded BigDecimal is opaque to Spark.
         "decimal.handling.mode": "string",
         "time.precision.mode": "adaptive_time_microseconds",
@@ -98,7 +143,7 @@ def connector_config(pipeline: PipelineConfig, settings: Settings) -> dict[str, 
         # The sink applies `op: d` events itself; tombstones would only add null-valued records to skip.
         "tombstones.on.delete": "false",
         "signal.enabled.channels": "source",
-        "signal.data.collection": pipeline.source.signal_table,
+        "signal.data.collection": debezium_table_id(*pipeline.signal_table_parts),
         "incremental.snapshot.chunk.size": str(pipeline.source.snapshot_chunk_size),
         # Snapshot progress and completion as records on a topic: how a backfill knows it finished.
         "notification.enabled.channels": "sink",
@@ -114,10 +159,10 @@ def connector_config(pipeline: PipelineConfig, settings: Settings) -> dict[str, 
     }
     if query := heartbeat_query(pipeline):
         config["heartbeat.action.query"] = query
-    exclusions = [rule for table in pipeline.tables if (rule := _column_exclusions(table))]
+    exclusions = [rule for table in pipeline.tables if (rule := _column_exclusions(pipeline, table))]
     if exclusions:
         config["column.exclude.list"] = ",".join(exclusions)
-    keys = [f"{_table_regex(t.name)}:{','.join(t.primary_key)}" for t in pipeline.tables if t.primary_key]
+    keys = [_key_columns(pipeline, t) for t in pipeline.tables if t.primary_key]
     if keys:
         config["message.key.columns"] = ";".join(keys)
     config.update(pipeline.source.connector_properties)
@@ -172,6 +217,8 @@ def prepare_source(conninfo: str, pipeline: PipelineConfig) -> list[str]:
             if exists:
                 continue
             conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(sql.Identifier(schema, table), columns))
-            done.append(f"created table {schema}.{table}")
+            done.append(f"created table {display_name(schema, table)}")
+        from cdc_pipeline.control.source import set_full_identity  # control.source imports this module
+
         done += set_full_identity(conn, pipeline)
     return done

@@ -3,6 +3,7 @@ the Spark application alike. Every variable is documented in `.env.example`."""
 
 from __future__ import annotations
 
+import re
 from functools import cached_property
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -62,6 +63,14 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_secret_is_unset(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("clickhouse_database")
+    @classmethod
+    def _plain_database_name(cls, value: str) -> str:
+        # Written into SQL (CREATE DATABASE, table names): a plain identifier only.
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError(f"CDC_CLICKHOUSE_DATABASE: use letters, digits and _, not a digit first: {value!r}")
+        return value
 
     @field_validator("postgres_dsn")
     @classmethod

@@ -125,12 +125,12 @@ def stack_env() -> Iterator[dict[str, str]]:
         "CDC_KAFKA_CONTROLLER_PORT": str(controller),
         "CDC_CONNECT_URL": f"http://127.0.0.1:{connect}",
         "CDC_CLICKHOUSE_LOCAL_PORT": str(clickhouse),
+        "CDC_CLICKHOUSE_PASSWORD": secrets.token_urlsafe(16),
         "CDC_CLICKHOUSE_DATABASE": "cdc",
         "CDC_SPARK_MASTER": "local[2]",
     }
-    saved = {k: os.environ.get(k) for k in [*env, "CDC_CLICKHOUSE_URL", "CDC_CLICKHOUSE_PASSWORD"]}
+    saved = {k: os.environ.get(k) for k in [*env, "CDC_CLICKHOUSE_URL"]}
     os.environ.pop("CDC_CLICKHOUSE_URL", None)  # the test stack always runs its own endpoint
-    os.environ.pop("CDC_CLICKHOUSE_PASSWORD", None)
     os.environ.update(env)
     try:
         yield env

@@ -18,7 +18,7 @@ import yaml
 from clickhouse_connect.driver.client import Client
 from psycopg import sql
 
-from cdc_pipeline.config import PipelineConfig, parse_pipeline_config
+from cdc_pipeline.config import PipelineConfig, TableConfig, parse_pipeline_config
 from cdc_pipeline.connector import connector_name, prepare_source, provision_connector
 from cdc_pipeline.control.reconcile import diff, primary_key, replica_rows, source_columns, source_rows
 from cdc_pipeline.resources import KafkaConnectResource
@@ -59,23 +59,28 @@ class RunningPipeline:
         except OSError:
             return ""
 
-    def key(self, conn: psycopg.Connection, table: str) -> list[str]:
-        """The replica key of `table`: its `primary_key` override, else the source's primary key."""
-        override = self.config.table(f"{self.schema}.{table}").primary_key
-        return list(override or primary_key(conn, self.schema, table))
+    def compared(self, conn: psycopg.Connection, name: str) -> tuple[TableConfig, list[tuple[str, str]], list[str]]:
+        """The table `name` (pipeline.yaml syntax, unqualified: the pipeline's first schema), its captured
+        columns with their types, and its replica key (the configured override, else the primary key)."""
+        table = self.config.table(name)
+        columns = source_columns(conn, table.schema_name, table.table_name)
+        if table.columns is not None:
+            columns = [(c, t) for c, t in columns if table.columns.captures(c)]
+        key = table.primary_key or primary_key(conn, table.schema_name, table.table_name)
+        return table, columns, key
 
     def mismatches(self, conn: psycopg.Connection, client: Client, tables: list[str]) -> list[str]:
         problems = []
-        for table in tables:
-            columns = source_columns(conn, self.schema, table)
-            key = self.key(conn, table)
-            sink_table = self.config.sink_table(self.config.table(f"{self.schema}.{table}"))
+        for name in tables:
+            table, columns, key = self.compared(conn, name)
+            sink_table = self.config.sink_table(table)
             try:
                 replica = replica_rows(client, self.database, sink_table, columns, key)
             except Exception as exc:  # table not created yet, column not added yet
-                problems.append(f"{table}: {str(exc).splitlines()[0][:200]}")
+                problems.append(f"{name}: {str(exc).splitlines()[0][:200]}")
                 continue
-            problems += [f"{table}: {p}" for p in diff(source_rows(conn, self.schema, table, columns, key), replica)]
+            source = source_rows(conn, table.schema_name, table.table_name, columns, key)
+            problems += [f"{name}: {p}" for p in diff(source, replica)]
         return problems
 
     def wait_until_replica_matches(
@@ -87,7 +92,10 @@ class RunningPipeline:
         while time.monotonic() < deadline:
             problems = self.mismatches(conn, client, tables)
             if not problems:
-                return sum(len(source_rows(conn, self.schema, table, key=self.key(conn, table))) for table in tables)
+                return sum(
+                    len(source_rows(conn, t.schema_name, t.table_name, columns, key))
+                    for t, columns, key in (self.compared(conn, name) for name in tables)
+                )
             if self.stream is not None and not self.stream_alive():
                 raise AssertionError(f"the stream exited:\n{self.log_tail()}")
             time.sleep(3)
@@ -95,26 +103,40 @@ class RunningPipeline:
 
 
 def write_schema_pipeline(
-    name: str, tables: list[str | dict[str, Any]], work_dir: Path, *, trigger: str = "1 seconds", **source: Any
+    name: str,
+    tables: list[str | dict[str, Any]],
+    work_dir: Path,
+    *,
+    trigger: str = "1 seconds",
+    schema: str | None = None,
+    stream: dict[str, Any] | None = None,
+    table_options: dict[str, dict[str, Any]] | None = None,
+    clickhouse: dict[str, Any] | None = None,
+    **source: Any,
 ) -> tuple[PipelineConfig, Path]:
-    """A pipeline over the tables of PostgreSQL schema `name`, replicated to ClickHouse database
-    `name` under their own names; written to `work_dir/<name>.yaml`. `source` adds source settings.
-    A table is its name, or a `tables[]` entry with an unqualified name (e.g. with `primary_key`)."""
+    """A pipeline over the tables of PostgreSQL schema `schema` (pipeline.yaml syntax; default `name`),
+    replicated to ClickHouse database `name`, written to `work_dir/<name>.yaml`. A table given by name is
+    replicated under its own name (with `table_options[name]` added to its entry); a dict is a whole
+    `tables` entry (an unqualified name means `schema`). `source` adds source settings, `stream` stream
+    settings, `clickhouse` sink.clickhouse keys."""
+    schema = schema or name
     raw = {
         "name": name,
         "source": {
-            "schemas": [name],
-            "signal_table": f"{name}.cdc_signal",
+            "schemas": [schema],
+            "signal_table": f"{schema}.cdc_signal",
             "heartbeat_table": None,
             "heartbeat_interval_ms": 5000,
             **source,
         },
         "tables": [
-            {**entry, "name": f"{name}.{entry['name']}", "clickhouse_table": entry["name"]}
-            for entry in ({"name": t} if isinstance(t, str) else t for t in tables)
+            t
+            if isinstance(t, dict)
+            else {"name": f"{schema}.{t}", "clickhouse_table": t, **(table_options or {}).get(t, {})}
+            for t in tables
         ],
-        "sink": {"clickhouse": {"database": name}},
-        "stream": {"trigger_interval": trigger, "max_offsets_per_trigger": 2000},
+        "sink": {"clickhouse": {"database": name, **(clickhouse or {})}},
+        "stream": {"trigger_interval": trigger, "max_offsets_per_trigger": 2000, **(stream or {})},
     }
     config = parse_pipeline_config(raw, source=f"{name}.yaml")
     config_path = work_dir / f"{name}.yaml"
@@ -124,11 +146,18 @@ def write_schema_pipeline(
 
 @contextmanager
 def pipeline_for_schema(
-    settings: Settings, name: str, tables: list[str | dict[str, Any]], work_dir: Path, trigger: str = "1 seconds"
+    settings: Settings,
+    name: str,
+    tables: list[str | dict[str, Any]],
+    work_dir: Path,
+    trigger: str = "1 seconds",
+    schema: str | None = None,
+    **options: Any,
 ) -> Iterator[RunningPipeline]:
-    """Provision a connector for `<name>.<table>` tables (already created by the caller); stop and
-    remove everything afterwards, also when the test fails."""
-    config, config_path = write_schema_pipeline(name, tables, work_dir, trigger=trigger)
+    """Provision a connector for the tables of schema `schema` (default `name`; tables already created by
+    the caller, see `write_schema_pipeline`, which also takes `options`); stop and remove everything
+    afterwards, also when the test fails."""
+    config, config_path = write_schema_pipeline(name, tables, work_dir, trigger=trigger, schema=schema, **options)
     connect = KafkaConnectResource(url=settings.connect_url)
     running = RunningPipeline(
         settings, config, config_path, str(work_dir / "checkpoint"), name, name, work_dir / "stream.log"

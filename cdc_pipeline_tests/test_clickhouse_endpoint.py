@@ -37,13 +37,15 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+ENDPOINT_PASSWORD = "s3cret-pw"
+
+
 @contextmanager
-def _endpoint(data_dir: Path, password: str | None = None) -> Iterator[str]:
+def _endpoint(data_dir: Path, password: str = ENDPOINT_PASSWORD) -> Iterator[str]:
     """Run the endpoint as a subprocess until the block exits; yields its base URL."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != PASSWORD_ENV}
-    if password:
-        env[PASSWORD_ENV] = password
+    env[PASSWORD_ENV] = password
     log_path = data_dir.parent / f"{data_dir.name}-{port}.log"
     argv = [
         sys.executable, "-m", "cdc_pipeline.stack.clickhouse_local",
@@ -83,6 +85,8 @@ def _wait_ready(process: subprocess.Popen[bytes], port: int, log_path: Path) -> 
 
 
 def _client(url: str, **kwargs: object) -> Client:
+    """A client of `url` with the test stack's password unless `password` is given."""
+    kwargs.setdefault("password", os.environ.get("CDC_CLICKHOUSE_PASSWORD", ""))
     return clickhouse_connect.get_client(dsn=url, **kwargs)
 
 
@@ -262,11 +266,12 @@ def test_http_protocol_details(clickhouse_url: str, database: str) -> None:
     client = _client(clickhouse_url)
     _create_cdc_table(client, f"{database}.raw")
     conn = http.client.HTTPConnection(urlsplit(clickhouse_url).netloc, timeout=30)
+    credentials = {"X-ClickHouse-User": "default", "X-ClickHouse-Key": os.environ["CDC_CLICKHOUSE_PASSWORD"]}
 
     def request(
         method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
     ) -> tuple[int, dict[str, str], bytes]:
-        headers = headers or {}
+        headers = {**credentials, **(headers or {})}
         chunked = headers.get("Transfer-Encoding") == "chunked"
         conn.request(method, path, body=body, headers=headers, encode_chunked=chunked)
         response = conn.getresponse()
@@ -320,12 +325,12 @@ def test_authentication(tmp_path: Path) -> None:
 def test_data_survives_restart(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     with _endpoint(data_dir) as url:
-        client = _client(url, compress="lz4")
+        client = _client(url, compress="lz4", password=ENDPOINT_PASSWORD)
         client.command("CREATE DATABASE durable")
         _create_cdc_table(client, "durable.t")
         client.insert("durable.t", [[1, "kept", 1, 0], [2, "gone", 1, 0]], column_names=CDC_COLUMNS)
         client.insert("durable.t", [[2, "gone", 2, 1]], column_names=CDC_COLUMNS)
     with _endpoint(data_dir) as url:
-        client = _client(url)
+        client = _client(url, password=ENDPOINT_PASSWORD)
         assert client.query("SELECT id, name FROM durable.t FINAL").result_rows == [(1, "kept")]
         assert client.command("SELECT count() FROM durable.t") == 3

@@ -104,7 +104,12 @@ def test_unqualified_table_names_take_the_first_schema_and_topics_map_back() -> 
             minimal(tables=[{"name": "a"}, {"name": "b", "primery_key": ["id"]}]),
             "pipeline.yaml: tables[1].primery_key: Extra inputs are not permitted",
         ),
-        (minimal(tables=[{"name": "public.Orders"}]), "pipeline.yaml: tables[0].name: String should match pattern"),
+        (
+            minimal(tables=[{"name": "public.Orders"}]),
+            "pipeline.yaml: tables[0].name: 'public.Orders': unquoted names fold to lower case in PostgreSQL, so "
+            'Orders means orders; write public.orders for the lower-case name, or public."Orders" for the exact '
+            "one (in YAML: 'public.\"Orders\"')",
+        ),
         (
             minimal(tables=[{"name": "a"}, {"name": "public.a"}]),
             "pipeline.yaml: tables[1].name: public.a repeats tables[0]",
@@ -132,7 +137,7 @@ def test_unqualified_table_names_take_the_first_schema_and_topics_map_back() -> 
         (minimal(source={"slot_name": "Slot-1"}), "pipeline.yaml: source.slot_name: String should match pattern"),
         (
             minimal(source={"heartbeat_table": "heartbeat"}),
-            "pipeline.yaml: source.heartbeat_table: String should match pattern",
+            "pipeline.yaml: source.heartbeat_table: 'heartbeat': expected schema.table",
         ),
         (
             minimal(sink={"clickhouse": {"table_name": "{db}_{table}"}}),
@@ -200,3 +205,184 @@ def test_config_path_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv(CONFIG_ENV_VAR, str(from_env))
     assert load_pipeline_config().name == "from_env"
     assert load_pipeline_config(explicit).name == "explicit"
+
+
+def test_quoted_names_keep_their_exact_case_and_characters() -> None:
+    pipeline = parse_pipeline_config(
+        minimal(
+            source={"schemas": ["public", '"Sales"'], "signal_table": '"Sales"."Signals"'},
+            tables=[
+                {
+                    "name": 'public."User"',
+                    "primary_key": ['"createdAt"', "id"],
+                    "columns": {"exclude": ['"displayName"']},
+                },
+                {"name": '"Sales"."OrderItem"', "columns": {"include": ['"orderId"', '"line no"', "qty"]}},
+                {"name": '"Order Items"'},  # unqualified: the first schema
+                {"name": 'public."a.b"'},
+                {"name": 'public."say ""hi"" now"'},
+                {"name": "public.orders"},
+            ],
+        )
+    )
+    user, item, spaced, dotted, quoted, orders = pipeline.tables
+    assert [(t.schema_name, t.table_name) for t in pipeline.tables] == [
+        ("public", "User"),
+        ("Sales", "OrderItem"),
+        ("public", "Order Items"),
+        ("public", "a.b"),
+        ("public", 'say "hi" now'),
+        ("public", "orders"),
+    ]
+    # One canonical spelling (SQL's), whatever the YAML said.
+    assert [t.name for t in pipeline.tables] == [
+        'public."User"',
+        '"Sales"."OrderItem"',
+        'public."Order Items"',
+        'public."a.b"',
+        'public."say ""hi"" now"',
+        "public.orders",
+    ]
+    assert user.primary_key == ["createdAt", "id"]
+    assert user.columns.exclude == ["displayName"]
+    assert not user.columns.captures("displayName") and user.columns.captures("displayname")
+    assert item.columns.include == ["orderId", "line no", "qty"]
+    assert pipeline.source.schemas == ["public", "Sales"]
+    assert pipeline.signal_table_parts == ("Sales", "Signals")
+    # Debezium's names: topics keep the case, characters Kafka refuses become '_'.
+    assert [pipeline.topic_for(t) for t in pipeline.tables] == [
+        "shop.public.User",
+        "shop.Sales.OrderItem",
+        "shop.public.Order_Items",
+        "shop.public.a.b",
+        "shop.public.say__hi__now",
+        "shop.public.orders",
+    ]
+    assert pipeline.table_for_topic("shop.public.User") is user
+    assert user.collection_id == "public.User" and dotted.collection_id == "public.a.b"
+    # ClickHouse: case kept, anything but letters, digits and '_' becomes '_'.
+    assert [pipeline.sink_table(t) for t in pipeline.tables] == [
+        "public_User",
+        "Sales_OrderItem",
+        "public_Order_Items",
+        "public_a_b",
+        "public_say__hi__now",
+        "public_orders",
+    ]
+    # Lookups by the YAML spelling, or by Debezium's unquoted identifier.
+    assert pipeline.table('public."User"') is user
+    assert pipeline.table('"User"') is user
+    assert pipeline.table("public.User") is user
+    assert pipeline.table('"Sales"."OrderItem"') is item
+    assert pipeline.table("orders") is orders
+    with pytest.raises(KeyError):
+        pipeline.table("public.user")
+    assert (spaced, quoted) == (pipeline.tables[2], pipeline.tables[4])
+
+
+def test_lower_case_names_read_the_same_quoted_or_not() -> None:
+    pipeline = parse_pipeline_config(minimal(tables=[{"name": '"public"."customers"', "primary_key": ['"id"']}]))
+    assert pipeline.tables[0].name == "public.customers"
+    assert pipeline.tables[0].primary_key == ["id"]
+    assert pipeline.topics() == ["shop.public.customers"]
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (
+            minimal(tables=[{"name": 'public."User'}]),
+            "pipeline.yaml: tables[0].name: 'public.\"User': unterminated quoted name (close it with \")",
+        ),
+        (minimal(tables=[{"name": 'public.""'}]), "tables[0].name: 'public.\"\"': a quoted name cannot be empty"),
+        (
+            minimal(tables=[{"name": "public.order-items"}]),
+            "tables[0].name: 'public.order-items': unexpected '-' at position 13: double-quote a name with characters "
+            'other than a-z, 0-9 and _, e.g. "order-items" (in YAML: \'"order-items"\')',
+        ),
+        (
+            minimal(tables=[{"name": '"User"s'}]),
+            "tables[0].name: '\"User\"s': unexpected 's' at position 7: a quoted name ends at its closing quote",
+        ),
+        (
+            minimal(tables=[{"name": "a.b.c"}]),
+            "tables[0].name: 'a.b.c': expected at most 2 dot-separated names, e.g. schema.table",
+        ),
+        (
+            minimal(tables=[{"name": "public.2fa"}]),
+            "tables[0].name: 'public.2fa': an unquoted name cannot start with '2'; quote it: \"2fa\"",
+        ),
+        (
+            minimal(tables=[{"name": '"' + "x" * 64 + '"'}]),
+            "is longer than PostgreSQL's 63 bytes",
+        ),
+        (
+            minimal(tables=[{"name": 'public."a,b"'}]),
+            "tables[0].name: \"a,b\": Debezium cannot capture a name containing ','",
+        ),
+        (
+            minimal(tables=[{"name": 'public."""x"'}]),
+            "Debezium cannot capture a name that starts or ends with '\"'",
+        ),
+        (
+            minimal(tables=[{"name": "a", "primary_key": ["createdAt"]}]),
+            "pipeline.yaml: tables[0].primary_key[0]: 'createdAt': unquoted names fold to lower case in PostgreSQL, "
+            'so createdAt means createdat; write createdat for the lower-case name, or "createdAt" for the exact '
+            "one (in YAML: '\"createdAt\"')",
+        ),
+        (
+            minimal(tables=[{"name": "a", "columns": {"exclude": ["password", "SSN"]}}]),
+            "pipeline.yaml: tables[0].columns.exclude[1]: 'SSN': unquoted names fold to lower case",
+        ),
+        (
+            minimal(source={"schemas": ["Sales"]}, tables=[{"name": "a"}]),
+            "pipeline.yaml: source.schemas[0]: 'Sales': unquoted names fold to lower case",
+        ),
+        (
+            minimal(tables=[{"name": '"Sales".a'}]),
+            "pipeline.yaml: tables[0].name: schema 'Sales' is not in source.schemas (add it as '\"Sales\"')",
+        ),
+        (
+            minimal(tables=[{"name": 'public."User"'}, {"name": '"User"'}]),
+            'pipeline.yaml: tables[1].name: public."User" repeats tables[0]',
+        ),
+        (
+            minimal(tables=[{"name": 'public."a b"'}, {"name": "public.a_b"}]),
+            "pipeline.yaml: tables[1].name: public.a_b would be captured to topic shop.public.a_b, which collides "
+            'with the topic of tables[0] public."a b"',
+        ),
+        (
+            minimal(tables=[{"name": 'public."a.b"'}, {"name": "public.a_b"}]),
+            'collides with the topic of tables[0] public."a.b" (Debezium replaces characters other than letters, '
+            "digits, '.', '_' and '-' with '_', and Kafka treats '.' and '_' alike)",
+        ),
+        (
+            minimal(
+                tables=[
+                    {"name": 'public."a-b"', "clickhouse_table": "x"},
+                    {"name": 'public."a b"'},
+                    {"name": 'public."A b"'},
+                    {"name": 'public."a/b"'},
+                ]
+            ),  # fmt: skip
+            "pipeline.yaml: tables[3].clickhouse_table: public_a_b repeats tables[1]'s sink table "
+            "(set clickhouse_table to tell them apart)",
+        ),
+        (
+            minimal(tables=[{"name": 'public."2fa"'}], sink={"clickhouse": {"table_name": "{table}"}}),
+            "pipeline.yaml: tables[0].clickhouse_table: '2fa' is not a valid ClickHouse name "
+            "([A-Za-z_][A-Za-z0-9_]*): set clickhouse_table",
+        ),
+        (
+            minimal(source={"signal_table": 'public."cdc,signal"'}),
+            "pipeline.yaml: source.signal_table: 'public.\"cdc,signal\"': Debezium cannot use a signal or heartbeat "
+            "table with [','] in its name",
+        ),
+        (
+            minimal(tables=[{"name": '"cdc_signal"'}]),
+            "pipeline.yaml: tables[0].name: public.cdc_signal is the signal or heartbeat table",
+        ),
+    ],
+)
+def test_quoted_name_errors_say_what_to_write(data: dict[str, Any], expected: str) -> None:
+    assert expected in error_of(data)

@@ -15,6 +15,7 @@ from psycopg import sql
 
 from cdc_pipeline.config import PipelineConfig, load_pipeline_config, parse_pipeline_config
 from cdc_pipeline.connector import connector_config, connector_name, prepare_source, provision_connector
+from cdc_pipeline.control.source import UnsupportedSnapshotName, snapshot_collection
 from cdc_pipeline.resources import KafkaConnectResource, KafkaResource
 from cdc_pipeline.resources.connect import ConnectError
 from cdc_pipeline.settings import Settings
@@ -153,6 +154,56 @@ def test_column_include_and_exclude_render_as_one_exclude_list(offline_settings:
         r"public\.customers\.ssn",
         r"public\.products\.(?!(?:id|sku|price)$).+",
     ]
+
+
+def test_quoted_names_render_as_exact_case_sensitive_regexes(offline_settings: Settings) -> None:
+    pipeline = parse_pipeline_config({
+        "name": "shop",
+        "source": {"schemas": ["public", '"Sales"'], "signal_table": 'public."cdc signal"'},
+        "tables": [
+            {"name": 'public."User"', "primary_key": ['"createdAt"', "id"], "columns": {"exclude": ['"displayName"']}},
+            {"name": '"Sales"."Order Item"', "columns": {"include": ['"orderId"', "qty"]}},
+            {"name": 'public."x:y;z"'},
+            {"name": "public.orders"},
+        ],
+    })  # fmt: skip
+    config = connector_config(pipeline, offline_settings)
+    # `(?-i)`: Debezium compiles these case-insensitively, which would also capture a table "user". Characters
+    # other than letters, digits, '_' and '.' are \x{...} escapes: Debezium splits these lists on ',', ';' and
+    # ':' and trims spaces, before it compiles the regexes.
+    assert config["table.include.list"].split(",") == [
+        r"(?-i)public\.User",
+        r"(?-i)Sales\.Order\x{20}Item",
+        r"(?-i)public\.x\x{3a}y\x{3b}z",
+        r"(?-i)public\.orders",
+        r"(?-i)public\.cdc\x{20}signal",
+    ]
+    assert config["column.exclude.list"].split(",") == [
+        r"(?-i)public\.User\.displayName",
+        r"(?-i)Sales\.Order\x{20}Item\.(?!(?:orderId|qty)$).+",
+    ]
+    assert config["message.key.columns"] == r"(?-i)public\.User:createdAt,id"
+    assert config["column.propagate.source.type"].split(",")[1] == r"(?-i)Sales\.Order\x{20}Item\..+"
+    # Parsed by Debezium's identifier parser: double quotes keep the space.
+    assert config["signal.data.collection"] == 'public."cdc signal"'
+
+
+def test_snapshot_signals_name_quoted_tables_as_debezium_parses_them() -> None:
+    pipeline = parse_pipeline_config({
+        "name": "shop",
+        "tables": [{"name": 'public."User"'}, {"name": 'public."Order Item"'}, {"name": 'public."a(b).c"'}],
+    })  # fmt: skip
+    user, spaced, odd = pipeline.tables
+    # A plain name: an exact regex; Debezium parses the identifier it matches (public.User).
+    assert snapshot_collection(user) == (r"(?-i)public\.User", r"(?-i)public\.User")
+    # A space (or dot, or quote) would be split by Debezium's parser: double quotes, which match no identifier
+    # as a regex and so are parsed as they are; the condition's regex matches that text.
+    assert snapshot_collection(spaced) == (
+        '"public"."Order Item"',
+        r"(?-i)\x{22}public\x{22}\.\x{22}Order\x{20}Item\x{22}",
+    )
+    with pytest.raises(UnsupportedSnapshotName, match=r'public\."a\(b\)\.c": a name with a dot'):
+        snapshot_collection(odd)
 
 
 @pytest.mark.integration

@@ -199,7 +199,9 @@ def control(
         "kafka": KafkaResource(bootstrap_servers=settings.kafka_bootstrap_servers),
         "kafka_connect": KafkaConnectResource(url=settings.connect_url),
         "spark": SparkResource(master="local[2]", jvm_cache_dir=str(settings.jvm_cache_dir)),
-        "clickhouse": ClickHouseResource(url=clickhouse_url, database=name),
+        "clickhouse": ClickHouseResource(
+            url=clickhouse_url, password=os.environ["CDC_CLICKHOUSE_PASSWORD"], database=name
+        ),
         "pipeline": PipelineResource(
             config_path=str(config_path), stack_dir=str(work_dir), control_dir=str(work_dir / "control"),
             checkpoint_location=str(work_dir / "checkpoint"),
@@ -208,7 +210,7 @@ def control(
         "monitor": MonitorResource(lag_window=3, lag_threshold=1_000_000, stall_after_s=30, check_wait_s=120),
     }  # fmt: skip
     defs = build_definitions(config, config_path, resources)
-    client = connect_clickhouse(clickhouse_url, "default", None)
+    client = connect_clickhouse(clickhouse_url, "default", os.environ["CDC_CLICKHOUSE_PASSWORD"])
     plane = ControlPlane(
         settings, config, config_path, work_dir, resources, defs, DagsterInstance.ephemeral(), webhook, conn, client
     )

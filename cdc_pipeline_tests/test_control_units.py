@@ -208,3 +208,19 @@ def test_a_stopped_backfill_fails() -> None:
 def test_a_failed_scan_fails_the_backfill_with_its_status() -> None:
     with pytest.raises(SnapshotFailed, match="SQL_EXCEPTION"):
         _follow("d", "t")
+
+
+def test_reconcile_reports_a_value_that_does_not_parse_instead_of_failing() -> None:
+    from datetime import date
+
+    from cdc_pipeline.control.reconcile import canonical, compare
+
+    placeholder = "__debezium_unavailable_value"
+    source = {(1,): {"id": 1, "amount": canonical("numeric", "1.50"), "doc": canonical("jsonb", '{"a": 1}')}}
+    replica = {(1,): {"id": 1, "amount": canonical("numeric", placeholder), "doc": canonical("jsonb", placeholder)}}
+    differences = compare(source, replica)
+    assert list(differences.different) == [(1,)]
+    assert set(differences.different[(1,)]) == {"amount", "doc"}
+    # Dates beyond the replica's range compare as the stream stores them under the default clamp policy.
+    assert canonical("date", date(1, 1, 1)) == canonical("date", date(1900, 1, 1))
+    assert canonical("date", "infinity") == canonical("date", date(2299, 12, 31))

@@ -51,7 +51,9 @@ def source(settings: Settings, local_stack: LocalStack) -> Iterator[psycopg.Conn
 
 @pytest.fixture
 def clickhouse(settings: Settings, local_stack: LocalStack) -> Iterator[Client]:
-    client = connect_clickhouse(settings.clickhouse_endpoint, settings.clickhouse_user)
+    client = connect_clickhouse(
+        settings.clickhouse_endpoint, settings.clickhouse_user, settings.clickhouse_password.get_secret_value()
+    )
     yield client
     client.close()
 

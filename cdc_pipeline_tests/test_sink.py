@@ -33,7 +33,9 @@ TS = datetime(2026, 1, 1, tzinfo=UTC)
 
 @pytest.fixture
 def sink_table(local_stack: LocalStack, unique_name: str) -> Iterator[tuple[ClickHouseSink, ReplicaTable, Client]]:
-    client = connect_clickhouse(local_stack.settings.clickhouse_endpoint)
+    client = connect_clickhouse(
+        local_stack.settings.clickhouse_endpoint, password=local_stack.settings.clickhouse_password.get_secret_value()
+    )
     client.command(f"CREATE DATABASE {unique_name}")
     try:
         yield ClickHouseSink(client), ReplicaTable(unique_name, "people", ("id",)), client

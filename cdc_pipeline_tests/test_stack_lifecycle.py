@@ -31,6 +31,11 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
+def _ch_password(settings: Settings) -> str:
+    assert settings.clickhouse_password is not None
+    return settings.clickhouse_password.get_secret_value()
+
+
 def status_json() -> dict[str, dict]:
     result = cli("status", "--json")
     return json.loads(result.stdout)
@@ -62,7 +67,9 @@ def test_down_frees_everything_and_up_keeps_the_data(
     # Given data in each store,
     with psycopg.connect(settings.postgres_conninfo(), autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE TABLE {} AS SELECT 42 AS answer").format(sql.Identifier(unique_name)))
-    ch = connect_clickhouse(settings.clickhouse_endpoint, database=settings.clickhouse_database)
+    ch = connect_clickhouse(
+        settings.clickhouse_endpoint, password=_ch_password(settings), database=settings.clickhouse_database
+    )
     ch.command(f"CREATE TABLE {unique_name} (k UInt32) ENGINE = MergeTree ORDER BY k")
     ch.insert(unique_name, [[7]], column_names=["k"])
     ch.close()
@@ -87,7 +94,9 @@ def test_down_frees_everything_and_up_keeps_the_data(
     assert all(entry["healthy"] for entry in status_json().values())
     with psycopg.connect(settings.postgres_conninfo()) as conn:
         assert conn.execute(sql.SQL("SELECT answer FROM {}").format(sql.Identifier(unique_name))).fetchone() == (42,)
-    ch = connect_clickhouse(settings.clickhouse_endpoint, database=settings.clickhouse_database)
+    ch = connect_clickhouse(
+        settings.clickhouse_endpoint, password=_ch_password(settings), database=settings.clickhouse_database
+    )
     assert ch.query(f"SELECT k FROM {unique_name}").result_rows == [(7,)]
     ch.close()
     consumer = Consumer({

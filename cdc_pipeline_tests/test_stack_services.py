@@ -159,7 +159,11 @@ def test_every_resource_is_healthy(settings: Settings, local_stack: LocalStack) 
         KafkaResource(bootstrap_servers=settings.kafka_bootstrap_servers),
         KafkaConnectResource(url=settings.connect_url),
         SparkResource(master=settings.spark_master),
-        ClickHouseResource(url=settings.clickhouse_endpoint, database=settings.clickhouse_database),
+        ClickHouseResource(
+            url=settings.clickhouse_endpoint,
+            password=settings.clickhouse_password.get_secret_value() if settings.clickhouse_password else None,
+            database=settings.clickhouse_database,
+        ),
     ]
     for resource in resources:
         result = resource.health()

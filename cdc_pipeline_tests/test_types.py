@@ -287,3 +287,59 @@ def test_unknown_types_raise_with_what_to_do(field: dict[str, Any], hint: str) -
     assert "column 'shape'" in text and "PostgreSQL type POINT" in text and hint in text
     with pytest.raises(UnsupportedTypeError):
         value_converter(field)
+
+
+# Debezium 3.7's encodings of PostgreSQL's extremes, measured on the real stack (snapshot, then streaming).
+DATE_FIELD = {"type": "int32", "optional": True, "name": "io.debezium.time.Date", "field": "d",
+              "parameters": {"__debezium.source.column.type": "DATE"}}  # fmt: skip
+MICROS_FIELD = {"type": "int64", "optional": True, "name": "io.debezium.time.MicroTimestamp", "field": "ts"}
+MILLIS_FIELD = {"type": "int64", "optional": True, "name": "io.debezium.time.Timestamp", "field": "ts3"}
+ZONED_FIELD = {"type": "string", "optional": True, "name": "io.debezium.time.ZonedTimestamp", "field": "tz"}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "clamped", "text"),
+    [
+        (DATE_FIELD, -622191234, date(2299, 12, 31), "infinity"),  # 'infinity', snapshot
+        (DATE_FIELD, 2146033979, date(2299, 12, 31), "infinity"),  # 'infinity', streaming
+        (DATE_FIELD, -625821272, date(1900, 1, 1), "-infinity"),  # '-infinity', snapshot
+        (DATE_FIELD, -2147472691, date(1900, 1, 1), "-infinity"),  # '-infinity', streaming
+        (DATE_FIELD, -719162, date(1900, 1, 1), "0001-01-01"),
+        (DATE_FIELD, 2932896, date(2299, 12, 31), "9999-12-31"),
+        (DATE_FIELD, 2145042905, date(2299, 12, 31), "5874897-12-31"),
+        (DATE_FIELD, -2440550, date(1900, 1, 1), "4713-01-01 BC"),
+        (DATE_FIELD, 19417, date(2023, 3, 1), "2023-03-01"),
+        (MICROS_FIELD, 2**63 - 1, datetime(2299, 12, 31, 23, 59, 59, 999999, tzinfo=UTC), "infinity"),
+        (MICROS_FIELD, -(2**63), datetime(1900, 1, 1, tzinfo=UTC), "-infinity"),
+        (MICROS_FIELD, -62135596800000000, datetime(1900, 1, 1, tzinfo=UTC), "0001-01-01T00:00:00"),
+        (
+            MICROS_FIELD,
+            253402300799000000,
+            datetime(2299, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+            "9999-12-31T23:59:59",
+        ),  # fmt: skip
+        (MILLIS_FIELD, 9223372036825200000, datetime(2299, 12, 31, 23, 59, 59, 999999, tzinfo=UTC), "infinity"),
+        (MILLIS_FIELD, -9223372036832400000, datetime(1900, 1, 1, tzinfo=UTC), "-infinity"),
+        (ZONED_FIELD, "infinity", datetime(2299, 12, 31, 23, 59, 59, 999999, tzinfo=UTC), "infinity"),
+        (ZONED_FIELD, "-infinity", datetime(1900, 1, 1, tzinfo=UTC), "-infinity"),
+        (
+            ZONED_FIELD,
+            "+294276-12-31T00:00:00.000000Z",
+            datetime(2299, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+            "+294276-12-31T00:00:00.000000Z",
+        ),  # fmt: skip
+        (ZONED_FIELD, "-4712-01-01T00:00:00.000000Z", datetime(1900, 1, 1, tzinfo=UTC), "-4712-01-01T00:00:00.000000Z"),
+        (ZONED_FIELD, "0001-01-01T00:00:00.000000Z", datetime(1900, 1, 1, tzinfo=UTC), "0001-01-01T00:00:00.000000Z"),
+    ],
+)
+def test_out_of_range_policies(field: dict[str, Any], value: Any, clamped: Any, text: str) -> None:
+    heard: list[tuple[str, Any]] = []
+    result = value_converter(field, "clamp", lambda column, v: heard.append((column, v)))(value)
+    assert result == clamped
+    in_range = clamped not in (date(1900, 1, 1), date(2299, 12, 31)) and not isinstance(clamped, datetime)
+    assert [column for column, _ in heard] == ([] if in_range else [field["field"]])
+    assert value_converter(field, "text")(value) == text
+    assert clickhouse_type(field, "text") == "Nullable(String)"
+    if not in_range:
+        with pytest.raises(ValueConversionError):
+            value_converter(field, "dlq")(value)

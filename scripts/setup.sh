@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine for cdc-pipeline: system prerequisites (PostgreSQL server, a JDK 17+,
 # Maven, Chromium for the browser test of the Dagster UI), a virtualenv in .venv with the project,
-# and a .env with a generated PostgreSQL password.
+# and a .env with generated PostgreSQL and ClickHouse passwords.
 # Idempotent: run it again any time. Installs system packages only when missing, and only with
 # apt-get as root; otherwise it says what to install.
 set -euo pipefail
@@ -46,10 +46,22 @@ say "Installing the project into .venv"
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[dev]"
 
+new_password() { .venv/bin/python -c 'import secrets; print(secrets.token_hex(16))'; }
 if [ ! -f .env ]; then
-  say "Writing .env from .env.example with a generated CDC_POSTGRES_PASSWORD"
-  password=$(.venv/bin/python -c 'import secrets; print(secrets.token_hex(16))')
-  sed "s/^CDC_POSTGRES_PASSWORD=.*/CDC_POSTGRES_PASSWORD=${password}/" .env.example > .env
-  chmod 600 .env
+  say "Writing .env from .env.example with generated CDC_POSTGRES_PASSWORD and CDC_CLICKHOUSE_PASSWORD"
+  cp .env.example .env
 fi
+chmod 600 .env
+# Fill in a password that is missing or empty (also in a .env written by an older version), never replace one.
+for name in CDC_POSTGRES_PASSWORD CDC_CLICKHOUSE_PASSWORD; do
+  if ! grep -Eq "^${name}=.+" .env; then
+    say "Generating ${name} into .env"
+    password=$(new_password)
+    if grep -q "^${name}=" .env; then
+      sed -i "s/^${name}=.*/${name}=${password}/" .env
+    else
+      printf '%s=%s\n' "$name" "$password" >> .env
+    fi
+  fi
+done
 say "Setup done. Next: .venv/bin/cdc-pipeline stack up"

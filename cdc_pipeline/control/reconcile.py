@@ -58,8 +58,38 @@ def _interval(text: str) -> tuple[Decimal, ...]:
     return (months, parts["D"], seconds)
 
 
+# The replica's date range (Date32/DateTime64): the stream's default `out_of_range: clamp` policy stores
+# values beyond it at the nearest end, so both sides are compared clamped.
+_LOW_DATE, _HIGH_DATE = date(1900, 1, 1), date(2299, 12, 31)
+_LOW_TIME, _HIGH_TIME = datetime(1900, 1, 1), datetime(2299, 12, 31, 23, 59, 59, 999999)
+_BEYOND = {"infinity": 1, "-infinity": -1}
+
+
+def _clamped(pg_type: str, value: Any) -> Any:
+    if pg_type == "date":
+        if isinstance(value, str):  # 'infinity', '-infinity' or a year Python cannot hold (see _lenient_loaders)
+            low = _BEYOND.get(value) == -1 or value.endswith(" BC")
+            return _LOW_DATE if low else _HIGH_DATE
+        return min(max(value, _LOW_DATE), _HIGH_DATE) if isinstance(value, date) else value
+    if pg_type.startswith("timestamp"):
+        if isinstance(value, str):
+            low = _BEYOND.get(value) == -1 or value.endswith(" BC")
+            return _LOW_TIME if low else _HIGH_TIME
+        return min(max(value, _LOW_TIME), _HIGH_TIME) if isinstance(value, datetime) else value
+    return value
+
+
 def canonical(pg_type: str, value: Any) -> Any:
-    """Both sides' values in one form per PostgreSQL type (after `normalize`)."""
+    """Both sides' values in one form per PostgreSQL type (after `normalize`). A value that does not
+    parse as its type (e.g. a placeholder that reached a replica) is kept as ("unparsable", text), so it
+    is reported as a difference instead of failing the comparison."""
+    try:
+        return _clamped(pg_type, _canonical(pg_type, value))
+    except (ArithmeticError, ValueError, TypeError, struct.error):
+        return ("unparsable", repr(value)[:200])
+
+
+def _canonical(pg_type: str, value: Any) -> Any:
     if pg_type == "ARRAY":
         if isinstance(value, str):  # psycopg leaves arrays of user types (enum[]) as their text form
             value = next(csv.reader([value[1:-1]], escapechar="\\")) if value != "{}" else []
@@ -91,6 +121,23 @@ def canonical(pg_type: str, value: Any) -> Any:
     return value
 
 
+def _lenient_loaders(conn: psycopg.Connection) -> None:
+    """Dates and timestamps Python cannot hold ('infinity', years past 9999 or BC) load as their text
+    instead of failing the whole read."""
+    from psycopg.types.datetime import DateLoader, TimestampLoader, TimestamptzLoader
+
+    for name, base in (("date", DateLoader), ("timestamp", TimestampLoader), ("timestamptz", TimestamptzLoader)):
+
+        class Lenient(base):  # type: ignore[valid-type, misc]
+            def load(self, data: Any) -> Any:
+                try:
+                    return super().load(data)
+                except psycopg.DataError:
+                    return bytes(data).decode()
+
+        conn.adapters.register_loader(name, Lenient)
+
+
 def source_columns(conn: psycopg.Connection, schema: str, table: str) -> list[tuple[str, str]]:
     return conn.execute(
         "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = %s AND table_name = %s "
@@ -103,7 +150,7 @@ def primary_key(conn: psycopg.Connection, schema: str, table: str) -> list[str]:
     rows = conn.execute(
         "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
         "WHERE i.indrelid = %s::regclass AND i.indisprimary ORDER BY array_position(i.indkey, a.attnum)",
-        (f'"{schema}"."{table}"',),
+        (sql.Identifier(schema, table).as_string(conn),),
     ).fetchall()
     return [r[0] for r in rows]
 
@@ -125,13 +172,12 @@ def source_rows(
     selected = [
         sql.SQL("{}::text").format(sql.Identifier(n)) if types[n] == "interval" else sql.Identifier(n) for n in names
     ]
-    query = sql.SQL("SELECT {} FROM {}.{}").format(
-        sql.SQL(", ").join(selected), sql.Identifier(schema), sql.Identifier(table)
-    )
+    query = sql.SQL("SELECT {} FROM {}").format(sql.SQL(", ").join(selected), sql.Identifier(schema, table))
     if condition:
         query += sql.SQL(" WHERE ") + sql.SQL(condition)  # an operator-supplied filter
     conn.execute("SET intervalstyle = 'iso_8601'")
     rows = {}
+    _lenient_loaders(conn)
     for record in conn.execute(query):
         row = {n: canonical(types[n], normalize(v)) for n, v in zip(names, record, strict=True)}
         rows[tuple(row[k] for k in key)] = row

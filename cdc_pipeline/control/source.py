@@ -4,6 +4,8 @@ table observations, and Debezium signals (incremental snapshots for backfills)."
 from __future__ import annotations
 
 import json
+import re
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +13,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from cdc_pipeline.config import PipelineConfig, TableConfig
+from cdc_pipeline.config import PipelineConfig, TableConfig, display_name
+from cdc_pipeline.connector import CASE_SENSITIVE, regex_literal
 
 
 @dataclass(frozen=True)
@@ -239,7 +242,7 @@ def check_source(conn: psycopg.Connection, pipeline: PipelineConfig) -> list[Sou
         exists = conn.execute("SELECT 1 FROM pg_tables WHERE schemaname = %s AND tablename = %s", parts).fetchone()
         checks.append(
             SourceCheck(
-                label, exists is not None, f"{'.'.join(parts)} {'exists' if exists else 'is missing'}",
+                label, exists is not None, f"{display_name(*parts)} {'exists' if exists else 'is missing'}",
                 "run the provision job (it creates the table) or create it as in the README",
             )
         )  # fmt: skip
@@ -279,8 +282,10 @@ def wal_position(conn: psycopg.Connection, pipeline: PipelineConfig) -> dict[str
 def exact_count(conn: psycopg.Connection, table: TableConfig, condition: str | None = None) -> int:
     query = sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table.schema_name, table.table_name))
     if condition:
-        query += sql.SQL(" WHERE ") + sql.SQL(condition)  # an operator-supplied filter, like Debezium's own
-    return conn.execute(query).fetchone()[0]
+        # An operator-supplied filter, like Debezium's own; checked by sqlcheck.validate_condition first.
+        # A prepared statement (extended protocol) can never run a second statement.
+        query += sql.SQL(" WHERE ({})").format(sql.SQL(condition))
+    return conn.execute(query, prepare=True).fetchone()[0]
 
 
 def source_columns(conn: psycopg.Connection, table: TableConfig) -> list[str]:
@@ -305,16 +310,82 @@ def primary_key(conn: psycopg.Connection, table: TableConfig) -> list[str]:
     return [r[0] for r in rows]
 
 
+_NEEDS_DEBEZIUM_QUOTES = re.compile(r"[.\s\"'`]")
+_REGEX_META = re.compile(r"[\\\[\](){}*+?|^$]")
+
+
+class UnsupportedSnapshotName(ValueError):
+    """Debezium's execute-snapshot signal cannot name this table."""
+
+
+def snapshot_collection(table: TableConfig) -> tuple[str, str]:
+    """How an execute-snapshot signal names `table`: the `data-collections` entry and the regex of its
+    `additional-conditions`. Debezium matches each entry as a (case-sensitive) regex against its
+    `schema.table` identifiers and parses what matched with its identifier parser; an entry matching
+    nothing is parsed as it is. So a plain name is an exact regex, and a name with a dot, a space or a
+    quote (which the parser would split or unquote) is given in double quotes, which match no identifier."""
+    schema, name = table.schema_name, table.table_name
+    if not (_NEEDS_DEBEZIUM_QUOTES.search(schema) or _NEEDS_DEBEZIUM_QUOTES.search(name)):
+        exact = CASE_SENSITIVE + regex_literal(schema) + r"\." + regex_literal(name)
+        return exact, exact
+    if _REGEX_META.search(schema + name) or "''" in schema + name or "``" in schema + name:
+        raise UnsupportedSnapshotName(
+            f"Debezium's snapshot signal cannot name {table.name}: a name with a dot, a space or a quote is "
+            "given in double quotes, which Debezium also compiles as a regex, so it cannot contain any of "
+            "\\ [ ] ( ) { } * + ? | ^ $ (nor '' or ``); rename the table to backfill it"
+        )
+    quoted = ".".join('"' + part.replace('"', '""') + '"' for part in (schema, name))
+    return quoted, CASE_SENSITIVE + regex_literal(quoted)
+
+
+class SignalLock:
+    """A PostgreSQL session advisory lock per pipeline around inserting a snapshot signal (released
+    when its connection ends, also if the process dies). Debezium reports two signals it takes in at
+    once under the newest id only, so whoever follows its own signal (the backfill job) holds the lock
+    until Debezium acknowledged it; the stream's schema-change re-snapshots take it for a moment."""
+
+    def __init__(self, conn: psycopg.Connection, pipeline: str) -> None:
+        self.conn, self.key, self.held = conn, f"cdc-pipeline backfill {pipeline}", False
+
+    def try_acquire(self) -> bool:
+        query = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
+        self.held = bool(self.conn.execute(query, (self.key,)).fetchone()[0])
+        return self.held
+
+    def wait(self, timeout: float, on_wait: Any = None, note_every: float = 30.0) -> bool:
+        """Try for up to `timeout` seconds; `on_wait()` is called every `note_every` s while waiting."""
+        deadline = time.monotonic() + timeout
+        next_note = 0.0
+        while not self.try_acquire():
+            if time.monotonic() > deadline:
+                return False
+            if on_wait is not None and time.monotonic() > next_note:
+                on_wait()
+                next_note = time.monotonic() + note_every
+            time.sleep(1)
+        return True
+
+    def release(self) -> None:
+        if self.held:
+            self.conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (self.key,))
+            self.held = False
+
+
 def request_incremental_snapshot(
-    conn: psycopg.Connection, pipeline: PipelineConfig, table: TableConfig, condition: str | None = None
+    conn: psycopg.Connection,
+    pipeline: PipelineConfig,
+    table: TableConfig,
+    condition: str | None = None,
+    id_prefix: str = "backfill",
 ) -> str:
     """Ask Debezium for an incremental snapshot of `table` (optionally only rows matching the SQL
-    `condition`) by inserting an `execute-snapshot` row into the signal table; returns the signal id.
-    The snapshot runs in chunks interleaved with streaming, so nothing stops while it runs."""
-    data: dict[str, Any] = {"data-collections": [table.name], "type": "incremental"}
+    `condition`) by inserting an `execute-snapshot` row into the signal table; returns the signal id
+    (`<id_prefix>-<uuid>`). The snapshot runs in chunks interleaved with streaming, so nothing stops."""
+    collection, pattern = snapshot_collection(table)
+    data: dict[str, Any] = {"data-collections": [collection], "type": "incremental"}
     if condition:
-        data["additional-conditions"] = [{"data-collection": table.name, "filter": condition}]
-    signal_id = f"backfill-{uuid.uuid4()}"
+        data["additional-conditions"] = [{"data-collection": pattern, "filter": condition}]
+    signal_id = f"{id_prefix}-{uuid.uuid4()}"
     conn.execute(
         sql.SQL("INSERT INTO {} (id, type, data) VALUES (%s, 'execute-snapshot', %s)").format(
             sql.Identifier(*pipeline.signal_table_parts)

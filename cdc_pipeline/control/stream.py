@@ -121,7 +121,7 @@ class StreamController:
         # must not run beside the new one.
         self._end_group(self.process.record(), timeout=10)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.process.start(argv, env=submit_env(env))
+        self.process.start(argv, env=submit_env(env, master=master))
         self._write_state(
             desired="running", host=socket.gethostname(), master=master, checkpoint=checkpoint,
             started_by=started_by, started_at=datetime.now(UTC).isoformat(timespec="seconds"), stopped_at=None,

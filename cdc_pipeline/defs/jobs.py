@@ -29,7 +29,14 @@ from cdc_pipeline.config import PipelineConfig, TableConfig
 from cdc_pipeline.connector import connector_name
 from cdc_pipeline.control.backfill import SnapshotFailed, SnapshotProgress, end_offsets, follow_snapshot
 from cdc_pipeline.control.reconcile import Differences, normalize, reconcile
-from cdc_pipeline.control.source import exact_count, primary_key, request_incremental_snapshot, source_columns
+from cdc_pipeline.control.source import (
+    SignalLock,
+    UnsupportedSnapshotName,
+    exact_count,
+    primary_key,
+    request_incremental_snapshot,
+    source_columns,
+)
 from cdc_pipeline.defs import common
 from cdc_pipeline.defs.common import AUTOMATIC_TAG, database_of, lag_metadata, stream_env, stream_lag
 from cdc_pipeline.defs.translator import CdcTranslator
@@ -41,6 +48,7 @@ from cdc_pipeline.resources import (
     PostgresResource,
     SparkResource,
 )
+from cdc_pipeline.sqlcheck import InvalidFragment, validate_condition
 from cdc_pipeline.streaming import replay as replay_app
 from cdc_pipeline.streaming.launch import submit_env
 
@@ -174,7 +182,9 @@ def resume_connector() -> None:
 
 
 class BackfillConfig(Config):
-    table: str = Field(description="Source table (`schema.table`) of the pipeline to backfill.")
+    table: str = Field(
+        description='Source table of the pipeline to backfill, as in pipeline.yaml (`public.orders`, `public."User"`).'
+    )
     condition: str | None = Field(
         default=None, description="Optional SQL filter on the source table, e.g. `updated_at > '2026-01-01'`."
     )
@@ -203,31 +213,15 @@ def _notification_topic(connect: KafkaConnectResource, config: PipelineConfig) -
     return topic
 
 
-class BackfillLock:
-    """A PostgreSQL session advisory lock per pipeline (released when its connection ends, also if
-    the run dies)."""
-
-    def __init__(self, conn: psycopg.Connection, pipeline: str) -> None:
-        self.conn, self.key, self.held = conn, f"cdc-pipeline backfill {pipeline}", False
+class BackfillLock(SignalLock):
+    """The pipeline's signal lock (control/source.py), failing the run after `timeout`."""
 
     def acquire(self, timeout: float, log: Any) -> None:
-        deadline = time.monotonic() + timeout
-        next_note = 0.0
-        while not self.conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (self.key,)).fetchone()[0]:
-            if time.monotonic() > deadline:
-                raise Failure(
-                    f"another backfill's signal was not taken by Debezium in {timeout:.0f} s: is the connector running?"
-                )
-            if time.monotonic() > next_note:
-                log.info("waiting until Debezium has taken the signal of another backfill of this pipeline")
-                next_note = time.monotonic() + 30
-            time.sleep(1)
-        self.held = True
-
-    def release(self) -> None:
-        if self.held:
-            self.conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (self.key,))
-            self.held = False
+        note = lambda: log.info("waiting until Debezium has taken the signal of another backfill of this pipeline")  # noqa: E731
+        if not self.wait(timeout, note):
+            raise Failure(
+                f"another backfill's signal was not taken by Debezium in {timeout:.0f} s: is the connector running?"
+            )
 
 
 def run_backfill(
@@ -243,6 +237,13 @@ def run_backfill(
 ) -> dict[str, Any]:
     """Signal an incremental snapshot of `table`, follow it until Debezium reports it complete, then
     wait until the stream applied it."""
+    if condition is not None:
+        # One boolean expression on the table, checked by PostgreSQL before Debezium or a count sees it.
+        with postgres.connect(autocommit=True) as conn:
+            try:
+                condition = validate_condition(conn, table.schema_name, table.table_name, condition)
+            except InvalidFragment as exc:
+                raise Failure(f"backfill {table.name}: {exc}") from None
     notification_topic = _notification_topic(connect, config)
     topic = config.topic_for(table)
     consumer = kafka.consumer(f"{config.consumer_group}-backfill", **{"enable.partition.eof": False})
@@ -255,7 +256,10 @@ def run_backfill(
             start = end_offsets(consumer, topic)
             notification_start = end_offsets(consumer, notification_topic)
             expected = exact_count(conn, table, condition)
-            signal_id = request_incremental_snapshot(conn, config, table, condition)
+            try:
+                signal_id = request_incremental_snapshot(conn, config, table, condition)
+            except UnsupportedSnapshotName as exc:
+                raise Failure(str(exc)) from None
             context.log.info(f"signal {signal_id}: incremental snapshot of {expected} rows of {table.name} requested")
 
             def report(progress: SnapshotProgress) -> None:
@@ -269,7 +273,8 @@ def run_backfill(
             try:
                 progress = follow_snapshot(
                     consumer, topic=topic, notification_topic=notification_topic, start=start,
-                    notification_start=notification_start, signal_id=signal_id, table=table.name, expected=expected,
+                    notification_start=notification_start, signal_id=signal_id, table=table.collection_id,
+                    expected=expected,
                     timeout=timeout, on_acknowledged=lock.release, on_progress=report,
                 )  # fmt: skip
             except (SnapshotFailed, TimeoutError) as exc:
@@ -337,7 +342,9 @@ def backfill_table() -> None:
 
 
 class ReplayConfig(Config):
-    table: str = Field(description="Source table (`schema.table`) whose topic is replayed.")
+    table: str = Field(
+        description='Source table whose topic is replayed, as in pipeline.yaml (`public.orders`, `public."User"`).'
+    )
     start_offset: int | None = Field(default=None, description="First offset (partition 0), inclusive.")
     end_offset: int | None = Field(default=None, description="Last offset, exclusive; default the current end.")
     start_time: str | None = Field(default=None, description="ISO 8601 start of a time window (instead of offsets).")
@@ -398,7 +405,7 @@ def replay_op(
     context.log.info(f"replaying {topic} offsets [{start}, {end}) with spark-submit on {spark.master}")
     # In its own process group, so a timeout stops spark-submit's JVM and its Python driver together.
     process = subprocess.Popen(
-        argv, env=submit_env(stream_env(kafka, clickhouse, pipeline)), stdout=subprocess.PIPE,
+        argv, env=submit_env(stream_env(kafka, clickhouse, pipeline), master=spark.master), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
     try:

@@ -6,9 +6,11 @@ translator): subclass `CdcTranslator` and override a method to change keys, grou
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any
 
+from clickhouse_connect.driver.binding import quote_identifier
 from dagster import AssetKey, AssetSpec, MetadataValue
 
 from cdc_pipeline.config import PipelineConfig, TableConfig
@@ -16,6 +18,7 @@ from cdc_pipeline.connector import connector_config, connector_name
 from cdc_pipeline.settings import Settings
 from cdc_pipeline.streaming.sink import META_COLUMNS
 
+_KEY_PART = re.compile(r"^[A-Za-z0-9_]+$")
 _SECRET_KEY = re.compile(r"password|secret|token|credential|sasl\.jaas|ssl\.key", re.IGNORECASE)
 MASK = "********"
 
@@ -24,6 +27,16 @@ def mask_secrets(config: dict[str, Any]) -> dict[str, Any]:
     """`config` with the value of every secret-looking key replaced (config provider references too:
     they name where the secret lives, which is no business of a UI either)."""
     return {k: (MASK if _SECRET_KEY.search(k) and v else v) for k, v in config.items()}
+
+
+def key_part(name: str) -> str:
+    """An exact source name as an asset key component: Dagster allows only letters, digits and `_` in the
+    names it derives from keys. A name with other characters gets them replaced by `_` and a short hash of
+    the exact name, so `"Order Items"` and `order_items` stay two assets."""
+    if _KEY_PART.match(name):
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    return f"{re.sub(r'[^A-Za-z0-9_]', '_', name)}_{digest}"
 
 
 class CdcTranslator:
@@ -35,7 +48,7 @@ class CdcTranslator:
 
     # Keys. Every key starts with the pipeline name, so several pipelines share one code location.
     def source_key(self, table: TableConfig) -> AssetKey:
-        return AssetKey([self.pipeline.name, "postgres", table.schema_name, table.table_name])
+        return AssetKey([self.pipeline.name, "postgres", key_part(table.schema_name), key_part(table.table_name)])
 
     def connector_key(self) -> AssetKey:
         return AssetKey([self.pipeline.name, "debezium_connector"])
@@ -117,9 +130,14 @@ class CdcTranslator:
     def sink_spec(self, table: TableConfig) -> AssetSpec:
         database = self.pipeline.clickhouse_database(self.settings.clickhouse_database)
         name = self.pipeline.sink_table(table)
-        key = ", ".join(table.primary_key) if table.primary_key else "the source table's primary key"
+        key = (
+            ", ".join(quote_identifier(c) for c in table.primary_key)
+            if table.primary_key
+            else "the source table's primary key"
+        )
         ddl = (
-            f"CREATE TABLE {database}.{name} (\n  <captured columns, types from the change events' schemas>,\n  "
+            f"CREATE TABLE {quote_identifier(database)}.{quote_identifier(name)} (\n"
+            "  <captured columns, types from the change events' schemas>,\n  "
             + ",\n  ".join(f"{n} {t}" for n, t in META_COLUMNS)
             + "\n) ENGINE = ReplacingMergeTree(_version, _is_deleted)\n"
             + (f"PARTITION BY {table.partition_by}\n" if table.partition_by else "")

@@ -13,8 +13,24 @@ ClickHouse only through ``clickhouse-connect`` cannot tell it from a real server
   ClickHouse reports them (HTTP status, ``X-ClickHouse-Exception-Code``, ``Code: N. ...`` body);
 * ``session_id`` keeps ``SET``/``USE`` state between requests of one session.
 
+It is locked down like a real server configured for one application user:
+
+* every request but ``/ping`` (and an empty ``GET /``) needs the user and password; the endpoint refuses
+  to start without a password;
+* GET requests are read-only (``readonly=2``, as ClickHouse makes them), on a second chDB connection;
+* the engine runs with its own users config: the user may read, write and create/alter/drop tables and
+  databases, but has no SOURCES grants (``file``, ``url``, ``s3``, ``remote``, ``mysql``, ``postgresql``,
+  ... and the clickhouse-local file overlay of the ``default`` database), no access management, SYSTEM,
+  BACKUP, dictionaries or named collections; ``user_files_path`` is an empty private directory;
+* what grants do not cover in clickhouse-local mode is refused before chDB sees it (``_check_statement``):
+  ``INTO OUTFILE``, ``FROM INFILE``, the ``file()`` function, chDB's ``python()`` table function, every
+  table function but the local ones (``numbers``, ``values``, ``view``, ...), table and database engines
+  but the local ones (MergeTree family, Memory, Log, ...), ``ATTACH``, ``disk(...)`` and settings that
+  name files (``format_schema``, ``format_template_*``, ``output_format_schema``).
+
 One process owns the chDB data directory; MergeTree data persists there across restarts. All
-chDB calls go through one chDB connection, serialized by a lock.
+chDB calls go through two chDB connections (read-write for POST, read-only for GET), serialized by
+one lock.
 
 Run it with ``python -m cdc_pipeline.stack.clickhouse_local --port 8123 --data-dir DIR``.
 """
@@ -31,6 +47,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -44,8 +61,10 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.parser import BytesParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import IO, Any, NamedTuple, Protocol, cast
 from urllib.parse import parse_qsl, urlsplit
+from xml.sax.saxutils import escape as xml_escape
 
 import lz4.frame
 import zstandard
@@ -414,6 +433,110 @@ def _quote_identifier(name: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
+# Lock-down of what grants do not cover: in clickhouse-local mode chDB ignores user_files_path, and
+# some statements, functions and engines reach files, other servers or the host process without
+# any grant. They are refused here, on ClickHouse's own tokens (case, comments and quoting included).
+
+# Table functions that only compute or read this server's own tables; every other one is refused.
+_LOCAL_TABLE_FUNCTIONS = frozenset(
+    {
+        "numbers", "numbers_mt", "zeros", "zeros_mt", "generaterandom", "generate_series", "generateseries",
+        "values", "null", "view", "merge", "loop", "format", "input", "primes",
+    }
+)  # fmt: skip
+# Refused whatever the engine lists: the file() scalar function, dynamic disks, chDB's python().
+_REFUSED_FUNCTIONS = frozenset(
+    {
+        "file", "disk", "python", "url", "s3", "remote", "remotesecure", "mysql", "postgresql", "hdfs", "jdbc",
+        "odbc", "sqlite", "mongodb", "redis", "azureblobstorage", "gcs", "cluster", "clusterallreplicas",
+        "executable", "dictionary", "filesystem", "catboostevaluate",
+    }
+)  # fmt: skip
+# Table and database engines that keep data in this server's own storage; every other one is refused.
+_LOCAL_ENGINES = frozenset(
+    {
+        "mergetree", "replacingmergetree", "summingmergetree", "aggregatingmergetree", "collapsingmergetree",
+        "versionedcollapsingmergetree", "coalescingmergetree", "graphitemergetree", "memory", "log", "tinylog",
+        "stripelog", "null", "set", "join", "buffer", "view", "materializedview", "merge", "generaterandom",
+        "atomic", "ordinary",
+    }
+)  # fmt: skip
+# Statements that read or write paths of the host, whatever the grants.
+_REFUSED_STATEMENTS = frozenset({"ATTACH", "BACKUP", "RESTORE", "SYSTEM", "INSTALL"})
+_REFUSED_KEYWORDS = frozenset({"OUTFILE", "INFILE"})
+# Settings that name files to read or write (format schemas and templates).
+_REFUSED_SETTING_RE = re.compile(r"^(format_schema|format_template|output_format_schema)", re.IGNORECASE)
+
+
+def _access_denied(what: str) -> ClickHouseError:
+    return ClickHouseError(
+        497,
+        "ACCESS_DENIED",
+        f"{what} is not allowed on this endpoint: it reaches files, other servers or the host process "
+        "(the local development endpoint is locked down like a server without SOURCES grants)",
+    )
+
+
+def _check_setting_name(name: str) -> None:
+    if _REFUSED_SETTING_RE.match(name):
+        raise _access_denied(f"Setting {name}")
+
+
+def _token_name(token: _Token) -> str | None:
+    """A bare or quoted name's text (ClickHouse accepts `file`('x') as a call of file); else None."""
+    if token.kind == "word":
+        return token.text
+    if token.kind == "identifier":
+        quote = token.text[0]
+        return token.text[1:-1].replace(quote * 2, quote).replace("\\" + quote, quote)
+    return None
+
+
+def _plain_reattach(tokens: list[_Token]) -> bool:
+    """`ATTACH TABLE [IF NOT EXISTS] [db.]name`: re-attaching a detached table of this server, which a real
+    server allows with grants. Every other ATTACH (FROM a path, a column list, a dictionary) is refused."""
+    words = [t for t in tokens if not (t.kind == "punct" and t.text == ";")]
+    if len(words) < 3 or words[0].text.upper() != "ATTACH" or words[1].text.upper() != "TABLE":
+        return False
+    rest = words[2:]
+    if len(rest) >= 3 and [t.text.upper() for t in rest[:3]] == ["IF", "NOT", "EXISTS"]:
+        rest = rest[3:]
+    if len(rest) == 3 and rest[1].text == ".":
+        rest = [rest[0], rest[2]]
+    return 1 <= len(rest) <= 2 and all(t.kind in ("word", "identifier") for t in rest)
+
+
+def _check_statement(text: str, refused_functions: frozenset[str]) -> None:
+    """Refuse what a locked-down server would refuse but chDB in clickhouse-local mode runs anyway."""
+    try:
+        # ClickHouse skips Unicode whitespace (e.g. U+00A0) between tokens and allows no other
+        # non-ASCII character outside literals: so `file\u00a0(...)` is a call of file().
+        tokens = [t for t in _tokens(text) if not (t.kind == "punct" and ord(t.text) > 0x7F)]
+    except _Incomplete:
+        # Unterminated quote or comment: refused before the engine guesses where it ends.
+        raise _syntax_error("Unterminated quoted string, identifier or comment") from None
+    refused = tokens and tokens[0].kind == "word" and tokens[0].text.upper() in _REFUSED_STATEMENTS
+    if refused and not _plain_reattach(tokens):
+        raise _access_denied(f"{tokens[0].text.upper()} statement")
+    for index, token in enumerate(tokens):
+        name = _token_name(token)
+        if name is None:
+            continue
+        following = tokens[index + 1] if index + 1 < len(tokens) else None
+        if token.kind == "word" and name.upper() in _REFUSED_KEYWORDS:
+            raise _access_denied(f"{'INTO OUTFILE' if name.upper() == 'OUTFILE' else 'FROM INFILE'}")
+        if following is not None and following.text == "(" and name.lower() in refused_functions:
+            raise _access_denied(f"Function {name}()")
+        if following is not None and following.text == "=" and _REFUSED_SETTING_RE.match(name):
+            raise _access_denied(f"Setting {name}")
+        if token.kind == "word" and name.upper() == "ENGINE":
+            position = index + 2 if following is not None and following.text == "=" else index + 1
+            engine = _token_name(tokens[position]) if position < len(tokens) else None
+            if engine is not None and engine.lower() not in _LOCAL_ENGINES:
+                raise _access_denied(f"Engine {engine}")
+
+
+# ------------------------------------------------------------------------------------------------
 # Request bodies: framing (Content-Length / chunked) and Content-Encoding.
 
 
@@ -535,13 +658,63 @@ class QueryOutcome:
     summary: dict[str, str]
 
 
+@dataclass
+class _Connection:
+    """One chDB connection and the settings and current database applied to it."""
+
+    conn: Any
+    applied: dict[str, str] = field(default_factory=dict)
+    database: str = "default"
+
+
+# The engine's users config: what a real server's administrator would grant an application user.
+# No SOURCES (FILE, URL, S3, REMOTE, MYSQL, POSTGRES, ...: also the clickhouse-local file overlay of the
+# `default` database), no access management, SYSTEM, BACKUP, dictionaries, functions or named collections.
+_GRANTS = (
+    "GRANT SHOW, SELECT, INSERT, ALTER, CREATE DATABASE, CREATE TABLE, CREATE VIEW, CREATE TEMPORARY TABLE, "
+    "DROP DATABASE, DROP TABLE, DROP VIEW, TRUNCATE, OPTIMIZE, KILL QUERY ON *.*"
+)
+
+
+def _write_engine_config(directory: Path) -> Path:
+    """The clickhouse-local config chDB starts with: the users config above and empty private
+    directories for user files, scripts and format schemas. Returns the config file."""
+    paths = {name: directory / name for name in ("user_files", "user_scripts", "format_schemas")}
+    for path in paths.values():
+        path.mkdir(mode=0o700)
+    users = directory / "users.xml"
+    users.write_text(
+        "<clickhouse>\n"
+        "  <profiles><default/></profiles>\n"
+        "  <quotas><default/></quotas>\n"
+        "  <users><default>\n"
+        "    <password/>\n"
+        "    <networks><ip>::1</ip><ip>127.0.0.1</ip></networks>\n"
+        "    <profile>default</profile><quota>default</quota>\n"
+        f"    <grants><query>{xml_escape(_GRANTS)}</query></grants>\n"
+        "  </default></users>\n"
+        "</clickhouse>\n"
+    )
+    config = directory / "config.xml"
+    config.write_text(
+        "<clickhouse>\n"
+        f"  <users_config>{xml_escape(str(users))}</users_config>\n"
+        f"  <user_files_path>{xml_escape(str(paths['user_files']))}/</user_files_path>\n"
+        f"  <user_scripts_path>{xml_escape(str(paths['user_scripts']))}/</user_scripts_path>\n"
+        f"  <format_schema_path>{xml_escape(str(paths['format_schemas']))}/</format_schema_path>\n"
+        "</clickhouse>\n"
+    )
+    return config
+
+
 class ChdbEngine:
-    """The one chDB connection of the process, with HTTP-session semantics layered on top.
+    """The chDB engine of the process, with HTTP-session semantics layered on top.
 
     ClickHouse gives every HTTP request fresh settings and database (or those of its session),
     whereas chDB keeps ``SET``/``USE`` state on the connection. The engine tracks the state it
     has applied and diffs it against what each request needs, so requests never see each
-    other's settings and repeated identical settings cost nothing.
+    other's settings and repeated identical settings cost nothing. Two connections share the
+    data: one for POST requests, and one fixed at ``readonly = 2`` for GET requests.
     """
 
     def __init__(self, data_dir: str, timezone: str = "UTC") -> None:
@@ -550,38 +723,53 @@ class ChdbEngine:
         ``timezone`` becomes the server time zone; it is set as the process's TZ, which only
         takes effect if chDB has not been imported yet (the actual zone is read back).
         """
-        os.makedirs(data_dir, exist_ok=True)
+        data_path = os.path.abspath(data_dir)
+        if "?" in data_path or "&" in data_path:
+            raise ValueError(f"The chDB data directory path must not contain '?' or '&': {data_path}")
+        os.makedirs(data_path, exist_ok=True)
         # ClickHouse takes its default time zone from TZ when the engine starts.
         os.environ["TZ"] = timezone
         time.tzset()
         import chdb  # noqa: PLC0415 - deferred so the TZ above applies to the engine
 
         self._lock = threading.Lock()
-        self._conn: Any = chdb.connect(os.path.abspath(data_dir))
-        self._applied: dict[str, str] = {}
-        self._database = "default"
+        self._config_dir = Path(tempfile.mkdtemp(prefix="cdc-chdb-config-"))
+        self._connections: dict[bool, _Connection] = {}
+        try:
+            url = f"file:{data_path}?config-file={_write_engine_config(self._config_dir)}"
+            self._connections[False] = _Connection(chdb.connect(url))
+            self._connections[True] = _Connection(chdb.connect(url))
+            # Like ClickHouse's GET: no writes, no DDL, settings may change but readonly may not.
+            self._run_locked(self._connections[True], b"SET readonly = 2", "TabSeparated", {})
+            row = self._run_locked(self._connections[False], b"SELECT version(), timezone()", "TabSeparated", {})
+            self.version, self.timezone = row.bytes().decode().rstrip("\n").split("\t")
+            names = self._run_locked(self._connections[False], b"SELECT name FROM system.table_functions", "TSV", {})
+        except BaseException:
+            self.close()
+            raise
+        available = {name.lower() for name in names.bytes().decode().split()}
+        self.refused_functions = frozenset((available - _LOCAL_TABLE_FUNCTIONS) | _REFUSED_FUNCTIONS)
         self._sessions: dict[str, _Session] = {}
-        row = self._run_locked(b"SELECT version(), timezone()", "TabSeparated", {})
-        self.version, self.timezone = row.bytes().decode().rstrip("\n").split("\t")
 
-    def query(self, ctx: RequestContext, sql: bytes, fmt: str, keyword: str) -> QueryOutcome:
+    def query(self, ctx: RequestContext, sql: bytes, fmt: str, keyword: str, *, readonly: bool = False) -> QueryOutcome:
         """Run one SQL statement, returning its output in ``fmt`` unless it names a FORMAT."""
         assignments = _set_assignments(sql.decode(errors="replace")) if keyword == "SET" else {}
         if "readonly" in assignments:
             raise ClickHouseError(48, "NOT_IMPLEMENTED", "SET readonly would lock this endpoint's shared chDB session")
         with self._lock:
-            session = self._prepare_locked(ctx)
+            connection = self._connection_locked(readonly)
+            session = self._prepare_locked(connection, ctx)
             started = time.monotonic()
-            result = self._run_locked(sql, fmt, ctx.params)
+            result = self._run_locked(connection, sql, fmt, ctx.params)
             elapsed = time.monotonic() - started
             if keyword == "USE":
-                current = self._run_locked(b"SELECT currentDatabase()", "TabSeparated", {})
-                self._database = current.bytes().decode().rstrip("\n")
+                current = self._run_locked(connection, b"SELECT currentDatabase()", "TabSeparated", {})
+                connection.database = current.bytes().decode().rstrip("\n")
                 if session is not None:
-                    session.database = self._database
+                    session.database = connection.database
             elif assignments:
                 # Without a session the next request resets these, as ClickHouse forgets them.
-                self._applied.update(assignments)
+                connection.applied.update(assignments)
                 if session is not None:
                     session.settings.update(assignments)
             self._finish_session_locked(ctx)
@@ -602,11 +790,12 @@ class ChdbEngine:
     def insert(self, ctx: RequestContext, statement: str, fmt: str, data: Iterable[bytes]) -> QueryOutcome:
         """Stream ``data`` (encoded in ``fmt``) into ``statement`` (an INSERT without FORMAT)."""
         with self._lock:
-            self._prepare_locked(ctx)
+            connection = self._connection_locked(False)
+            self._prepare_locked(connection, ctx)
             started = time.monotonic()
             try:
                 # Leaving the block without finish() cancels the insert: nothing is committed.
-                with self._connection_locked().send_insert(statement, fmt) as inserter:
+                with connection.conn.send_insert(statement, fmt) as inserter:
                     for chunk in data:
                         inserter.append(chunk)
                     written = inserter.finish()
@@ -628,46 +817,54 @@ class ChdbEngine:
         )
 
     def close(self) -> None:
-        """Close the chDB connection after any in-flight call; later calls fail with ABORTED."""
+        """Close the chDB connections after any in-flight call; later calls fail with ABORTED."""
         with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            for readonly in list(self._connections):
+                self._connections.pop(readonly).conn.close()
+            shutil.rmtree(self._config_dir, ignore_errors=True)
 
-    def _connection_locked(self) -> Any:
-        if self._conn is None:
+    def _connection_locked(self, readonly: bool) -> _Connection:
+        connection = self._connections.get(readonly)
+        if connection is None:
             raise ClickHouseError(236, "ABORTED", "Server is shutting down")
-        return self._conn
+        return connection
 
-    def _run_locked(self, sql: bytes, fmt: str, params: Mapping[str, str]) -> Any:
-        connection = self._connection_locked()
+    def _run_locked(self, connection: _Connection, sql: bytes, fmt: str, params: Mapping[str, str]) -> Any:
         try:
-            return connection.query(sql, fmt, params=dict(params))
+            return connection.conn.query(sql, fmt, params=dict(params))
         except Exception as exc:
-            raise ClickHouseError.from_engine(exc) from exc
+            error = ClickHouseError.from_engine(exc)
+            if error.name == "ACCESS_DENIED" and "READ ON FILE" in str(error):
+                # clickhouse-local looks an unknown table of `default` up as a file, which the missing
+                # grant refuses: to a client, as on a real server, it is an unknown table.
+                raise ClickHouseError(
+                    60, "UNKNOWN_TABLE", "Unknown table expression identifier (files are not tables here)"
+                ) from exc
+            raise error from exc
 
-    def _prepare_locked(self, ctx: RequestContext) -> _Session | None:
+    def _prepare_locked(self, connection: _Connection, ctx: RequestContext) -> _Session | None:
         """Bring the connection's settings and current database to what ``ctx`` asks for."""
         session = self._session_locked(ctx)
         desired = dict(session.settings) if session is not None else {}
         for name, value in ctx.settings.items():
             if not _SETTING_NAME_RE.fullmatch(name):
                 raise ClickHouseError(115, "UNKNOWN_SETTING", f"Unknown setting '{name}'")
+            _check_setting_name(name)
             desired[name] = _quote_literal(value)
-        for name in [name for name in self._applied if name not in desired]:
-            del self._applied[name]
+        for name in [name for name in connection.applied if name not in desired]:
+            del connection.applied[name]
             try:
-                self._run_locked(f"SET {name} = DEFAULT".encode(), "TabSeparated", {})
+                self._run_locked(connection, f"SET {name} = DEFAULT".encode(), "TabSeparated", {})
             except ClickHouseError as exc:
                 logger.warning("Could not reset setting %s: %s", name, exc)
         for name, literal in desired.items():
-            if self._applied.get(name) != literal:
-                self._run_locked(f"SET {name} = {literal}".encode(), "TabSeparated", {})
-                self._applied[name] = literal
+            if connection.applied.get(name) != literal:
+                self._run_locked(connection, f"SET {name} = {literal}".encode(), "TabSeparated", {})
+                connection.applied[name] = literal
         database = ctx.database or (session.database if session else None) or "default"
-        if database != self._database:
-            self._run_locked(f"USE {_quote_identifier(database)}".encode(), "TabSeparated", {})
-            self._database = database
+        if database != connection.database:
+            self._run_locked(connection, f"USE {_quote_identifier(database)}".encode(), "TabSeparated", {})
+            connection.database = database
         return session
 
     def _session_locked(self, ctx: RequestContext) -> _Session | None:
@@ -691,7 +888,7 @@ class ChdbEngine:
 
 @dataclass(frozen=True)
 class Credentials:
-    """The one user the endpoint accepts; no password means any user is let in."""
+    """The one user the endpoint accepts, with its password."""
 
     user: str = "default"
     password: str | None = None
@@ -699,7 +896,7 @@ class Credentials:
     def check(self, headers: Mapping[str, str], params: Mapping[str, str]) -> None:
         """Raise AUTHENTICATION_FAILED unless the request carries the configured credentials."""
         if not self.password:
-            return
+            raise ClickHouseError(516, "AUTHENTICATION_FAILED", "No password is configured: every request is refused")
         user, password = _request_credentials(headers, params)
         user_ok = hmac.compare_digest(user.encode(), self.user.encode())
         password_ok = hmac.compare_digest(password.encode(), self.password.encode())
@@ -832,7 +1029,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._body_read = False
         self._statement = ""
         try:
-            if url.path.rstrip("/").endswith("/ping"):
+            if url.path.rstrip("/").endswith("/ping") or self._is_bare_get(params):
                 response = _Response(200, b"Ok.\n", {"Content-Type": "text/plain; charset=UTF-8"})
             else:
                 self.server.credentials.check(self.headers, params)
@@ -854,6 +1051,15 @@ class _Handler(BaseHTTPRequestHandler):
             query_id,
             f" code={error_code}" if error_code else "",
             _log_text(self._statement),
+        )
+
+    def _is_bare_get(self, params: Mapping[str, str]) -> bool:
+        """``GET /`` with no query: ClickHouse's (unauthenticated) "Ok." page."""
+        return (
+            self.command == "GET"
+            and not params.get("query")
+            and self.headers.get("Content-Length", "0") in ("", "0")
+            and not self.headers.get("Transfer-Encoding")
         )
 
     def _execute(self, params: dict[str, str]) -> _Response:
@@ -888,9 +1094,17 @@ class _Handler(BaseHTTPRequestHandler):
                 split = _locate_insert_data(head_text, complete)
             except _Incomplete:
                 raise _syntax_error("Max query size exceeded") from None
+        readonly = self.command == "GET"
+        if split is not None and split.fmt.lower() == "values":
+            # Values data may hold SQL expressions (file(...) included), which ClickHouse evaluates:
+            # the request is checked and run as one SQL text, like INSERT ... VALUES.
+            split = None
         if split is not None:
             statement = head[: split.statement_end].decode(errors="replace").strip()
             self._statement = f"{statement} FORMAT {split.fmt}"
+            _check_statement(head_text[: split.statement_end], engine.refused_functions)
+            if readonly:
+                raise _readonly_error()
             data = itertools.chain([head[split.data_start :]], body.chunks())
             return self._ok(engine.insert(ctx, statement, split.fmt, data), None)
         sql = head + body.read()
@@ -898,8 +1112,14 @@ class _Handler(BaseHTTPRequestHandler):
         info = _inspect_sql(sql.decode("latin-1"))
         if info.multi_statement:
             raise _syntax_error("Multi-statements are not allowed")
+        _check_statement(sql.decode("latin-1"), engine.refused_functions)
         fmt = info.output_format or params.get("default_format") or _DEFAULT_OUTPUT_FORMAT
-        outcome = engine.query(ctx, sql, fmt, keyword)
+        try:
+            outcome = engine.query(ctx, sql, fmt, keyword, readonly=readonly)
+        except ClickHouseError as exc:
+            if readonly and exc.name == "READONLY":
+                raise _readonly_error() from None
+            raise
         produces_result = keyword in _RESULT_KEYWORDS or bool(outcome.body)
         return self._ok(outcome, fmt if produces_result else None)
 
@@ -960,6 +1180,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(response.body)
 
 
+def _readonly_error() -> ClickHouseError:
+    return ClickHouseError(
+        164,
+        "READONLY",
+        "Cannot execute query in readonly mode. For queries over HTTP, method GET implies readonly. "
+        "You should use method POST for modifying queries",
+    )
+
+
 def _request_context(params: Mapping[str, str]) -> RequestContext:
     """Split URL parameters into query parameters, settings and session controls."""
     for name in ("compress", "decompress"):
@@ -1007,9 +1236,11 @@ def serve(
     """Serve ClickHouse's HTTP interface on ``host:port`` from the chDB data in ``data_dir``.
 
     Blocks until SIGTERM or SIGINT (handled when called from the main thread), then stops
-    accepting requests and closes the chDB connection cleanly. ``password`` empty or None
-    means no authentication.
+    accepting requests and closes the chDB connection cleanly. Every request but ``/ping`` needs
+    ``user`` and ``password``; a missing password is a ValueError.
     """
+    if not password:
+        raise ValueError("a password is required: the endpoint never serves requests without authentication")
     engine = ChdbEngine(data_dir, timezone)
     try:
         server = ClickHouseLocalServer((host, port), engine, Credentials(user, password or None))
@@ -1033,7 +1264,7 @@ def serve(
         bound_host,
         bound_port,
         os.path.abspath(data_dir),
-        "on" if password else "off",
+        "on",
     )
     try:
         server.serve_forever(poll_interval=0.5)
@@ -1058,7 +1289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--password-env",
         default=DEFAULT_PASSWORD_ENV,
-        help="environment variable holding the password (unset or empty: no authentication)",
+        help="environment variable holding the password (required)",
     )
     parser.add_argument("--timezone", default="UTC", help="server time zone")
     parser.add_argument("--log-level", default="INFO", help="logging level")
@@ -1068,14 +1299,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    serve(
-        args.host,
-        args.port,
-        args.data_dir,
-        user=args.user,
-        password=os.environ.get(args.password_env) or None,
-        timezone=args.timezone,
-    )
+    password = os.environ.get(args.password_env)
+    if not password:
+        parser.error(
+            f"{args.password_env} is not set: the endpoint refuses to run without a password "
+            "(scripts/setup.sh generates CDC_CLICKHOUSE_PASSWORD into .env)"
+        )
+    serve(args.host, args.port, args.data_dir, user=args.user, password=password, timezone=args.timezone)
     return 0
 
 

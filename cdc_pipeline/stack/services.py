@@ -196,18 +196,56 @@ class PostgresService(Service):
             directory.mkdir(parents=True, exist_ok=True)
             if entry:
                 os.chown(directory, entry.pw_uid, entry.pw_gid)
-        if (self.data_dir / "PG_VERSION").exists():
-            return
+        # Only the server's OS user may enter the socket directory (root can anyway).
+        self.socket_dir.chmod(0o700)
+        if not (self.data_dir / "PG_VERSION").exists():
+            self._initdb(user)
+        self._write_auth_config(entry)
+
+    def _initdb(self, user: str | None) -> None:
         if self.data_dir.exists():
             shutil.rmtree(self.data_dir)  # a half-made cluster from an interrupted initdb
         argv = [
             self._bin("initdb"), "-D", str(self.data_dir), "-U", "postgres", "-E", "UTF8", "--no-locale",
-            "--auth-local=trust", "--auth-host=scram-sha-256",
+            "--auth-local=peer", "--auth-host=scram-sha-256",  # replaced by _write_auth_config before start
         ]  # fmt: skip
         result = subprocess.run(argv, capture_output=True, text=True, user=user)
         if result.returncode != 0:
             hint = f" (the '{user}' user must be able to enter every directory above {self.data_dir})" if user else ""
             raise StackError(f"initdb failed{hint}:\n{result.stdout}{result.stderr}")
+
+    def _write_auth_config(self, entry: pwd.struct_passwd | None) -> None:
+        """pg_hba.conf and pg_ident.conf, rewritten at every start (so a cluster made by an older
+        version, with `trust`, is locked down too): scram-sha-256 passwords for every connection, local
+        and TCP, except the superuser `postgres` over the socket for the OS user that runs the stack and
+        the one that runs the server (peer authentication: how the stack creates the login role and
+        database with no password to keep)."""
+        try:
+            me = pwd.getpwuid(os.geteuid()).pw_name
+        except KeyError as exc:
+            raise StackError(
+                f"The stack's OS user (uid {os.geteuid()}) has no passwd entry: PostgreSQL's peer authentication, "
+                "which the stack uses to create its role and database, needs one."
+            ) from exc
+        os_users = sorted({me, entry.pw_name if entry else ""} - {""})
+        hba = (
+            "# Written by cdc-pipeline at every `stack up`; edits are overwritten.\n"
+            "# TYPE  DATABASE     USER      ADDRESS  METHOD\n"
+            "local   all          postgres           peer map=stack\n"
+            "local   all          all                scram-sha-256\n"
+            "local   replication  all                scram-sha-256\n"
+            "host    all          all       all      scram-sha-256\n"
+            "host    replication  all       all      scram-sha-256\n"
+        )
+        ident = "# Written by cdc-pipeline: OS users allowed to log in as the superuser over the socket.\n" + "".join(
+            f"stack {name} postgres\n" for name in os_users
+        )
+        for name, text in (("pg_hba.conf", hba), ("pg_ident.conf", ident)):
+            path = self.data_dir / name
+            path.write_text(text)
+            path.chmod(0o600)
+            if entry:
+                os.chown(path, entry.pw_uid, entry.pw_gid)
 
     def start(self) -> None:
         if not self.settings.postgres_password:
@@ -221,6 +259,8 @@ class PostgresService(Service):
             "listen_addresses": p["host"],
             "port": p["port"],
             "unix_socket_directories": str(self.socket_dir),
+            "unix_socket_permissions": "0700",
+            "password_encryption": "scram-sha-256",
             "wal_level": "logical",
             "max_replication_slots": "16",
             "max_wal_senders": "16",
@@ -246,6 +286,11 @@ class PostgresService(Service):
         dbname = self.params.get("dbname") or role
         password = self.settings.postgres_password.get_secret_value() if self.settings.postgres_password else ""
         with psycopg.connect(self._superuser_conninfo(), autocommit=True) as conn:
+            # A server started by an older version (trust, 0755 socket directory) is locked down now.
+            _, entry = self._run_as()
+            self.socket_dir.chmod(0o700)
+            self._write_auth_config(entry)
+            conn.execute("SELECT pg_reload_conf()")
             exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
             verb = "ALTER" if exists else "CREATE"
             conn.execute(
@@ -321,7 +366,9 @@ class KafkaService(Service):
         config = self._config()
         data = self.state_dir / "kafka" / "data"
         if not (data / "meta.properties").exists():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            cluster_id = "-"
+            while cluster_id.startswith("-"):  # like Kafka's Uuid.randomUuid(): the tool would read "-x" as an option
+                cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             argv = self._java(
                 "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config), "--ignore-formatted"
             )
@@ -332,6 +379,21 @@ class KafkaService(Service):
 
     def health(self) -> health.Health:
         return health.kafka_health(self.settings.kafka_bootstrap_servers)
+
+
+# The only variables connectors may reference as ${env:NAME}.
+CONNECT_CONNECTOR_ENV = ("CDC_POSTGRES_PASSWORD",)
+CONNECT_ENV_ALLOWLIST_PATTERN = "^(" + "|".join(re.escape(name) for name in CONNECT_CONNECTOR_ENV) + ")$"
+# What the JVM needs from the environment of whoever ran `stack up`; nothing else reaches the worker.
+JVM_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "JAVA_HOME")
+
+
+def connect_worker_env(settings: Settings) -> dict[str, str]:
+    """The Kafka Connect worker's whole environment: the JVM's variables and the connectors' secrets."""
+    env = {name: os.environ[name] for name in JVM_ENV if name in os.environ}
+    if settings.postgres_password:
+        env["CDC_POSTGRES_PASSWORD"] = settings.postgres_password.get_secret_value()
+    return env
 
 
 # --------------------------------------------------------------------------------------------------
@@ -371,10 +433,13 @@ class ConnectService(Service):
                 "rest.advertised.host.name": host,
                 "rest.advertised.port": port,
                 "plugin.path": self.layout.plugin_path,
-                # Secrets stay in the worker's environment: connector configs say ${env:CDC_...}.
+                # Secrets stay in the worker's environment: connector configs say ${env:CDC_...}, and
+                # only the variables connectors need resolve (a config naming any other stays literal).
                 "config.providers": "env",
                 "config.providers.env.class": "org.apache.kafka.common.config.provider.EnvVarConfigProvider",
-                "connector.client.config.override.policy": "All",
+                "config.providers.env.param.allowlist.pattern": CONNECT_ENV_ALLOWLIST_PATTERN,
+                # Connector configs cannot override the worker's Kafka client settings (e.g. JAAS).
+                "connector.client.config.override.policy": "None",
                 "plugin.discovery": "service_load",
             },
         )
@@ -384,10 +449,7 @@ class ConnectService(Service):
             "-cp", self.layout.connect_classpath,
             "org.apache.kafka.connect.cli.ConnectDistributed", str(config),
         ]  # fmt: skip
-        env = dict(os.environ)
-        if self.settings.postgres_password:
-            env["CDC_POSTGRES_PASSWORD"] = self.settings.postgres_password.get_secret_value()
-        self.process.start(argv, env=env)
+        self.process.start(argv, env=connect_worker_env(self.settings))
 
     def health(self) -> health.Health:
         return health.connect_health(self.settings.connect_url)
@@ -410,19 +472,23 @@ class ClickHouseService(Service):
         return [(host, port)] if self.managed else []
 
     def start(self) -> None:
+        if not self.settings.clickhouse_password:
+            raise StackError(
+                "CDC_CLICKHOUSE_PASSWORD is not set: the local ClickHouse endpoint requires a password. Set it in "
+                "the environment or in .env (scripts/setup.sh generates one; see .env.example)."
+            )
         host, port, _ = self.settings.clickhouse_host_port
         data = self.state_dir / "clickhouse"
         data.mkdir(parents=True, exist_ok=True)
+        data.chmod(0o700)
         argv = [
             sys.executable, "-m", "cdc_pipeline.stack.clickhouse_local",
             "--host", host, "--port", str(port), "--data-dir", str(data),
             "--user", self.settings.clickhouse_user,
         ]  # fmt: skip
-        env = dict(os.environ)
-        if self.settings.clickhouse_password:
-            env["CDC_CLICKHOUSE_PASSWORD"] = self.settings.clickhouse_password.get_secret_value()
-        else:
-            env.pop("CDC_CLICKHOUSE_PASSWORD", None)
+        # No other CDC_* secret reaches the endpoint's process.
+        env = {name: value for name, value in os.environ.items() if not name.startswith("CDC_")}
+        env["CDC_CLICKHOUSE_PASSWORD"] = self.settings.clickhouse_password.get_secret_value()
         self.process.start(argv, env=env)
 
     def _password(self) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import shutil
 import time
 from collections.abc import Callable
@@ -20,6 +21,16 @@ from cdc_pipeline.stack.services import (
 )
 
 START_TIMEOUT_S = 180.0
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names this machine's loopback interface (what the stack's services may bind)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,11 @@ class LocalStack:
         if service.process.running():
             return False
         for host, port in service.ports():
+            if not is_loopback(host):
+                raise StackError(
+                    f"{service.name}: the local stack listens on loopback only, not on {host}:{port}. Point its "
+                    f"endpoint at 127.0.0.1 (see .env.example), or run your own {service.name} server there."
+                )
             if port_open(host, port):
                 raise StackError(
                     f"{service.name}: port {host}:{port} is already in use by a process this stack did not "

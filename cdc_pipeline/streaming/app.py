@@ -27,7 +27,8 @@ from cdc_pipeline.config import PipelineConfig, load_pipeline_config
 from cdc_pipeline.settings import Settings
 from cdc_pipeline.streaming.apply import ChangeApplier
 from cdc_pipeline.streaming.dlq import DeadLetters
-from cdc_pipeline.streaming.progress import ProgressRecorder, progress_table_sql
+from cdc_pipeline.streaming.evolution import SchemaEvolution
+from cdc_pipeline.streaming.progress import ProgressRecorder, progress_table_migrations, progress_table_sql
 from cdc_pipeline.streaming.sink import ClickHouseSink
 from cdc_pipeline.topics import TopicError, ensure_topics
 
@@ -109,6 +110,8 @@ def run(pipeline: PipelineConfig, settings: Settings, checkpoint_location: str) 
     admin = connect_clickhouse(settings.clickhouse_endpoint, settings.clickhouse_user, password)
     admin.command(f"CREATE DATABASE IF NOT EXISTS `{database}`")
     admin.command(progress_table_sql(database))
+    for statement in progress_table_migrations(database):
+        admin.command(statement)
     admin.close()
 
     spark = SparkSession.builder.appName(pipeline.query_name).getOrCreate()
@@ -123,7 +126,10 @@ def run(pipeline: PipelineConfig, settings: Settings, checkpoint_location: str) 
     applier = ChangeApplier(
         pipeline,
         database,
-        ClickHouseSink(connect_clickhouse(settings.clickhouse_endpoint, settings.clickhouse_user, password)),
+        ClickHouseSink(
+            connect_clickhouse(settings.clickhouse_endpoint, settings.clickhouse_user, password),
+            SchemaEvolution.from_settings(pipeline, settings),
+        ),
         DeadLetters(settings.kafka_bootstrap_servers, pipeline.dlq_topic),
         on_batch=recorder.batch_applied,
     )

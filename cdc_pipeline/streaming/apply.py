@@ -3,29 +3,105 @@
 Idempotent for a given batch: rows carry versions from the source position, so if Spark replays a
 batch after a crash (written to ClickHouse but not yet committed to the checkpoint) the final state
 is the same. Dead letters are at-least-once: a replayed batch may send a bad record twice.
+
+Every record either applies or goes to the dead-letter topic with a reason, whatever its bytes:
+a record that is not a Debezium envelope, whose schema or key is malformed or has an unsupported
+type, or whose values do not fit their columns. Only ClickHouse errors about a row's own content
+dead-letter rows; every other error (connection, timeout, authentication, memory, too many parts,
+read-only, a missing table) is retried inside the batch with backoff and, if it persists, fails the
+batch without committing it, so no row is skipped.
+
+Unchanged TOASTed columns: PostgreSQL does not log a large value that an UPDATE left alone, and
+Debezium sends a placeholder instead. The placeholder never reaches a replica: the value comes from
+the change's `before` image (REPLICA IDENTITY FULL), an earlier change to the row in the same batch,
+or the replica's current row, in that order; a row whose value is nowhere is dead-lettered.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import struct
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from clickhouse_connect.driver.exceptions import OperationalError
+from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError, DataError, OperationalError
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
-from cdc_pipeline.config import PipelineConfig
+from cdc_pipeline.config import PipelineConfig, TableConfig
 from cdc_pipeline.streaming.dlq import DeadLetters
-from cdc_pipeline.streaming.envelope import ROW_OPS, decode_envelope, latest_changes, truncate_positions, version
-from cdc_pipeline.streaming.sink import ClickHouseSink, ReplicaTable
-from cdc_pipeline.streaming.types import ColumnSpec, ValueConversionError, columns_from_schema
+from cdc_pipeline.streaming.envelope import (
+    decode_envelope,
+    latest_changes,
+    newest_first,
+    row_changes,
+    schema_texts,
+    truncate_positions,
+    version,
+)
+from cdc_pipeline.streaming.sink import ClickHouseSink, ReplicaTable, ReplicaTableMissingError, normalize_key
+from cdc_pipeline.streaming.types import ColumnSpec, OutOfRange, UnsupportedTypeError, columns_from_schema
 
 log = logging.getLogger(__name__)
+
+# Debezium's `unavailable.value.placeholder` (its default) as it arrives for each kind of column.
+UNAVAILABLE = "__debezium_unavailable_value"
+_UNAVAILABLE_FORMS: tuple[Any, ...] = (
+    UNAVAILABLE,
+    base64.b64encode(UNAVAILABLE.encode()).decode(),  # bytea
+    [UNAVAILABLE],  # text-like arrays
+    [base64.b64encode(UNAVAILABLE.encode()).decode()],
+    list(UNAVAILABLE.encode()),  # integer arrays: the placeholder's bytes as numbers
+)
+
+# ClickHouse error codes that mean "this data cannot go into this column": the rows are dead-lettered.
+# Everything else (including codes not listed) is about the server, the network or the table, and is retried.
+CONTENT_ERROR_CODES = frozenset(
+    {
+        6,  # CANNOT_PARSE_TEXT
+        26,  # CANNOT_PARSE_QUOTED_STRING
+        27,  # CANNOT_PARSE_INPUT_ASSERTION_FAILED
+        38,  # CANNOT_PARSE_DATE
+        41,  # CANNOT_PARSE_DATETIME
+        53,  # TYPE_MISMATCH
+        69,  # ARGUMENT_OUT_OF_BOUND
+        70,  # CANNOT_CONVERT_TYPE
+        72,  # CANNOT_PARSE_NUMBER
+        117,  # INCORRECT_DATA
+        131,  # TOO_LARGE_STRING_SIZE
+        190,  # SIZES_OF_ARRAYS_DONT_MATCH
+        321,  # VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
+        349,  # CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN
+        407,  # DECIMAL_OVERFLOW
+    }
+)
+# The replica table (or its database) is gone: forget what is cached about it before trying again.
+MISSING_TABLE_CODES = frozenset({60, 81})
+
+
+def is_content_error(exc: BaseException) -> bool:
+    """Whether a failed write was rejected for the data itself (dead-letter it) rather than failing for
+    a reason that a retry can outlast (connection, timeout, memory, parts, auth, read-only, missing table)."""
+    if isinstance(exc, OperationalError):
+        return False
+    if isinstance(exc, DataError):
+        return True
+    if isinstance(exc, DatabaseError):
+        return getattr(exc, "code", None) in CONTENT_ERROR_CODES
+    if isinstance(exc, ClickHouseError | ReplicaTableMissingError | ConnectionError | TimeoutError | OSError):
+        return False
+    # clickhouse-connect serializes the columns client-side: a value it cannot encode raises these.
+    return isinstance(exc, TypeError | ValueError | OverflowError | struct.error | UnicodeError)
+
+
+class RowError(ValueError):
+    """This change cannot be applied; the message is the dead-letter reason."""
 
 
 @dataclass
@@ -35,25 +111,66 @@ class BatchStats:
     deleted_rows: int = 0
     truncates: int = 0
     dlq_count: int = 0
+    clamped_values: int = 0
+    toast_merged: int = 0
+    sink_retries: int = 0
     latest_source_ts_ms: int | None = None
     tables: dict[str, int] = field(default_factory=dict)
 
     def saw_source_ts(self, ts_ms: int | None) -> None:
-        if ts_ms is not None and (self.latest_source_ts_ms is None or ts_ms > self.latest_source_ts_ms):
+        # A source timestamp is epoch milliseconds; anything else (a mangled record) is not a timestamp.
+        if ts_ms is None or not 0 < ts_ms < 253_402_300_800_000:
+            return
+        if self.latest_source_ts_ms is None or ts_ms > self.latest_source_ts_ms:
             self.latest_source_ts_ms = ts_ms
 
 
 def _ts(ts_ms: int | None) -> datetime:
-    return datetime.fromtimestamp((ts_ms or 0) / 1000, tz=UTC)
+    if ts_ms is None or not 0 <= ts_ms < 253_402_300_800_000:
+        return datetime.fromtimestamp(0, tz=UTC)
+    return datetime.fromtimestamp(ts_ms / 1000, tz=UTC)
 
 
-def _merge_columns(schemas: list[dict[str, Any]]) -> list[ColumnSpec]:
-    """Union of the columns of every schema version seen, in first-seen order (new columns append)."""
-    merged: dict[str, ColumnSpec] = {}
-    for schema in schemas:
-        for spec in columns_from_schema(schema):
-            merged.setdefault(spec.name, spec)
-    return list(merged.values())
+def _is_unavailable(value: Any) -> bool:
+    return value in _UNAVAILABLE_FORMS if isinstance(value, str | list) else False
+
+
+@dataclass
+class _Schemas:
+    """The batch's schemas of one topic: columns per value schema id, key columns per key schema id,
+    and for each id the reason it cannot be used (None when it can)."""
+
+    values: dict[int, dict[str, ColumnSpec]] = field(default_factory=dict)
+    keys: dict[int, dict[str, ColumnSpec]] = field(default_factory=dict)
+    bad: dict[tuple[str, int | None], str] = field(default_factory=dict)
+    # Union of the good value schemas' columns: in first-seen order (new columns append), each with the
+    # newest schema's spec (a type changed within the batch converts the replica column before the insert).
+    columns: list[ColumnSpec] = field(default_factory=list)
+    key_columns: list[ColumnSpec] = field(default_factory=list)
+
+    def merge(self, specs: list[ColumnSpec]) -> None:
+        position = {c.name: i for i, c in enumerate(self.columns)}
+        for spec in specs:
+            if spec.name in position:
+                self.columns[position[spec.name]] = spec
+            else:
+                position[spec.name] = len(self.columns)
+                self.columns.append(spec)
+
+    def partial_columns(self) -> set[str]:
+        """Columns that some of the batch's schemas lack: rows written from those get the column's
+        ClickHouse DEFAULT, which matters when the table is created (see streaming/evolution.py)."""
+        names = [set(specs) for specs in self.values.values()]
+        return set.union(*names) - set.intersection(*names) if names else set()
+
+
+@dataclass
+class _Converted:
+    row: Any
+    names: tuple[str, ...]
+    values: list[Any]
+    key: tuple[Any, ...]
+    missing: list[str]  # unchanged TOASTed columns still to be filled
 
 
 class ChangeApplier:
@@ -66,48 +183,122 @@ class ChangeApplier:
         sink: ClickHouseSink,
         dead_letters: DeadLetters,
         on_batch: Callable[[BatchStats], None] | None = None,
+        retry_seconds: float | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.database = database
         self.sink = sink
         self.dead_letters = dead_letters
         self.on_batch = on_batch
+        self.retry_seconds = pipeline.stream.sink_retry_seconds if retry_seconds is None else retry_seconds
+        self._stats = BatchStats(-1)
+        self._clamp_context = ""
 
     def __call__(self, batch: DataFrame, batch_id: int) -> None:
-        stats = BatchStats(batch_id)
+        stats = self._stats = BatchStats(batch_id)
         batch.persist()
         try:
             decoded = decode_envelope(batch).persist()
-            self._dead_letter_invalid(decoded, stats)
-            self._apply(decoded, stats)
-            # Dead letters must be durable before Spark commits the batch.
-            self.dead_letters.flush()
-            decoded.unpersist()
+            try:
+                self._dead_letter_invalid(decoded, stats)
+                self._apply(decoded, stats)
+                # Dead letters must be durable before Spark commits the batch.
+                self.dead_letters.flush()
+            finally:
+                decoded.unpersist()
         finally:
             batch.unpersist()
+        if stats.clamped_values:
+            log.warning("batch %s: %s out-of-range value(s) clamped", batch_id, stats.clamped_values)
         if self.on_batch:
             self.on_batch(stats)
+
+    # -- retries -------------------------------------------------------------------------------------------
+
+    def _retrying(self, action: Callable[[], Any], what: str, table: ReplicaTable | None = None) -> Any:
+        """Run a ClickHouse action, retrying every error but a content error with backoff for up to
+        `retry_seconds`; then the error propagates and the batch fails (Spark does not commit it)."""
+
+        def before_sleep(state: RetryCallState) -> None:
+            self._stats.sink_retries += 1
+            exc = state.outcome.exception() if state.outcome else None
+            if table is not None and (
+                isinstance(exc, ReplicaTableMissingError) or getattr(exc, "code", None) in MISSING_TABLE_CODES
+            ):
+                self.sink.forget(table)
+            log.warning(
+                "%s failed (attempt %s, retrying for up to %ss): %s",
+                what,
+                state.attempt_number,
+                self.retry_seconds,
+                str(exc).splitlines()[0][:300] if exc else "?",
+            )
+
+        retrying = Retrying(
+            retry=retry_if_exception(lambda exc: not is_content_error(exc)),
+            wait=wait_exponential(multiplier=0.5, max=15),
+            stop=stop_after_delay(self.retry_seconds),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        return retrying(action)
+
+    # -- the batch -----------------------------------------------------------------------------------------
 
     def _dead_letter_invalid(self, decoded: DataFrame, stats: BatchStats) -> None:
         bad = decoded.filter(F.col("error").isNotNull()).select("topic", "partition", "offset", "key", "value", "error")
         for row in bad.toLocalIterator():
             self._dead_letter(row, row.error, stats)
 
-    def _apply(self, decoded: DataFrame, stats: BatchStats) -> None:
-        valid = decoded.filter(F.col("error").isNull() & F.col("op").isin(*ROW_OPS))
-        schemas: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        key_schemas: dict[str, dict[str, Any]] = {}
-        shapes = valid.select(
-            "topic",
-            F.get_json_object(F.col("value").cast("string"), "$.schema").alias("value_schema"),
-            F.get_json_object(F.col("key").cast("string"), "$.schema").alias("key_schema"),
-        ).distinct()
-        for row in shapes.collect():
-            if row.value_schema:
-                schemas[row.topic].append(json.loads(row.value_schema))
-            if row.key_schema and row.topic not in key_schemas:
-                key_schemas[row.topic] = json.loads(row.key_schema)
+    def _schemas(self, decoded: DataFrame) -> dict[str, _Schemas]:
+        by_topic: dict[str, _Schemas] = defaultdict(_Schemas)
+        for row in sorted(schema_texts(decoded).collect(), key=lambda r: (r.topic, r.first_offset)):
+            table_config = self.pipeline.table_for_topic(row.topic)
+            if table_config is None:
+                continue
+            schemas = by_topic[row.topic]
+            vid, kid = row.value_schema_id, row.key_schema_id
+            if vid not in schemas.values and ("value", vid) not in schemas.bad:
+                try:
+                    specs = columns_from_schema(
+                        _json_object(row.value_schema, "value schema"),
+                        self._policy(table_config),
+                        self._on_clamp,
+                    )
+                    schemas.values[vid] = {spec.name: spec for spec in specs}
+                    schemas.merge(specs)
+                except (UnsupportedTypeError, RowError) as exc:
+                    schemas.bad[("value", vid)] = f"unusable value schema: {exc}"
+            if kid not in schemas.keys and ("key", kid) not in schemas.bad:
+                try:
+                    if row.key_schema is None:
+                        raise RowError("the record has no key schema")
+                    key_schema = _json_object(row.key_schema, "key schema")
+                    if key_schema.get("type") != "struct":
+                        raise RowError(f"the key schema is a {key_schema.get('type')!r}, not a struct")
+                    # A key schema is a struct like `after`: wrapping it lets the same mapping convert key values.
+                    specs = columns_from_schema({"fields": [{**key_schema, "field": "after"}]})
+                    if not specs:
+                        raise RowError("the key schema has no fields")
+                    schemas.keys[kid] = {spec.name: spec for spec in specs}
+                    if not schemas.key_columns:
+                        schemas.key_columns = specs
+                except (UnsupportedTypeError, RowError) as exc:
+                    schemas.bad[("key", kid)] = f"unusable key schema: {exc}"
+        return by_topic
 
+    def _policy(self, table: TableConfig) -> Callable[[str], OutOfRange]:
+        default = self.pipeline.sink.clickhouse.out_of_range
+        overrides = table.out_of_range or {}
+        return lambda column: overrides.get(column, default)
+
+    def _on_clamp(self, column: str, value: Any) -> None:
+        self._stats.clamped_values += 1
+        if self._stats.clamped_values <= 20:
+            log.warning("clamped out-of-range value %r of column %r (%s)", value, column, self._clamp_context)
+
+    def _apply(self, decoded: DataFrame, stats: BatchStats) -> None:
+        schemas = self._schemas(decoded)
         truncates = {
             row.topic: version(row.trunc_commit_lsn, row.trunc_change_lsn)
             for row in truncate_positions(decoded).collect()
@@ -121,72 +312,266 @@ class ChangeApplier:
             if table_config is None:
                 log.warning("ignoring records of unconfigured topic %s", topic)
                 continue
-            key_schema = key_schemas.get(topic, {})
-            # A key schema is a struct like `after`: wrapping it lets the same mapping convert key values,
-            # which delete-only batches (no `after` image at all) need.
-            key_columns = columns_from_schema({"fields": [{**key_schema, "field": "after"}]}) if key_schema else []
-            columns = _merge_columns(schemas.get(topic, []))
+            topic_schemas = schemas[topic]
+            columns = list(topic_schemas.columns)
             names = {c.name for c in columns}
-            columns += [c for c in key_columns if c.name not in names]
-            keys = tuple(c.name for c in key_columns) or tuple(table_config.primary_key or ())
-            table = ReplicaTable(self.database, self.pipeline.sink_table(table_config), keys, table_config.partition_by)
-            if columns:
-                self.sink.ensure_table(table, columns)
-            if topic in truncates and self.sink.truncate(table, truncates[topic], _ts(None)):
-                stats.truncates += 1
-            self._write_rows(table, {c.name: c for c in columns}, changes.get(topic, []), stats)
+            columns += [c for c in topic_schemas.key_columns if c.name not in names]
+            keys = tuple(c.name for c in topic_schemas.key_columns) or tuple(table_config.primary_key or ())
+            sink_name = self.pipeline.sink_table(table_config)
+            table = ReplicaTable(self.database, sink_name, keys, table_config.partition_by, table_config.name)
+            if columns and keys:
+                partial = topic_schemas.partial_columns()
+                self._retrying(
+                    lambda t=table, c=columns, p=partial: self.sink.ensure_table(t, c, p),
+                    f"creating {table.qualified}",
+                    table,
+                )
+            if topic in truncates:
+                done = self._retrying(
+                    lambda t=table, v=truncates[topic]: self.sink.truncate(t, v, _ts(None)),
+                    f"truncating {table.qualified}",
+                    table,
+                )
+                stats.truncates += 1 if done else 0
+            self._write_rows(decoded, table, columns, topic_schemas, changes.get(topic, []), stats)
+
+    # -- rows ----------------------------------------------------------------------------------------------
 
     def _write_rows(
-        self, table: ReplicaTable, specs: dict[str, ColumnSpec], rows: list[Any], stats: BatchStats
+        self,
+        decoded: DataFrame,
+        table: ReplicaTable,
+        columns: list[ColumnSpec],
+        schemas: _Schemas,
+        rows: list[Any],
+        stats: BatchStats,
     ) -> None:
+        converted: list[_Converted] = []
+        retry_keys: dict[str, set[int]] = {}  # key_json -> offsets already dead-lettered
+        for row in rows:
+            try:
+                converted.append(self._convert(row, table, schemas))
+            except RowError as exc:
+                self._dead_letter(row, str(exc), stats)
+                retry_keys[row.key_json] = {row.offset}
+
+        pending = [c for c in converted if c.missing]
+        history: dict[str, list[Any]] = {}
+        if retry_keys or pending:
+            history = self._history(decoded, rows[0].topic, {*retry_keys, *(c.row.key_json for c in pending)})
+
+        # A dead-lettered change falls back to the newest older change of its row in this batch that applies.
+        for key_json, dead in retry_keys.items():
+            for older in history.get(key_json, []):
+                if older.offset in dead:
+                    continue
+                try:
+                    attempt = self._convert(older, table, schemas)
+                except RowError as exc:
+                    self._dead_letter(older, str(exc), stats)
+                    dead.add(older.offset)
+                    continue
+                converted.append(attempt)
+                if attempt.missing:
+                    pending.append(attempt)
+                break
+
+        self._fill_unavailable(table, schemas, pending, history, stats)
         upserts: dict[tuple[str, ...], list[tuple[Any, list[Any]]]] = defaultdict(list)
         deletes: list[tuple[Any, list[Any]]] = []
-        for row in rows:
-            meta = [version(row.commit_lsn, row.change_lsn), 1 if row.op == "d" else 0, _ts(row.source_ts_ms)]
-            try:
-                if row.op == "d":
-                    key = json.loads(row.key_json)
-                    deletes.append(
-                        (row, [self._convert(specs, name, key.get(name)) for name in table.key_columns] + meta)
-                    )
-                else:
-                    after = json.loads(row.after_json)
-                    names = tuple(after)
-                    upserts[names].append((row, [self._convert(specs, name, after[name]) for name in names] + meta))
-            except (ValueConversionError, KeyError, ValueError, TypeError) as exc:
-                self._dead_letter(row, f"conversion failed: {exc}", stats)
-                continue
-            stats.saw_source_ts(row.source_ts_ms)
+        for change in converted:
+            if change.missing:
+                continue  # dead-lettered by _fill_unavailable
+            (deletes if change.row.op == "d" else upserts[change.names]).append((change.row, change.values))
+            stats.saw_source_ts(change.row.source_ts_ms)
+        known = {c.name for c in columns}
         for names, group in upserts.items():
-            stats.applied_rows += self._insert(lambda values, n=names: self.sink.upsert(table, n, values), group, stats)
-        stats.deleted_rows += self._insert(lambda values: self.sink.delete(table, values), deletes, stats)
+            if set(names) - known:  # cannot happen: every converted row's schema is in `columns`
+                raise RuntimeError(f"{table.qualified}: columns {sorted(set(names) - known)} have no replica column")
+            stats.applied_rows += self._insert(
+                table, columns, lambda values, n=names: self.sink.upsert(table, n, values), group, stats
+            )
+        stats.deleted_rows += self._insert(
+            table, columns, lambda values: self.sink.delete(table, values), deletes, stats
+        )
         stats.tables[table.name] = stats.tables.get(table.name, 0) + len(rows)
 
+    def _convert(self, row: Any, table: ReplicaTable, schemas: _Schemas) -> _Converted:
+        """The row's values for the replica (with META_COLUMNS), or RowError with the dead-letter reason."""
+        if reason := schemas.bad.get(("value", row.value_schema_id)) or schemas.bad.get(("key", row.key_schema_id)):
+            raise RowError(reason)
+        value_specs = schemas.values.get(row.value_schema_id)
+        key_specs = schemas.keys.get(row.key_schema_id)
+        if value_specs is None or key_specs is None:
+            raise RowError("the record's schema could not be read")
+        if not table.key_columns:
+            raise RowError("the table has no key: neither the record key nor primary_key in pipeline.yaml names one")
+        self._clamp_context = f"{table.qualified} key {str(row.key_json)[:200]}"
+        meta = [version(row.commit_lsn, row.change_lsn), 1 if row.op == "d" else 0, _ts(row.source_ts_ms)]
+        key_payload = _json_object(row.key_json, "key payload")
+        if set(key_payload) != set(key_specs):
+            raise RowError(
+                f"the key payload's fields {sorted(key_payload)} do not match its schema {sorted(key_specs)}"
+            )
+        if set(key_specs) != set(table.key_columns):
+            raise RowError(f"the key columns {sorted(key_specs)} are not the replica's key {list(table.key_columns)}")
+        key = [_convert_value(key_specs, name, key_payload[name]) for name in table.key_columns]
+        if row.op == "d":
+            return _Converted(row, table.key_columns, key + meta, normalize_key(key), [])
+        after = _json_object(row.after_json, "after image")
+        if set(after) != set(value_specs):
+            missing, extra = sorted(set(value_specs) - set(after)), sorted(set(after) - set(value_specs))
+            raise RowError(f"the after image does not match its schema (missing {missing}, not in schema {extra})")
+        names = tuple(after)
+        values: list[Any] = []
+        missing_columns: list[str] = []
+        before = _json_object(row.before_json, "before image") if row.op == "u" and row.before_json else {}
+        for name in names:
+            value = after[name]
+            if row.op == "u" and _is_unavailable(value):
+                if name in before and not _is_unavailable(before[name]):
+                    value = before[name]  # REPLICA IDENTITY FULL: the old image holds the unchanged value
+                else:
+                    missing_columns.append(name)
+                    values.append(None)
+                    continue
+            values.append(_convert_value(value_specs, name, value))
+        return _Converted(row, names, values + meta, normalize_key(key), missing_columns)
+
+    def _history(self, decoded: DataFrame, topic: str, key_jsons: set[str]) -> dict[str, list[Any]]:
+        """Every change of these rows in this batch (after its last truncate), newest first."""
+        found: dict[str, list[Any]] = defaultdict(list)
+        rows = (
+            row_changes(decoded)
+            .filter((F.col("topic") == topic) & F.col("key_json").isin(*sorted(key_jsons)))
+            .orderBy(*newest_first())
+        )
+        for row in rows.toLocalIterator():
+            found[row.key_json].append(row)
+        return found
+
+    def _fill_unavailable(
+        self,
+        table: ReplicaTable,
+        schemas: _Schemas,
+        pending: list[_Converted],
+        history: dict[str, list[Any]],
+        stats: BatchStats,
+    ) -> None:
+        """Fill unchanged TOASTed columns from earlier changes in the batch, then from the replica."""
+        from_replica: list[_Converted] = []
+        for change in pending:
+            for older in history.get(change.row.key_json, []):
+                if not change.missing:
+                    break
+                if _position(older) >= _position(change.row):
+                    continue
+                if older.op == "d":
+                    break  # the row did not exist before this point of the batch
+                try:
+                    image = _json_object(older.after_json, "after image")
+                    specs = schemas.values.get(older.value_schema_id) or {}
+                    for name in list(change.missing):
+                        if name in image and name in specs and not _is_unavailable(image[name]):
+                            change.values[change.names.index(name)] = _convert_value(specs, name, image[name])
+                            change.missing.remove(name)
+                except RowError:
+                    continue  # an unusable older change: look further back, then in the replica
+            if change.missing:
+                from_replica.append(change)
+            else:
+                stats.toast_merged += 1
+        if not from_replica:
+            return
+        columns = sorted({name for change in from_replica for name in change.missing})
+        current = self._retrying(
+            lambda: self.sink.current_rows(table, [list(c.key) for c in from_replica], columns),
+            f"reading unchanged TOASTed values of {table.qualified}",
+            table,
+        )
+        for change in from_replica:
+            live = current.get(change.key)
+            if live is None:
+                self._dead_letter(
+                    change.row,
+                    f"unchanged TOASTed column(s) {change.missing}: Debezium sent no value and the replica has no "
+                    "live row to take it from (the row is missing from the replica); backfill the table to repair it, "
+                    "or set REPLICA IDENTITY FULL on the source table so updates carry every value",
+                    stats,
+                )
+                continue
+            for name in change.missing:
+                spec = (schemas.values.get(change.row.value_schema_id) or {}).get(name)
+                change.values[change.names.index(name)] = _from_replica(live[name], spec)
+            change.missing = []
+            stats.toast_merged += 1
+
     def _insert(
-        self, write: Callable[[list[list[Any]]], int], group: list[tuple[Any, list[Any]]], stats: BatchStats
+        self,
+        table: ReplicaTable,
+        columns: list[ColumnSpec],
+        write: Callable[[list[list[Any]]], int],
+        group: list[tuple[Any, list[Any]]],
+        stats: BatchStats,
     ) -> int:
-        """Columnar insert of the group; if ClickHouse rejects the data, isolate the bad rows (halving)
-        and dead-letter them. Connection errors propagate: the batch fails and Spark retries it."""
+        """Columnar insert of the group. Errors about the data isolate the bad rows (halving) and
+        dead-letter them; every other error is retried, then fails the batch."""
         if not group:
             return 0
-        try:
+
+        def attempt() -> int:
+            self.sink.ensure_table(table, columns)  # cached: no round trip unless the table changed or vanished
             return write([values for _, values in group])
-        except OperationalError:
-            raise
+
+        try:
+            return self._retrying(attempt, f"writing {len(group)} row(s) to {table.qualified}", table)
         except Exception as exc:
+            if not is_content_error(exc):
+                raise
             if len(group) == 1:
                 self._dead_letter(group[0][0], f"ClickHouse rejected the row: {str(exc).splitlines()[0][:500]}", stats)
                 return 0
             middle = len(group) // 2
-            return self._insert(write, group[:middle], stats) + self._insert(write, group[middle:], stats)
+            return self._insert(table, columns, write, group[:middle], stats) + self._insert(
+                table, columns, write, group[middle:], stats
+            )
 
     def _dead_letter(self, row: Any, reason: str, stats: BatchStats) -> None:
         self.dead_letters.send(row.key, row.value, reason, row.topic, row.partition, row.offset)
         stats.dlq_count += 1
 
-    @staticmethod
-    def _convert(specs: dict[str, ColumnSpec], name: str, value: Any) -> Any:
-        spec = specs.get(name)
-        if spec is None:
-            raise KeyError(f"column {name!r} has no schema in this batch")
+
+def _position(row: Any) -> tuple[int, int, int, int]:
+    return (row.commit_lsn, row.change_lsn, row.partition, row.offset)
+
+
+def _json_object(text: str | None, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text) if text is not None else None
+    except (TypeError, ValueError) as exc:
+        raise RowError(f"the {what} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise RowError(f"the {what} is not a JSON object but {type(value).__name__}")
+    return value
+
+
+def _convert_value(specs: dict[str, ColumnSpec], name: str, value: Any) -> Any:
+    spec = specs.get(name)
+    if spec is None:
+        raise RowError(f"column {name!r} has no schema in this record")
+    try:
         return spec.convert(value)
+    except Exception as exc:  # any value, whatever its JSON type, either converts or dead-letters its row
+        raise RowError(f"conversion failed: column {name!r}: {exc}") from None
+
+
+def _from_replica(value: Any, spec: ColumnSpec | None) -> Any:
+    """A value read back from the replica (strings as bytes) in the form the column's converter gives:
+    bytes for bytea, str for every other String column (PostgreSQL text is valid UTF-8)."""
+    if spec is not None and spec.binary:
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, list):
+        return [_from_replica(v, spec) for v in value]
+    return value

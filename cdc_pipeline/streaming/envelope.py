@@ -7,10 +7,12 @@ envelopes written by Connect's JsonConverter with schemas: {"schema": ..., "payl
 The position of a change is (commit_lsn, change_lsn), from Debezium's `source.sequence`
 ["<end LSN of the previously streamed commit>", "<this change's LSN>"]. Debezium streams whole
 transactions in commit order, so the first element grows with commit order and is constant within a
-transaction, where the second grows. Two special cases:
-- initial-snapshot rows (`op: r`, `source.snapshot` not "incremental") get commit_lsn 0: every
-  streamed change is newer than the snapshot, even one whose transaction began before the snapshot
-  point (its change LSN is lower than the snapshot's LSN, but it committed later);
+transaction, where the second grows. Special cases:
+- snapshot rows (`op: r` of an initial, repeated or blocking snapshot; `source.snapshot` not
+  "incremental") get (snapshot LSN, 0): the snapshot reads the table as of its LSN, so its rows are
+  newer than every change committed before that point (a re-snapshot repairs a stale replica row)
+  and older than every change streamed after it (those have a commit position at or past the
+  snapshot LSN and a change LSN above 0);
 - the first transaction after the connector starts has no previous commit (null first element): it
   uses its change LSN, which is past the commit of any earlier change to the same row (row locks
   make a later change to a row start after the earlier one committed).
@@ -45,14 +47,16 @@ def decode_envelope(raw: DataFrame) -> DataFrame:
     sequence = F.from_json(_json(value, "$.payload.source.sequence"), T.ArrayType(T.StringType()))
     lsn = _json(value, "$.payload.source.lsn").cast("long")
     snapshot = _json(value, "$.payload.source.snapshot")
-    initial_snapshot_row = (op == "r") & snapshot.isNotNull() & ~snapshot.isin("false", "incremental")
-    commit_lsn = F.when(initial_snapshot_row, F.lit(0).cast("long")).otherwise(
-        F.coalesce(sequence.getItem(0).cast("long"), lsn)
+    snapshot_row = (op == "r") & snapshot.isNotNull() & ~snapshot.isin("false", "incremental")
+    commit_lsn = F.when(snapshot_row, lsn).otherwise(F.coalesce(sequence.getItem(0).cast("long"), lsn))
+    change_lsn = F.when(snapshot_row, F.lit(0).cast("long")).otherwise(
+        F.coalesce(sequence.getItem(1).cast("long"), lsn)
     )
-    change_lsn = F.coalesce(sequence.getItem(1).cast("long"), lsn)
     key_json = _json(key, "$.payload")
     after_json = _json(value, "$.payload.after")
     payload = _json(value, "$.payload")
+    value_schema = _json(value, "$.schema")
+    key_schema = _json(key, "$.schema")
 
     error = (
         F.when(F.col("value").isNull(), F.lit(None))
@@ -61,6 +65,11 @@ def decode_envelope(raw: DataFrame) -> DataFrame:
             op.isNull() | ~op.isin(*ROW_OPS, TRUNCATE), F.concat(F.lit("unknown op: "), F.coalesce(op, F.lit("null")))
         )
         .when(lsn.isNull() & sequence.isNull(), F.lit("missing source position (payload.source.lsn)"))
+        .when(
+            commit_lsn.isNull() | change_lsn.isNull() | (commit_lsn < 0) | (change_lsn < 0),
+            F.lit("invalid source position (payload.source.lsn / payload.source.sequence)"),
+        )
+        .when(op.isin(*ROW_OPS) & value_schema.isNull(), F.lit("missing schema: the record has no value schema"))
         .when(op.isin(*ROW_OPS) & key_json.isNull(), F.lit("missing key: the record has no primary-key payload"))
         .when(op.isin("c", "r", "u") & after_json.isNull(), F.lit("missing after image for a create/read/update"))
     )
@@ -75,6 +84,10 @@ def decode_envelope(raw: DataFrame) -> DataFrame:
         change_lsn.alias("change_lsn"),
         key_json.alias("key_json"),
         after_json.alias("after_json"),
+        _json(value, "$.payload.before").alias("before_json"),
+        # Schemas repeat in every record: the batch parses each distinct one once (see schema_texts).
+        F.xxhash64(value_schema).alias("value_schema_id"),
+        F.xxhash64(key_schema).alias("key_schema_id"),
         _json(value, "$.payload.source.ts_ms").cast("long").alias("source_ts_ms"),
         error.alias("error"),
     )
@@ -98,20 +111,40 @@ def truncate_positions(decoded: DataFrame) -> DataFrame:
     )
 
 
-def latest_changes(decoded: DataFrame) -> DataFrame:
-    """The last row change per (topic, primary key) by source position, dropping changes that a later
-    truncate in the same batch wipes out anyway."""
+def schema_texts(decoded: DataFrame) -> DataFrame:
+    """Per topic, each distinct (value schema, key schema) of the batch's row changes, with its JSON
+    text and the first offset it appears at: (topic, value_schema_id, key_schema_id, value_schema,
+    key_schema, first_offset)."""
+    rows = valid_changes(decoded).filter(F.col("op").isin(*ROW_OPS))
+    return rows.groupBy("topic", "value_schema_id", "key_schema_id").agg(
+        F.first(_json(F.col("value").cast("string"), "$.schema")).alias("value_schema"),
+        F.first(_json(F.col("key").cast("string"), "$.schema")).alias("key_schema"),
+        F.min("offset").alias("first_offset"),
+    )
+
+
+def row_changes(decoded: DataFrame) -> DataFrame:
+    """Every valid row change (c/r/u/d), without those that a later truncate in the same batch wipes out."""
     rows = valid_changes(decoded).filter(F.col("op").isin(*ROW_OPS))
     truncates = truncate_positions(decoded)
     after_truncate = (F.col("trunc_commit_lsn").isNull()) | (
         F.struct("commit_lsn", "change_lsn") > F.struct("trunc_commit_lsn", "trunc_change_lsn")
     )
-    rows = rows.join(truncates, "topic", "left").filter(after_truncate).drop("trunc_commit_lsn", "trunc_change_lsn")
-    # Source position decides; partition/offset only break exact ties (the same event delivered twice).
-    newest_first = Window.partitionBy("topic", "key_json").orderBy(
-        F.col("commit_lsn").desc(), F.col("change_lsn").desc(), F.col("partition").desc(), F.col("offset").desc()
-    )
-    return rows.withColumn("_rank", F.row_number().over(newest_first)).filter(F.col("_rank") == 1).drop("_rank")
+    return rows.join(truncates, "topic", "left").filter(after_truncate).drop("trunc_commit_lsn", "trunc_change_lsn")
+
+
+def newest_first() -> list[Column]:
+    """Sort order of changes, newest first. Source position decides; partition/offset only break exact
+    ties (the same event delivered twice)."""
+    return [F.col(name).desc() for name in ("commit_lsn", "change_lsn", "partition", "offset")]
+
+
+def latest_changes(decoded: DataFrame) -> DataFrame:
+    """The last row change per (topic, primary key) by source position, dropping changes that a later
+    truncate in the same batch wipes out anyway."""
+    window = Window.partitionBy("topic", "key_json").orderBy(*newest_first())
+    rows = row_changes(decoded)
+    return rows.withColumn("_rank", F.row_number().over(window)).filter(F.col("_rank") == 1).drop("_rank")
 
 
 def version(commit_lsn: int, change_lsn: int) -> int:

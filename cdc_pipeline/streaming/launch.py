@@ -27,20 +27,27 @@ def kafka_source_jars(cache_dir: Path) -> list[str]:
     return layout.jars("spark-kafka")
 
 
-DEFAULT_CONF = {"spark.sql.shuffle.partitions": "4", "spark.ui.showConsoleProgress": "false"}
+# The Spark UI serves job details and (unless disabled) kill links to anyone who reaches its port, on
+# every interface: off by default, and read-only when turned on (`--conf spark.ui.enabled=true`, or the
+# spark resource's `conf`). With a local master nothing outside this machine needs the driver: it and
+# an enabled UI bind loopback only (see `submit_env`). Every key can be overridden with `conf`.
+DEFAULT_CONF = {
+    "spark.sql.shuffle.partitions": "4",
+    "spark.ui.showConsoleProgress": "false",
+    "spark.ui.enabled": "false",
+    "spark.ui.killEnabled": "false",
+}
+LOCAL_MASTER_CONF = {"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1"}
+
+
+def is_local_master(master: str) -> bool:
+    return master == "local" or master.startswith("local[")
+
+
 # Any OutOfMemoryError ends the driver JVM at once, and with it the Python driver (see app.bind_to_jvm):
 # a JVM that lost a thread other than a task's to OOM limps on with its query hung.
 DRIVER_JAVA_OPTIONS_KEY = "spark.driver.extraJavaOptions"
 DRIVER_JAVA_OPTIONS = "-XX:+ExitOnOutOfMemoryError"
-
-
-def spark_conf(conf: Mapping[str, str]) -> dict[str, str]:
-    """The defaults, then `conf`; the driver's JVM options always include DRIVER_JAVA_OPTIONS."""
-    merged = {**DEFAULT_CONF, **conf}
-    options = merged.get(DRIVER_JAVA_OPTIONS_KEY, "")
-    if DRIVER_JAVA_OPTIONS not in options.split():
-        merged[DRIVER_JAVA_OPTIONS_KEY] = f"{options} {DRIVER_JAVA_OPTIONS}".strip()
-    return merged
 
 
 @dataclass(frozen=True)
@@ -71,9 +78,19 @@ class SparkSubmit:
         jars = list(self.jars) or ([] if self.packages else kafka_source_jars(self.jvm_cache_dir))
         if jars:
             argv += ["--jars", ",".join(jars)]
-        for key, value in sorted(spark_conf(self.conf).items()):
+        for key, value in sorted(self.effective_conf().items()):
             argv += ["--conf", f"{key}={value}"]
         return [*argv, application, *args]
+
+    def effective_conf(self) -> dict[str, str]:
+        """The Spark conf passed to spark-submit: the defaults above, then `conf`; the driver's JVM
+        options always include DRIVER_JAVA_OPTIONS."""
+        local = LOCAL_MASTER_CONF if is_local_master(self.master) else {}
+        merged = {**DEFAULT_CONF, **local, **self.conf}
+        options = merged.get(DRIVER_JAVA_OPTIONS_KEY, "")
+        if DRIVER_JAVA_OPTIONS not in options.split():
+            merged[DRIVER_JAVA_OPTIONS_KEY] = f"{options} {DRIVER_JAVA_OPTIONS}".strip()
+        return merged
 
     def stream_argv(
         self, config_path: Path, *, checkpoint_location: str | None = None, name: str | None = None
@@ -85,11 +102,15 @@ class SparkSubmit:
         return self.argv(str(APPLICATION), *args, name=name)
 
 
-def submit_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment for spark-submit: the driver runs this interpreter (where cdc_pipeline is installed)."""
+def submit_env(extra: Mapping[str, str] | None = None, master: str | None = None) -> dict[str, str]:
+    """Environment for spark-submit: the driver runs this interpreter (where cdc_pipeline is installed).
+    With a local `master`, SPARK_LOCAL_IP=127.0.0.1 (unless set): the only way to keep an enabled Spark
+    UI, which binds SPARK_LOCAL_IP or else every interface, on loopback."""
     env = dict(os.environ)
     env.setdefault("PYSPARK_PYTHON", sys.executable)
     env.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    if master is not None and is_local_master(master):
+        env.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     env.update(extra or {})
     return env
 

@@ -22,8 +22,14 @@ PROGRESS_TABLE = "_cdc_stream_progress"
 PROGRESS_COLUMNS = (
     "query_name", "batch_id", "recorded_at", "num_input_rows", "input_rows_per_second",
     "processed_rows_per_second", "batch_duration_ms", "end_offsets", "applied_rows", "deleted_rows",
-    "dlq_count", "latest_source_ts",
+    "dlq_count", "latest_source_ts", "clamped_values", "toast_merged", "sink_retries",
 )  # fmt: skip
+# Columns added after the first release: tables created before get them with ADD COLUMN IF NOT EXISTS.
+_ADDED_COLUMNS = (
+    ("clamped_values", "Int64"),  # out-of-range dates/timestamps stored clamped (sink.clickhouse.out_of_range)
+    ("toast_merged", "Int64"),  # updates whose unchanged TOASTed values were filled in
+    ("sink_retries", "Int64"),  # ClickHouse writes retried after a transient error
+)
 
 
 def progress_table_sql(database: str) -> str:
@@ -32,9 +38,16 @@ def progress_table_sql(database: str) -> str:
         "  query_name String, batch_id Int64, recorded_at DateTime64(3, 'UTC'),\n"
         "  num_input_rows Int64, input_rows_per_second Float64, processed_rows_per_second Float64,\n"
         "  batch_duration_ms Int64, end_offsets String, applied_rows Int64, deleted_rows Int64,\n"
-        "  dlq_count Int64, latest_source_ts Nullable(DateTime64(3, 'UTC'))\n"
+        "  dlq_count Int64, latest_source_ts Nullable(DateTime64(3, 'UTC')),\n"
+        "  " + ", ".join(f"{name} {kind}" for name, kind in _ADDED_COLUMNS) + "\n"
         ") ENGINE = ReplacingMergeTree ORDER BY (query_name, batch_id)"
     )
+
+
+def progress_table_migrations(database: str) -> list[str]:
+    """Statements that bring a progress table created by an older release up to PROGRESS_COLUMNS."""
+    table = f"{quote_identifier(database)}.{PROGRESS_TABLE}"
+    return [f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {kind}" for name, kind in _ADDED_COLUMNS]
 
 
 def offsets_to_commit(end_offset_json: str) -> list[TopicPartition]:
@@ -95,6 +108,8 @@ class ProgressRecorder(StreamingQueryListener):
                 int(progress.durationMs.get("triggerExecution", 0)), end_offsets,
                 stats.applied_rows if stats else 0, stats.deleted_rows if stats else 0, stats.dlq_count if stats else 0,
                 datetime.fromtimestamp(latest / 1000, tz=UTC) if latest else None,
+                stats.clamped_values if stats else 0, stats.toast_merged if stats else 0,
+                stats.sink_retries if stats else 0,
             ]  # fmt: skip
             self.client.insert(
                 f"{quote_identifier(self.database)}.{PROGRESS_TABLE}", [row], column_names=PROGRESS_COLUMNS

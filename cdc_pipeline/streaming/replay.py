@@ -27,6 +27,7 @@ from cdc_pipeline.settings import Settings
 from cdc_pipeline.streaming.app import KAFKA_OFFSET_FETCH, bind_to_jvm
 from cdc_pipeline.streaming.apply import BatchStats, ChangeApplier
 from cdc_pipeline.streaming.dlq import DeadLetters
+from cdc_pipeline.streaming.evolution import SchemaEvolution
 from cdc_pipeline.streaming.sink import ClickHouseSink
 
 RESULT_PREFIX = "REPLAY-RESULT "
@@ -68,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     applier = ChangeApplier(
         pipeline,
         database,
-        ClickHouseSink(connect_clickhouse(settings.clickhouse_endpoint, settings.clickhouse_user, password)),
+        ClickHouseSink(
+            connect_clickhouse(settings.clickhouse_endpoint, settings.clickhouse_user, password),
+            SchemaEvolution.from_settings(pipeline, settings),
+        ),
         DeadLetters(settings.kafka_bootstrap_servers, pipeline.dlq_topic),
         on_batch=lambda stats: result.update(stats=stats),
     )

@@ -8,14 +8,29 @@ order, can never bring back an older row; deletes are rows with `_is_deleted = 1
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import logging
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
-from clickhouse_connect.driver.binding import quote_identifier
+from clickhouse_connect.driver.binding import format_query_value, quote_identifier
 from clickhouse_connect.driver.client import Client
 
+from cdc_pipeline.streaming.evolution import (
+    Action,
+    ChangeRecord,
+    ColumnPlan,
+    SchemaChangeError,
+    SchemaEvolution,
+    TypeChange,
+    plan_new_column,
+    plan_type_change,
+)
 from cdc_pipeline.streaming.types import ColumnSpec
+
+log = logging.getLogger(__name__)
 
 # Bookkeeping columns every replica table has, after the source's own columns.
 META_COLUMNS = (
@@ -24,6 +39,20 @@ META_COLUMNS = (
     ("_source_ts", "DateTime64(3, 'UTC')"),
 )
 META_NAMES = tuple(name for name, _ in META_COLUMNS)
+# Every replica table the stream has created or written to, per database: a registered table that is
+# missing was dropped or detached behind the stream's back, and is reported instead of recreated empty.
+REGISTRY_TABLE = "_cdc_replica_tables"
+
+
+class ReplicaTableMissingError(RuntimeError):
+    """A replica table the stream wrote to before no longer exists (dropped or detached)."""
+
+
+def registry_sql(database: str) -> str:
+    return (
+        f"CREATE TABLE IF NOT EXISTS {quote_identifier(database)}.{REGISTRY_TABLE} "
+        "(table String, registered_at DateTime64(3, 'UTC')) ENGINE = ReplacingMergeTree ORDER BY table"
+    )
 
 
 @dataclass(frozen=True)
@@ -32,19 +61,27 @@ class ReplicaTable:
     name: str
     key_columns: tuple[str, ...]
     partition_by: str | None = None
+    source: str | None = None  # the source table as named in pipeline.yaml (schema evolution asks PostgreSQL)
 
     @property
     def qualified(self) -> str:
         return f"{quote_identifier(self.database)}.{quote_identifier(self.name)}"
 
 
-def create_table_sql(table: ReplicaTable, columns: Sequence[ColumnSpec]) -> str:
-    """CREATE TABLE IF NOT EXISTS for a replica table with `columns` from the source schema."""
+def _column_sql(column: ColumnSpec, default: str | None = None) -> str:
+    return f"{quote_identifier(column.name)} {column.clickhouse_type}" + (f" DEFAULT {default}" if default else "")
+
+
+def create_table_sql(
+    table: ReplicaTable, columns: Sequence[ColumnSpec], defaults: Mapping[str, str] | None = None
+) -> str:
+    """CREATE TABLE IF NOT EXISTS for a replica table with `columns` from the source schema, and
+    ClickHouse DEFAULT expressions by column name."""
     by_name = {c.name: c for c in columns}
     missing = [k for k in table.key_columns if k not in by_name]
     if missing:
         raise ValueError(f"{table.name}: key column(s) {missing} are not in the change events' schema")
-    definitions = [f"{quote_identifier(c.name)} {c.clickhouse_type}" for c in columns]
+    definitions = [_column_sql(c, (defaults or {}).get(c.name)) for c in columns]
     definitions += [f"{quote_identifier(name)} {ch_type}" for name, ch_type in META_COLUMNS]
     order_by = ", ".join(quote_identifier(k) for k in table.key_columns)
     nullable_key = any(by_name[k].clickhouse_type.startswith("Nullable(") for k in table.key_columns)
@@ -62,48 +99,279 @@ def create_table_sql(table: ReplicaTable, columns: Sequence[ColumnSpec]) -> str:
 
 
 class ClickHouseSink:
-    """Writes one micro-batch's changes to the replica tables (columnar inserts, never row by row)."""
+    """Writes one micro-batch's changes to the replica tables (columnar inserts, never row by row).
 
-    def __init__(self, client: Client) -> None:
+    With a `SchemaEvolution` (the stream and replay jobs have one), new columns and type changes follow
+    PostgreSQL exactly (see streaming/evolution.py); without one, new columns are added without a
+    default and type changes are converted in place without a re-snapshot."""
+
+    def __init__(self, client: Client, evolution: SchemaEvolution | None = None) -> None:
         self.client = client
-        self._known_columns: dict[str, set[str]] = {}
+        self.evolution = evolution
+        # Per table: source column name -> ClickHouse type, as last read from system.columns.
+        self._known: dict[str, dict[str, str]] = {}
+        self._registries: set[str] = set()
+
+    def forget(self, table: ReplicaTable) -> None:
+        """Drop what is cached about `table` (after an error that says it changed or vanished)."""
+        self._known.pop(table.qualified, None)
+
+    def _registry(self, database: str) -> str:
+        qualified = f"{quote_identifier(database)}.{REGISTRY_TABLE}"
+        if database not in self._registries:
+            self.client.command(registry_sql(database))
+            self._registries.add(database)
+        return qualified
+
+    def _registered(self, table: ReplicaTable) -> bool:
+        registry = self._registry(table.database)
+        found = self.client.query(
+            f"SELECT count() FROM {registry} WHERE table = {{t:String}}", parameters={"t": table.name}
+        ).result_rows
+        return bool(found and found[0][0])
+
+    def _register(self, table: ReplicaTable) -> None:
+        registry = self._registry(table.database)
+        self.client.insert(registry, [[table.name, datetime.now(UTC)]], column_names=["table", "registered_at"])
+
+    def existing_column_types(self, table: ReplicaTable) -> dict[str, str]:
+        """Column name -> type in table order (empty if the table does not exist)."""
+        rows = self.client.query(
+            "SELECT name, type FROM system.columns WHERE database = {db:String} AND table = {t:String} "
+            "ORDER BY position",
+            parameters={"db": table.database, "t": table.name},
+        ).result_rows
+        return {row[0]: row[1] for row in rows}
 
     def existing_columns(self, table: ReplicaTable) -> list[str]:
         """Column names in table order (empty if the table does not exist)."""
-        rows = self.client.query(
-            "SELECT name FROM system.columns WHERE database = {db:String} AND table = {t:String} ORDER BY position",
-            parameters={"db": table.database, "t": table.name},
-        ).result_rows
-        return [row[0] for row in rows]
+        return list(self.existing_column_types(table))
 
-    def ensure_table(self, table: ReplicaTable, columns: Sequence[ColumnSpec]) -> list[str]:
-        """Create the table, or add the columns it lacks (schema evolution). Returns the DDL it ran."""
-        known = self._known_columns.get(table.qualified)
-        wanted = [c for c in columns if known is None or c.name not in known]
-        if known is not None and not wanted:
+    def ensure_table(
+        self, table: ReplicaTable, columns: Sequence[ColumnSpec], partial: Collection[str] = ()
+    ) -> list[str]:
+        """Create the table, add the columns it lacks and convert columns whose type changed (schema
+        evolution). `partial`: columns that some rows of this batch are written without (their schema
+        predates the column), which matters when the table is created. Returns the DDL it ran.
+
+        Costs no query when every column is known with an unchanged type (the usual batch)."""
+        known = self._known.get(table.qualified)
+        if known is not None and all(
+            c.name in known and plan_type_change(c.name, known[c.name], c.clickhouse_type) is None for c in columns
+        ):
             return []
-        ran: list[str] = []
-        existing = self.existing_columns(table)
+        existing = self.existing_column_types(table)
         if not existing:
-            ddl = create_table_sql(table, columns)
+            if self._registered(table):
+                raise ReplicaTableMissingError(
+                    f"replica table {table.qualified} was dropped or detached behind the stream's back; the stream "
+                    "will not recreate it empty and write around the rows it held. If it was detached, ATTACH it "
+                    f"again. To rebuild it on purpose: drop it, run `ALTER TABLE {quote_identifier(table.database)}"
+                    f".{REGISTRY_TABLE} DELETE WHERE table = '{table.name}'`, restart the stream and backfill the "
+                    "table (backfill_table job)."
+                )
+            ran = self._create(table, columns, partial)
+        else:
+            source_columns = [name for name in existing if name not in META_NAMES]
+            new = [c for c in columns if c.name not in existing]
+            changes = [
+                change
+                for c in columns
+                if c.name in existing and (change := plan_type_change(c.name, existing[c.name], c.clickhouse_type))
+            ]
+            ran = self._evolve(table, source_columns, new, changes) if new or changes else []
+        if known is None:
+            self._register(table)
+        self._known[table.qualified] = {
+            n: t for n, t in self.existing_column_types(table).items() if n not in META_NAMES
+        }
+        return ran
+
+    def _plans(self, table: ReplicaTable, columns: Sequence[ColumnSpec]) -> list[ColumnPlan]:
+        if self.evolution is None:
+            return [plan_new_column(c, None) for c in columns]
+        return self.evolution.plan_new_columns(table.source, columns)
+
+    @staticmethod
+    def _added(table: ReplicaTable, plans: list[ColumnPlan], specs: Mapping[str, ColumnSpec], resnapshot: bool):  # noqa: ANN205
+        return [
+            ChangeRecord(table.name, table.source or "", p.column, "add_column", "", specs[p.column].clickhouse_type,
+                         p.action, p.reason)
+            for p in plans
+            if (p.action is Action.RESNAPSHOT) == resnapshot
+        ]  # fmt: skip
+
+    @staticmethod
+    def _converted(table: ReplicaTable, changes: list[TypeChange], resnapshot: bool) -> list[ChangeRecord]:
+        return [
+            ChangeRecord(table.name, table.source or "", c.column, "type_change", c.old_type, c.new_type, Action.MODIFY,
+                         c.reason)
+            for c in changes
+            if c.resnapshot == resnapshot
+        ]  # fmt: skip
+
+    def _resnapshot(self, table: ReplicaTable, records: list[ChangeRecord]) -> None:
+        if not records:
+            return
+        if self.evolution is None:
+            for record in records:
+                log.error(
+                    "schema change on %s, column %s: %s. Run the backfill_table job for this table: the sink has no "
+                    "access to PostgreSQL to request a re-snapshot", table.qualified, record.column, record.reason,
+                )  # fmt: skip
+            return
+        self.evolution.resnapshot(self.client, table.database, records)
+
+    def _log_changes(self, table: ReplicaTable, records: list[ChangeRecord]) -> None:
+        for record in records:
+            log.warning(
+                "schema change on %s, column %s: %s (%s)", table.qualified, record.column, record.action, record.reason
+            )
+        if self.evolution is not None:
+            self.evolution.record(self.client, table.database, records)
+
+    def _create(self, table: ReplicaTable, columns: Sequence[ColumnSpec], partial: Collection[str]) -> list[str]:
+        # Rows of this batch whose schema predates a column get its DEFAULT: plan those columns like added ones.
+        plans = self._plans(table, [c for c in columns if c.name in partial])
+        specs = {c.name: c for c in columns}
+        self._resnapshot(table, self._added(table, plans, specs, True))
+        ddl = create_table_sql(table, columns, {p.column: p.default_sql for p in plans if p.default_sql})
+        self.client.command(ddl)
+        self._log_changes(table, self._added(table, plans, specs, False))
+        return [ddl]
+
+    def _evolve(
+        self, table: ReplicaTable, source_columns: list[str], new: list[ColumnSpec], changes: list[TypeChange]
+    ) -> list[str]:
+        plans = self._plans(table, new)
+        specs = {c.name: c for c in new}
+        # The re-snapshot is requested before the DDL: a crash in between repeats the request (harmless,
+        # and deduplicated through the record), where the other order could lose it.
+        self._resnapshot(table, self._added(table, plans, specs, True) + self._converted(table, changes, True))
+        ran: list[str] = []
+        for plan in plans:
+            # New source column, kept before the bookkeeping columns; rows written before it read its DEFAULT
+            # (the value PostgreSQL gives them, see evolution.py), else NULL / the type's default.
+            definition = _column_sql(specs[plan.column], plan.default_sql)
+            ddl = (
+                f"ALTER TABLE {table.qualified} ADD COLUMN IF NOT EXISTS {definition} "
+                f"AFTER {quote_identifier(source_columns[-1])}"
+            )
             self.client.command(ddl)
             ran.append(ddl)
-            existing = self.existing_columns(table)
-        source_columns = [name for name in existing if name not in META_NAMES]
-        for column in columns:
-            if column.name not in source_columns:
-                # New source column, kept before the bookkeeping columns; rows written before it read the
-                # type's default (NULL when Nullable) until they change again.
-                ddl = (
-                    f"ALTER TABLE {table.qualified} ADD COLUMN IF NOT EXISTS "
-                    f"{quote_identifier(column.name)} {column.clickhouse_type} "
-                    f"AFTER {quote_identifier(source_columns[-1])}"
-                )
-                self.client.command(ddl)
-                ran.append(ddl)
-                source_columns.append(column.name)
-        self._known_columns[table.qualified] = set(source_columns)
+            source_columns.append(plan.column)
+        for change in changes:
+            ran.append(self._modify(table, change))
+        self._log_changes(table, self._added(table, plans, specs, False) + self._converted(table, changes, False))
         return ran
+
+    def _modify(self, table: ReplicaTable, change: TypeChange) -> str:
+        """Convert the column in place, synchronously (ClickHouse rewrites the data before the next insert).
+        A key column cannot change type in place (ClickHouse forbids it): the table is rebuilt instead."""
+        keys = self.client.query(
+            "SELECT is_in_sorting_key OR is_in_partition_key FROM system.columns "
+            "WHERE database = {db:String} AND table = {t:String} AND name = {c:String}",
+            parameters={"db": table.database, "t": table.name, "c": change.column},
+        ).result_rows
+        if keys and keys[0][0]:
+            return self._rebuild(table, change)
+        ddl = f"ALTER TABLE {table.qualified} MODIFY COLUMN {quote_identifier(change.column)} {change.new_type}"
+        try:
+            self.client.command(ddl, settings={"mutations_sync": 2})
+        except Exception as exc:
+            # A failed conversion leaves the new type in the metadata and a mutation that fails forever, which
+            # makes the table unreadable: stop the mutation and put the old type back.
+            with contextlib.suppress(Exception):
+                self.client.command(
+                    "KILL MUTATION WHERE database = {db:String} AND table = {t:String} AND NOT is_done",
+                    parameters={"db": table.database, "t": table.name},
+                )
+                self.client.command(
+                    f"ALTER TABLE {table.qualified} MODIFY COLUMN {quote_identifier(change.column)} {change.old_type}",
+                    settings={"mutations_sync": 2},
+                )
+            raise self._conversion_failed(table, change, exc) from exc
+        return ddl
+
+    def _rebuild(self, table: ReplicaTable, change: TypeChange) -> str:
+        """Copy the table into one with the new column type (every row version, converted by the INSERT),
+        then swap the two atomically. On failure the replica table is left as it was."""
+        scratch = ReplicaTable(table.database, f"{table.name}__cdc_rebuild", table.key_columns)
+        columns = self.client.query(
+            "SELECT name, type, default_kind, default_expression FROM system.columns "
+            "WHERE database = {db:String} AND table = {t:String} ORDER BY position",
+            parameters={"db": table.database, "t": table.name},
+        ).result_rows
+        sorting_key, partition_key, settings = self.client.query(
+            "SELECT sorting_key, partition_key, engine_full LIKE '%allow_nullable_key = 1%' FROM system.tables "
+            "WHERE database = {db:String} AND name = {t:String}",
+            parameters={"db": table.database, "t": table.name},
+        ).result_rows[0]
+        definitions = [
+            f"{quote_identifier(name)} {change.new_type if name == change.column else ch_type}"
+            + (f" {kind} {expression}" if kind else "")
+            for name, ch_type, kind, expression in columns
+        ]
+        nullable_key = settings or change.new_type.startswith("Nullable(")
+        ddl = (
+            f"CREATE TABLE {scratch.qualified} (\n  "
+            + ",\n  ".join(definitions)
+            + "\n) ENGINE = ReplacingMergeTree(_version, _is_deleted)\n"
+            + (f"PARTITION BY {partition_key}\n" if partition_key else "")
+            + (f"ORDER BY {sorting_key}" if sorting_key.startswith("(") else f"ORDER BY ({sorting_key})")
+            + ("\nSETTINGS allow_nullable_key = 1" if nullable_key else "")
+        )
+        self.client.command(f"DROP TABLE IF EXISTS {scratch.qualified}")
+        self.client.command(ddl)
+        try:
+            self.client.command(f"INSERT INTO {scratch.qualified} SELECT * FROM {table.qualified}")
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                self.client.command(f"DROP TABLE IF EXISTS {scratch.qualified}")
+            raise self._conversion_failed(table, change, exc) from exc
+        self.client.command(f"EXCHANGE TABLES {table.qualified} AND {scratch.qualified}")
+        self.client.command(f"DROP TABLE {scratch.qualified}")
+        log.warning("rebuilt %s with key column %s as %s", table.qualified, change.column, change.new_type)
+        return ddl
+
+    def _conversion_failed(self, table: ReplicaTable, change: TypeChange, exc: Exception) -> SchemaChangeError:
+        return SchemaChangeError(
+            f"{table.qualified}: column {change.column!r} changed type in {table.source or 'the source'} from "
+            f"{change.old_type} to {change.new_type}, and ClickHouse cannot convert the replica's values "
+            f"({str(exc).splitlines()[0][:300]}). The stream stops rather than write wrong values. To fix: drop "
+            f"the replica table (DROP TABLE {table.qualified}) and restart the stream; "
+            + (
+                "a re-snapshot of the table has been requested and re-reads every row (if it already passed, "
+                "run the backfill_table job)"
+                if self.evolution is not None
+                else "then run the backfill_table job for the table"
+            )
+        )
+
+    def current_rows(
+        self, table: ReplicaTable, keys: Sequence[Sequence[Any]], columns: Sequence[str]
+    ) -> dict[tuple[Any, ...], dict[str, Any]]:
+        """The live (FINAL, not deleted) values of `columns` for the rows with these key values, by
+        normalized key (see `normalize_key`); keys without a live row are absent. Strings come back as
+        bytes (bytea replicas hold arbitrary bytes), times as aware UTC datetimes: both insert as-is."""
+        if not keys or not columns:
+            return {}
+        key_list = ", ".join(quote_identifier(k) for k in table.key_columns)
+        wanted = ", ".join(
+            str(format_query_value(tuple(key) if len(table.key_columns) > 1 else key[0])) for key in keys
+        )
+        selected = ", ".join(quote_identifier(c) for c in [*table.key_columns, *columns])
+        key_expr = f"({key_list})" if len(table.key_columns) > 1 else key_list
+        result = self.client.query(
+            f"SELECT {selected} FROM {table.qualified} FINAL WHERE {key_expr} IN ({wanted}) AND _is_deleted = 0",
+            query_formats={"String": "bytes", "FixedString": "bytes"},
+            query_tz="UTC",
+        )
+        width = len(table.key_columns)
+        return {
+            normalize_key(row[:width]): {name: _as_utc(v) for name, v in zip(columns, row[width:], strict=True)}
+            for row in result.result_rows
+        }
 
     def upsert(self, table: ReplicaTable, column_names: Sequence[str], rows: Sequence[Sequence[Any]]) -> int:
         """Insert new row states; each row ends with the META_COLUMNS values."""
@@ -138,3 +406,29 @@ class ClickHouseSink:
             parameters={"v": str(row_version), "ts": source_ts},
         )
         return True
+
+
+def normalize_key(values: Sequence[Any]) -> tuple[Any, ...]:
+    """A key tuple comparable between converted change values and values read back from ClickHouse."""
+    return tuple(_normalize(value) for value in values)
+
+
+def _normalize(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    if isinstance(value, datetime):
+        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+    if isinstance(value, Mapping):
+        return tuple(sorted(value.items()))
+    if isinstance(value, list):
+        return tuple(_normalize(v) for v in value)
+    return value
+
+
+def _as_utc(value: Any) -> Any:
+    # Replica timestamps are UTC; a naive datetime would be read as local time by the insert.
+    if isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    if isinstance(value, list):
+        return [_as_utc(v) for v in value]
+    return value

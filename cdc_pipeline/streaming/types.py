@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, Literal
 
 __all__ = [
+    "OUT_OF_RANGE_POLICIES",
     "ColumnSpec",
+    "OutOfRange",
     "UnsupportedTypeError",
     "ValueConversionError",
     "clickhouse_type",
@@ -29,6 +32,13 @@ __all__ = [
 ]
 
 Converter = Callable[[Any], Any]
+# What happens to a date/timestamp outside ClickHouse's range (e.g. the sentinels 0001-01-01, 9999-12-31,
+# 'infinity'): "clamp" stores the nearest representable value (1900-01-01 / 2299-12-31 ...) and reports it,
+# "text" stores the column as ISO 8601 text (exact), "dlq" dead-letters the whole row.
+OutOfRange = Literal["clamp", "text", "dlq"]
+OUT_OF_RANGE_POLICIES: tuple[str, ...] = ("clamp", "text", "dlq")
+# Called with (column, value) whenever a value was clamped; the stream counts and logs them.
+ClampHook = Callable[[str, Any], None]
 
 SOURCE_TYPE = "__debezium.source.column.type"
 SOURCE_LENGTH = "__debezium.source.column.length"
@@ -86,6 +96,16 @@ class ColumnSpec:
     clickhouse_type: str
     convert: Converter
     optional: bool
+    # bytea (or bytea[]): the converted values are bytes; every other String column holds str.
+    binary: bool = False
+    # The Connect field's `default` as Debezium sent it (JSON form, before conversion); has_default tells
+    # an absent default from a null one. Schema evolution uses it (see streaming/evolution.py).
+    default: Any = None
+    has_default: bool = False
+    # The PostgreSQL type, length and scale from column.propagate.source.type (None when absent).
+    source_type: str | None = None
+    source_length: str | None = None
+    source_scale: str | None = None
 
 
 def _column(field: dict[str, Any]) -> str:
@@ -126,9 +146,15 @@ def _element_field(field: dict[str, Any]) -> dict[str, Any]:
     return {**field["items"], "field": _column(field), "parameters": params}
 
 
-def _base_type(field: dict[str, Any]) -> str:
+_TEMPORAL = {"io.debezium.time.Date", "io.debezium.time.Timestamp", "io.debezium.time.MicroTimestamp",
+             "io.debezium.time.ZonedTimestamp"}  # fmt: skip
+
+
+def _base_type(field: dict[str, Any], out_of_range: OutOfRange = "dlq") -> str:
     """The ClickHouse type of a non-array field, without Nullable."""
     name, kind = field.get("name"), field.get("type")
+    if out_of_range == "text" and name in _TEMPORAL:
+        return "String"
     if name in _MISCONFIGURED:
         raise _unsupported(field, "the connector is configured for a different representation", _MISCONFIGURED[name])
     if name is None:
@@ -164,7 +190,7 @@ def _base_type(field: dict[str, Any]) -> str:
     )
 
 
-def clickhouse_type(field: dict[str, Any]) -> str:
+def clickhouse_type(field: dict[str, Any], out_of_range: OutOfRange = "dlq") -> str:
     """The ClickHouse column type for a Connect field schema of a Debezium `after` struct.
 
     Optional scalars become Nullable(T) (LowCardinality(Nullable(String)) for enums). Arrays become
@@ -173,8 +199,8 @@ def clickhouse_type(field: dict[str, Any]) -> str:
     exact mapping.
     """
     if field.get("type") == "array":
-        return f"Array({clickhouse_type(_element_field(field))})"
-    base = _base_type(field)
+        return f"Array({clickhouse_type(_element_field(field), out_of_range)})"
+    base = _base_type(field, out_of_range)
     if not field.get("optional"):
         return base
     if base.startswith("LowCardinality("):
@@ -186,8 +212,64 @@ def _fail(field: dict[str, Any], value: Any, why: str) -> ValueConversionError:
     return ValueConversionError(f"column {_column(field)!r} ({_source_type(field)}): value {value!r} {why}")
 
 
-def _scalar_converter(field: dict[str, Any], ch_type: str) -> Converter:
+# Debezium's encodings of PostgreSQL's 'infinity' / '-infinity', measured with Debezium 3.7: a MicroTimestamp
+# is Long.MAX/MIN; a Timestamp (millis) PostgreSQL's own DT_NOEND/DT_NOBEGIN in ms; a Date differs between
+# the snapshot (JDBC) and streaming (pgoutput), and neither is a real day count.
+_LONG_MAX, _LONG_MIN = 2**63 - 1, -(2**63)
+_MILLIS_INFINITY = {9_223_372_036_825_200_000: _LONG_MAX, -9_223_372_036_832_400_000: _LONG_MIN}
+_DATE_INFINITY = {-622_191_234: "infinity", 2_146_033_979: "infinity", -625_821_272: "-infinity",
+                  -2_147_472_691: "-infinity"}  # fmt: skip
+
+
+def _civil(days: int) -> str:
+    """Days since 1970-01-01 as PostgreSQL prints a date (proleptic Gregorian, 'BC' before year 1), for
+    any day count (Howard Hinnant's days_from_civil inverse; Python's date stops at year 9999)."""
+    z = days + 719_468
+    era = z // 146_097
+    doe = z - era * 146_097
+    yoe = (doe - doe // 1460 + doe // 36_524 - doe // 146_096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    day = doy - (153 * mp + 2) // 5 + 1
+    month = mp + 3 if mp < 10 else mp - 9
+    year = yoe + era * 400 + (1 if month <= 2 else 0)
+    return f"{year:04d}-{month:02d}-{day:02d}" if year > 0 else f"{1 - year:04d}-{month:02d}-{day:02d} BC"
+
+
+def _integer(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueConversionError(f"value {value!r} is not a JSON integer")
+    return value
+
+
+def _beyond_python(text: str) -> bool | None:
+    """For ISO text Python cannot parse: True when it lies before year 1 ('-infinity', BC), False when
+    after 9999 ('infinity', '+10000-...'), None when it is not a timestamp at all."""
+    lowered = text.strip().lower()
+    if lowered in ("infinity", "+infinity") or re.match(r"^\+?\d{5,}-", lowered):
+        return False
+    if lowered == "-infinity" or lowered.endswith(" bc") or re.match(r"^-\d{4,}-", lowered):
+        return True
+    return None
+
+
+def _to_utc_or_none(parsed: datetime) -> datetime | None:
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:
+        return None
+
+
+def _scalar_converter(
+    field: dict[str, Any], ch_type: str, out_of_range: OutOfRange = "dlq", on_clamp: ClampHook | None = None
+) -> Converter:
     name = field.get("name")
+    clamp = out_of_range == "clamp"
+
+    def clamped(value: Any, result: Any) -> Any:
+        if on_clamp is not None:
+            on_clamp(_column(field), value)
+        return result
 
     def to_decimal(value: str) -> Decimal:
         try:
@@ -199,26 +281,64 @@ def _scalar_converter(field: dict[str, Any], ch_type: str) -> Converter:
         return result
 
     def to_date(days: int) -> date:
+        days = _integer(days)
         if not _MIN_DAYS <= days <= _MAX_DAYS:
+            if clamp:
+                low = _DATE_INFINITY[days] == "-infinity" if days in _DATE_INFINITY else days < _MIN_DAYS
+                return clamped(days, MIN_DATE if low else MAX_DATE)
             raise _fail(field, days, f"(days since 1970-01-01) is outside Date32's {MIN_DATE}..{MAX_DATE}")
         return _EPOCH.date() + timedelta(days=days)
 
     def to_datetime(micros: int) -> datetime:
         if not _MIN_MICROS <= micros <= _MAX_MICROS:
+            if clamp:
+                bound = _MIN_MICROS if micros < _MIN_MICROS else _MAX_MICROS
+                return clamped(micros, _EPOCH + timedelta(microseconds=bound))
             raise _fail(field, micros, f"(epoch microseconds) is outside DateTime64's {MIN_DATE}..{MAX_DATE}")
         # Aware UTC datetimes: clickhouse-connect turns naive ones into epochs with the client's local zone.
         return _EPOCH + timedelta(microseconds=micros)
 
     def to_zoned(text: str) -> datetime:
+        if not isinstance(text, str):
+            raise _fail(field, text, "is not a JSON string")
         try:
             parsed = datetime.fromisoformat(text)
         except ValueError:
+            if clamp and (low := _beyond_python(text)) is not None:
+                return clamped(text, _EPOCH + timedelta(microseconds=_MIN_MICROS if low else _MAX_MICROS))
             raise _fail(field, text, "is not an ISO 8601 timestamp Python can hold") from None
         if parsed.tzinfo is None:
             raise _fail(field, text, "has no time zone offset")
-        if not MIN_DATE <= parsed.astimezone(UTC).date() <= MAX_DATE:
+        utc = parsed.astimezone(UTC) if MIN_DATE.year < parsed.year < MAX_DATE.year else _to_utc_or_none(parsed)
+        if utc is None or not MIN_DATE <= utc.date() <= MAX_DATE:
+            if clamp:
+                low = parsed.year <= MIN_DATE.year
+                return clamped(text, _EPOCH + timedelta(microseconds=_MIN_MICROS if low else _MAX_MICROS))
             raise _fail(field, text, f"is outside DateTime64's {MIN_DATE}..{MAX_DATE}")
-        return parsed.astimezone(UTC)
+        return utc
+
+    def date_text(days: int) -> str:
+        days = _integer(days)
+        return _DATE_INFINITY.get(days) or _civil(days)
+
+    def datetime_text(micros: int) -> str:
+        micros = _integer(micros)
+        if micros in (_LONG_MAX, _LONG_MIN):
+            return "infinity" if micros == _LONG_MAX else "-infinity"
+        days, of_day = divmod(micros, 86_400_000_000)
+        seconds, fraction = divmod(of_day, 1_000_000)
+        clock = f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        date_part, _, era = _civil(days).partition(" ")
+        return f"{date_part}T{clock}{f'.{fraction:06d}' if fraction else ''}{' ' + era if era else ''}"
+
+    if out_of_range == "text" and name in _TEMPORAL:
+        if name == _DATE:
+            return date_text
+        if name == _TIMESTAMP:
+            return lambda millis: datetime_text(_MILLIS_INFINITY.get(_integer(millis)) or millis * 1000)
+        if name == _MICRO_TIMESTAMP:
+            return datetime_text
+        return _checked(field)  # ZonedTimestamp: Debezium's own ISO 8601 text ('infinity' included)
 
     def to_bytes(text: str) -> bytes:
         try:
@@ -235,11 +355,11 @@ def _scalar_converter(field: dict[str, Any], ch_type: str) -> Converter:
     if name == _DATE:
         return to_date
     if name == _MICRO_TIME:
-        return lambda micros: timedelta(microseconds=micros)
+        return lambda micros: timedelta(microseconds=_integer(micros))
     if name == _TIMESTAMP:
-        return lambda millis: to_datetime(millis * 1000)
+        return lambda millis: to_datetime(_MILLIS_INFINITY.get(_integer(millis)) or millis * 1000)
     if name == _MICRO_TIMESTAMP:
-        return to_datetime
+        return lambda micros: to_datetime(_integer(micros))
     if name == _ZONED_TIMESTAMP:
         return to_zoned
     if name == _UUID:
@@ -283,18 +403,30 @@ def _checked(field: dict[str, Any]) -> Converter:
     return check
 
 
-def value_converter(field: dict[str, Any]) -> Callable[[Any], Any]:
+def value_converter(
+    field: dict[str, Any], out_of_range: OutOfRange = "dlq", on_clamp: ClampHook | None = None
+) -> Callable[[Any], Any]:
     """A function from the field's JSON value to what clickhouse-connect inserts into `clickhouse_type(field)`.
 
     NULL gives None (an empty list for arrays). Decimal columns get Decimal, DateTime64 columns aware UTC
     datetimes, Date32 date, Time64 timedelta, UUID uuid.UUID, bytea bytes; JSON, interval, timetz and
     wide numerics keep Debezium's text. Raises ValueConversionError for values the column cannot hold
-    exactly (dates outside 1900-01-01..2299-12-31, NaN in a Decimal column): dead-letter the record.
+    exactly (NaN in a Decimal column; dates outside 1900-01-01..2299-12-31 under the "dlq" policy):
+    dead-letter the record. `out_of_range` chooses what happens to dates and timestamps outside
+    ClickHouse's range (see OutOfRange); `on_clamp` hears of every clamped value.
     """
     if field.get("type") == "array":
-        element = value_converter(_element_field(field))
-        return lambda values: [] if values is None else [element(v) for v in values]
-    convert = _scalar_converter(field, _base_type(field))
+        element = value_converter(_element_field(field), out_of_range, on_clamp)
+
+        def array(values: Any) -> list[Any]:
+            if values is None:
+                return []
+            if not isinstance(values, list):
+                raise _fail(field, values, "is not a JSON array")
+            return [element(v) for v in values]
+
+        return array
+    convert = _scalar_converter(field, _base_type(field, out_of_range), out_of_range, on_clamp)
     if field.get("optional"):
         return lambda value: None if value is None else convert(value)
 
@@ -306,21 +438,53 @@ def value_converter(field: dict[str, Any]) -> Callable[[Any], Any]:
     return required
 
 
-def columns_from_schema(value_schema: dict[str, Any]) -> list[ColumnSpec]:
+def _is_binary(field: dict[str, Any]) -> bool:
+    item = field.get("items") if field.get("type") == "array" else field
+    return isinstance(item, dict) and item.get("type") == "bytes"
+
+
+def columns_from_schema(
+    value_schema: dict[str, Any],
+    out_of_range: OutOfRange | Callable[[str], OutOfRange] = "dlq",
+    on_clamp: ClampHook | None = None,
+) -> list[ColumnSpec]:
     """The replica columns of a Debezium envelope schema (the `schema` of a message value): one per
-    field of its `after` struct, in order."""
-    after = next((f for f in value_schema.get("fields", []) if f.get("field") == "after"), None)
-    if after is None or after.get("type") != "struct":
+    field of its `after` struct, in order. `out_of_range` is one policy for every column, or a
+    function from the column name to its policy. Raises UnsupportedTypeError for anything that is
+    not a well-formed envelope schema with mappable columns."""
+    if not isinstance(value_schema, dict) or not isinstance(value_schema.get("fields"), list):
+        raise UnsupportedTypeError("the record's schema is not a Connect struct schema with a list of fields")
+    after = next((f for f in value_schema["fields"] if isinstance(f, dict) and f.get("field") == "after"), None)
+    if after is None or after.get("type") != "struct" or not isinstance(after.get("fields"), list):
         raise UnsupportedTypeError(
             f"schema {value_schema.get('name', '?')!r} is not a Debezium envelope with an `after` struct; "
             "enable schemas on the value converter (value.converter.schemas.enable=true)"
         )
-    return [
-        ColumnSpec(
-            name=_column(field),
-            clickhouse_type=clickhouse_type(field),
-            convert=value_converter(field),
-            optional=bool(field.get("optional")),
-        )
-        for field in after["fields"]
-    ]
+    policy = out_of_range if callable(out_of_range) else (lambda _name: out_of_range)
+    specs: list[ColumnSpec] = []
+    for field in after["fields"]:
+        if not isinstance(field, dict) or not isinstance(field.get("field"), str) or not field["field"]:
+            raise UnsupportedTypeError(f"the record's schema has a malformed field: {str(field)[:200]}")
+        if any(spec.name == field["field"] for spec in specs):
+            raise UnsupportedTypeError(f"the record's schema names column {field['field']!r} twice")
+        try:
+            column_policy = policy(field["field"])
+            specs.append(
+                ColumnSpec(
+                    name=field["field"],
+                    clickhouse_type=clickhouse_type(field, column_policy),
+                    convert=value_converter(field, column_policy, on_clamp),
+                    optional=bool(field.get("optional")),
+                    binary=_is_binary(field),
+                    default=field.get("default"),
+                    has_default="default" in field,
+                    source_type=(field.get("parameters") or {}).get(SOURCE_TYPE),
+                    source_length=(field.get("parameters") or {}).get(SOURCE_LENGTH),
+                    source_scale=(field.get("parameters") or {}).get(SOURCE_SCALE),
+                )
+            )
+        except UnsupportedTypeError:
+            raise
+        except Exception as exc:  # a mutated schema (wrong JSON types inside it) is not a mappable schema
+            raise UnsupportedTypeError(f"column {field['field']!r}: malformed schema ({exc!r})") from None
+    return specs
