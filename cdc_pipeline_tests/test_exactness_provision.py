@@ -166,6 +166,32 @@ def test_a_table_topic_with_several_partitions_is_refused(
         admin.delete_topics([topic])[topic].result(timeout=30)
 
 
+def test_existing_topics_are_left_alone_and_a_finite_retention_is_reported(
+    settings: Settings, local_stack: LocalStack, unique_name: str, tmp_path: Path
+) -> None:
+    from confluent_kafka.admin import NewTopic
+
+    from cdc_pipeline.topics import ensure_topics
+
+    config, _ = write_schema_pipeline(unique_name, ["orders", "items"], tmp_path)
+    kafka = {"bootstrap.servers": settings.kafka_bootstrap_servers}
+    admin = AdminClient(kafka)
+    dlq = config.dlq_topic
+    admin.create_topics([NewTopic(dlq, 1, 1, config={"retention.ms": "3600000"})])[dlq].result(timeout=30)
+    try:
+        report = ensure_topics(kafka, config)
+        assert sorted(report.created) == sorted([*config.topics(), config.notification_topic])
+        assert report.existing == [dlq]
+        assert _topic_configs(admin, dlq)["retention.ms"] == "3600000"  # left as it was
+        (warning,) = report.warnings
+        assert f"topic {dlq} deletes records after retention.ms=3600000" in warning and "retention.ms=-1" in warning
+        again = ensure_topics(kafka, config)  # idempotent
+        assert again.created == [] and len(again.existing) == 4
+    finally:
+        for topic in pipeline_topics(config):
+            admin.delete_topics([topic])[topic].result(timeout=30)
+
+
 # --- keys the replica cannot keep right -------------------------------------------------------------
 
 
