@@ -105,16 +105,31 @@ def _pipeline(config_path: Path | None):  # noqa: ANN202 - PipelineConfig, impor
 @main.command()
 @config_option
 def provision(config_path: Path | None) -> None:
-    """Prepare the source (signal and heartbeat tables) and create or update the Debezium connector."""
+    """Prepare the source (signal and heartbeat tables), check it (the same checks as Dagster's
+    `provision` job: nothing is changed while one fails), create the missing Kafka topics, and create
+    or update the Debezium connector."""
+    import psycopg
+
     from cdc_pipeline.connector import connector_name, prepare_source, provision_connector
+    from cdc_pipeline.control.source import check_source
     from cdc_pipeline.resources import KafkaConnectResource
+    from cdc_pipeline.topics import ensure_topics
 
     settings = _settings(None)
     pipeline = _pipeline(config_path)
     try:
         for step in prepare_source(settings.postgres_conninfo(), pipeline):
             click.echo(step)
+        with psycopg.connect(settings.postgres_conninfo(), autocommit=True) as conn:
+            failed = [check for check in check_source(conn, pipeline) if not check.ok]
+        if failed:
+            lines = "\n".join(check.line() for check in failed)
+            raise click.ClickException(f"source checks failed; no topic or connector was provisioned:\n{lines}")
+        for line in ensure_topics({"bootstrap.servers": settings.kafka_bootstrap_servers}, pipeline).lines():
+            click.echo(line)
         provision_connector(KafkaConnectResource(url=settings.connect_url), pipeline, settings)
+    except click.ClickException:
+        raise
     except Exception as exc:  # psycopg / Connect errors carry the server's own explanation
         raise click.ClickException(f"provisioning failed: {exc}") from exc
     click.echo(f"Connector {connector_name(pipeline)} is configured ({len(pipeline.tables)} tables).")

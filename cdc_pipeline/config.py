@@ -314,6 +314,16 @@ class SourceConfig(_Model):
     )
     heartbeat_interval_ms: int = Field(10_000, ge=0, description="Heartbeat interval; 0 disables heartbeats.")
     snapshot_chunk_size: int = Field(1024, gt=0, description="Rows per chunk of an incremental snapshot.")
+    topic_config: dict[str, str] = Field(
+        default_factory=dict,
+        description="Kafka topic configs for the topics provisioning creates, over the defaults "
+        "cleanup.policy=delete, retention.ms=-1, retention.bytes=-1 (e.g. min.insync.replicas).",
+    )
+    set_replica_identity: bool = Field(
+        False,
+        description="Let provisioning run ALTER TABLE ... REPLICA IDENTITY FULL on captured tables whose replica "
+        "identity does not carry their key (needs the tables' owner; the WAL then holds whole old rows).",
+    )
     connector_properties: dict[str, str] = Field(
         default_factory=dict,
         description="Extra Debezium/Connect properties, applied last (e.g. errors.max.retries, poll.interval.ms).",

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import psycopg
@@ -13,6 +15,9 @@ from cdc_pipeline.config import PipelineConfig, TableConfig, display_name
 from cdc_pipeline.resources.connect import ConnectError, KafkaConnectResource
 from cdc_pipeline.settings import ENV_PREFIX, Settings
 from cdc_pipeline.stack.jvm import DEBEZIUM_CONNECTOR_CLASS
+from cdc_pipeline.topics import ensure_topics
+
+log = logging.getLogger(__name__)
 
 JSON_CONVERTER = "org.apache.kafka.connect.json.JsonConverter"
 # Resolved by the Connect worker's EnvVarConfigProvider: the secret never enters the stored config.
@@ -164,8 +169,19 @@ def connector_config(pipeline: PipelineConfig, settings: Settings) -> dict[str, 
     return config
 
 
-def provision_connector(connect: KafkaConnectResource, pipeline: PipelineConfig, settings: Settings) -> dict[str, Any]:
-    """Create or update the pipeline's connector and return its stored config; unchanged configs are left alone."""
+def provision_connector(
+    connect: KafkaConnectResource,
+    pipeline: PipelineConfig,
+    settings: Settings,
+    *,
+    kafka_config: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Create the pipeline's missing topics (see `cdc_pipeline.topics`), then create or update its
+    connector and return the connector's stored config; unchanged configs are left alone.
+    `kafka_config`: librdkafka settings of the cluster (default: the settings' bootstrap servers)."""
+    report = ensure_topics(kafka_config or {"bootstrap.servers": settings.kafka_bootstrap_servers}, pipeline)
+    for line in report.lines():
+        log.info("pipeline %s: %s", pipeline.name, line)
     name = connector_name(pipeline)
     desired = {**connector_config(pipeline, settings), "name": name}
     try:
@@ -181,7 +197,9 @@ def provision_connector(connect: KafkaConnectResource, pipeline: PipelineConfig,
 
 
 def prepare_source(conninfo: str, pipeline: PipelineConfig) -> list[str]:
-    """Create the signal table and (if configured) the heartbeat table when missing; return what was done."""
+    """Create the signal table and (if configured) the heartbeat table when missing, and with
+    `source.set_replica_identity` give tables whose key the old row lacks REPLICA IDENTITY FULL;
+    return what was done."""
     tables = [
         (
             pipeline.signal_table_parts,
@@ -200,4 +218,7 @@ def prepare_source(conninfo: str, pipeline: PipelineConfig) -> list[str]:
                 continue
             conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(sql.Identifier(schema, table), columns))
             done.append(f"created table {display_name(schema, table)}")
+        from cdc_pipeline.control.source import set_full_identity  # control.source imports this module
+
+        done += set_full_identity(conn, pipeline)
     return done

@@ -29,13 +29,149 @@ class SourceCheck:
         return f"{'ok' if self.ok else 'FAILED'} {self.name}: {self.detail}{fix}"
 
 
-def _identity(conn: psycopg.Connection, table: TableConfig) -> tuple[str | None, bool]:
+@dataclass(frozen=True)
+class _Index:
+    name: str
+    columns: list[str]  # empty when the index has an expression column
+    primary: bool
+    unique: bool  # unique, valid, not partial, no expression: it proves its columns identify a row
+    replica_identity: bool
+
+
+def _table_facts(conn: psycopg.Connection, table: TableConfig) -> tuple[str, dict[str, bool], list[_Index]] | None:
+    """(relreplident, {column: NOT NULL}, indexes) of `table`, or None if it does not exist."""
     row = conn.execute(
-        "SELECT c.relreplident, EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) "
-        "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
+        "SELECT c.oid, c.relreplident FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')",
         (table.schema_name, table.table_name),
     ).fetchone()
-    return (row[0], row[1]) if row else (None, False)
+    if row is None:
+        return None
+    oid, identity = row
+    columns = dict(
+        conn.execute(
+            "SELECT attname, attnotnull FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped",
+            (oid,),
+        ).fetchall()
+    )
+    indexes = [
+        _Index(name, [] if has_expression else list(cols), primary, unique and not has_expression, replident)
+        for name, cols, has_expression, primary, unique, replident in conn.execute(
+            "SELECT x.relname, ARRAY(SELECT a.attname FROM unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, n) "
+            "  JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum ORDER BY k.n), "
+            "0 = ANY(i.indkey::int2[]), i.indisprimary, "
+            "i.indisunique AND i.indisvalid AND i.indpred IS NULL, i.indisreplident "
+            "FROM pg_index i JOIN pg_class x ON x.oid = i.indexrelid WHERE i.indrelid = %s ORDER BY x.relname",
+            (oid,),
+        ).fetchall()
+    ]
+    return identity, columns, indexes
+
+
+def _key_checks(conn: psycopg.Connection, pipeline: PipelineConfig, table: TableConfig) -> list[SourceCheck]:
+    """Whether `table` can be replicated exactly under its key (the `primary_key` override, else its
+    primary key): the key exists, identifies a row, and PostgreSQL's old-row image of an UPDATE or
+    DELETE (its replica identity) carries every key column, so that Debezium keys a delete, and an
+    update that changes the key, by the row's old key."""
+    name = sql.Identifier(table.schema_name, table.table_name).as_string(conn)
+    facts = _table_facts(conn, table)
+    if facts is None:
+        return [
+            SourceCheck(f"table {table.name}", False, "does not exist", f"create {name} or drop it from pipeline.yaml")
+        ]
+    identity, columns, indexes = facts
+    index = pipeline.tables.index(table)
+    primary = next((i.columns for i in indexes if i.primary), [])
+    key = list(table.primary_key or primary)
+    listed = ", ".join(sql.Identifier(c).as_string(conn) for c in key)
+    if not key:
+        return [
+            SourceCheck(
+                f"primary key {table.name}", False, "the table has no primary key: its changes would have no key",
+                f"ALTER TABLE {name} ADD PRIMARY KEY (<columns>); or set tables[{index}].primary_key in pipeline.yaml "
+                f"to columns that identify a row, CREATE UNIQUE INDEX on them and run ALTER TABLE {name} REPLICA "
+                "IDENTITY FULL",
+            )
+        ]  # fmt: skip
+    missing = [c for c in key if c not in columns]
+    if missing:
+        return [
+            SourceCheck(
+                f"primary key {table.name}", False, f"key column(s) {missing} do not exist",
+                f"fix tables[{index}].primary_key in pipeline.yaml",
+            )
+        ]  # fmt: skip
+    checks = []
+    # A key identifies a row when a unique index over some of its columns, all NOT NULL, exists.
+    unique = any(
+        i.unique and i.columns and set(i.columns) <= set(key) and all(columns[c] for c in i.columns) for i in indexes
+    )
+    checks.append(
+        SourceCheck(
+            f"unique key {table.name}", unique,
+            f"key ({', '.join(key)}) is {'' if unique else 'not '}backed by a unique index over NOT NULL columns",
+            f"CREATE UNIQUE INDEX ON {name} ({listed}) and ALTER TABLE {name} ALTER COLUMN ... SET NOT NULL for "
+            "nullable key columns: rows sharing a key value would collapse into one replica row",
+        )
+    )  # fmt: skip
+    image = {
+        "d": primary,
+        "f": list(columns),
+        "i": next((i.columns for i in indexes if i.replica_identity), []),
+        "n": [],
+    }.get(identity, [])
+    kind = {"d": "DEFAULT", "f": "FULL", "i": "USING INDEX", "n": "NOTHING"}.get(identity, identity)
+    lacking = [c for c in key if c not in image]
+    if not lacking:
+        detail = f"REPLICA IDENTITY {kind}: the old row of an update or delete carries the key ({', '.join(key)})"
+    elif identity == "d" and not primary:
+        detail = f"REPLICA IDENTITY {kind} without a primary key: updates and deletes carry no old row at all"
+    else:
+        detail = (
+            f"REPLICA IDENTITY {kind}: the old row of an update or delete lacks key column(s) {lacking}, so a delete, "
+            "or an update of these columns, would leave the old row live in the replica"
+        )
+    matching = next((i.name for i in indexes if i.unique and set(i.columns) == set(key)), None)
+    by_index = (
+        f"ALTER TABLE {name} REPLICA IDENTITY USING INDEX {sql.Identifier(matching).as_string(conn)}"
+        if matching and all(columns[c] for c in key)
+        else None
+    )
+    fix = f"ALTER TABLE {name} REPLICA IDENTITY FULL" + (f" (or {by_index})" if by_index else "")
+    checks.append(SourceCheck(f"replica identity {table.name}", not lacking, detail, fix))
+    return checks
+
+
+def tables_lacking_identity(conn: psycopg.Connection, pipeline: PipelineConfig) -> list[TableConfig]:
+    """Captured tables whose key is fine but whose replica identity does not carry it: exactly those
+    that `REPLICA IDENTITY FULL` makes replicable."""
+    lacking = []
+    for table in pipeline.tables:
+        failed = [check.name for check in _key_checks(conn, pipeline, table) if not check.ok]
+        if failed == [f"replica identity {table.name}"]:
+            lacking.append(table)
+    return lacking
+
+
+def set_full_identity(conn: psycopg.Connection, pipeline: PipelineConfig) -> list[str]:
+    """With `source.set_replica_identity`, give every table that needs it REPLICA IDENTITY FULL;
+    returns what was done. A role that does not own a table gets an error naming the statement."""
+    if not pipeline.source.set_replica_identity:
+        return []
+    done = []
+    for table in tables_lacking_identity(conn, pipeline):
+        statement = sql.SQL("ALTER TABLE {} REPLICA IDENTITY FULL").format(
+            sql.Identifier(table.schema_name, table.table_name)
+        )
+        try:
+            conn.execute(statement)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise PermissionError(
+                f"source.set_replica_identity: {conn.info.user} may not alter {table.name} "
+                f"({exc.diag.message_primary}): run {statement.as_string(conn)} as the table's owner"
+            ) from None
+        done.append(f"set REPLICA IDENTITY FULL on {table.name} (its key {table.primary_key} was not in the old row)")
+    return done
 
 
 def check_source(conn: psycopg.Connection, pipeline: PipelineConfig) -> list[SourceCheck]:
@@ -98,24 +234,7 @@ def check_source(conn: psycopg.Connection, pipeline: PipelineConfig) -> list[Sou
         )
     )  # fmt: skip
     for table in pipeline.tables:
-        identity, has_pk = _identity(conn, table)
-        if identity is None:
-            checks.append(
-                SourceCheck(
-                    f"table {table.name}", False, "does not exist", f"create {table.name} or drop it from pipeline.yaml"
-                )
-            )
-            continue
-        good = identity == "f" or (identity in ("d", "i") and has_pk) or (identity == "i")
-        kind = {"d": "default", "f": "full", "i": "index", "n": "nothing"}.get(identity, identity)
-        checks.append(
-            SourceCheck(
-                f"replica identity {table.name}", good,
-                f"REPLICA IDENTITY {kind}{'' if has_pk else ', no primary key'}",
-                f"ALTER TABLE {table.name} REPLICA IDENTITY FULL (or add a primary key): "
-                "updates and deletes must carry the row's key",
-            )
-        )  # fmt: skip
+        checks += _key_checks(conn, pipeline, table)
     helpers = (("signal table", pipeline.signal_table_parts), ("heartbeat table", pipeline.heartbeat_table_parts))
     for label, parts in helpers:
         if parts is None:

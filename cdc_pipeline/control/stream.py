@@ -23,7 +23,7 @@ from typing import Any
 
 import psutil
 
-from cdc_pipeline.stack.process import ManagedProcess
+from cdc_pipeline.stack.process import ManagedProcess, ProcessRecord, group_members
 from cdc_pipeline.streaming.launch import APPLICATION, submit_env
 
 
@@ -117,6 +117,9 @@ class StreamController:
         if current.running:
             self._write_state(desired="running")
             return self.status()
+        # The previous run's leader is gone; anything left of its process group (a driver it orphaned)
+        # must not run beside the new one.
+        self._end_group(self.process.record(), timeout=10)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.process.start(argv, env=submit_env(env, master=master))
         self._write_state(
@@ -138,27 +141,49 @@ class StreamController:
     def stop(self, *, timeout: float = 90.0, desired: str = "stopped") -> bool:
         """Stop the application: SIGTERM to the Python driver, which stops the query between batches
         and exits (and spark-submit with it); then SIGTERM to the whole process group, and SIGKILL,
-        only if it has not exited after `timeout`. Returns True if a process was stopped."""
+        only if it has not exited after `timeout`. A stream whose spark-submit already exited may have
+        left processes in its group: they are ended too. Raises StreamControlError if any process of
+        the group survives. Returns True if a process was stopped."""
         with self._lock():
             if desired == "stopped":
                 self._write_state(desired="stopped")
             record = self.process.record()
             proc = record.process() if record else None
-            if proc is not None:
-                try:
-                    drivers = [
-                        child for child in proc.children(recursive=True)
-                        if any(part.endswith(APPLICATION.name) for part in child.cmdline())
-                    ]  # fmt: skip
-                    for driver in drivers:
-                        driver.send_signal(signal.SIGTERM)
-                    if drivers:
-                        psutil.wait_procs([proc], timeout=timeout)
-                except psutil.Error:
-                    pass
-            stopped = self.process.stop(timeout=30, group=True) or proc is not None
+            if proc is None:
+                # Not running; a crashed run may still have left members of its group (an orphaned driver).
+                stopped = self._end_group(record, timeout=10)
+                self._write_state(stopped_at=datetime.now(UTC).isoformat(timespec="seconds"))
+                return stopped
+            try:
+                drivers = [
+                    child for child in proc.children(recursive=True)
+                    if any(part.endswith(APPLICATION.name) for part in child.cmdline())
+                ]  # fmt: skip
+                for driver in drivers:
+                    driver.send_signal(signal.SIGTERM)
+                if drivers:
+                    psutil.wait_procs([proc], timeout=timeout)
+            except psutil.Error:
+                pass
+            self._end_group(record, timeout=30)
             self._write_state(stopped_at=datetime.now(UTC).isoformat(timespec="seconds"))
-            return stopped
+            return True
+
+    def _end_group(self, record: ProcessRecord | None, timeout: float) -> bool:
+        """End every process of `record`'s process group (SIGTERM, then SIGKILL after `timeout`) and
+        check that none is left; True if there was something to end."""
+        if record is None:
+            return False
+        if self._state().get("host") not in (None, socket.gethostname()):
+            return False  # the pid is another host's: nothing of it runs here
+        stopped = self.process.stop(timeout=timeout, group=True)
+        left = group_members(record)
+        if left:
+            raise StreamControlError(
+                f"processes of the stream of {self.pipeline} (process group {record.pid}) are still alive after "
+                f"SIGKILL: {', '.join(str(p.pid) for p in left)}; end them (kill -9) before starting it again"
+            )
+        return stopped
 
     @contextmanager
     def _lock(self) -> Iterator[None]:

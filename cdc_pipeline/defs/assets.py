@@ -44,6 +44,7 @@ from cdc_pipeline.resources import (
 )
 from cdc_pipeline.resources.connect import ConnectError
 from cdc_pipeline.streaming.sink import META_NAMES
+from cdc_pipeline.topics import TopicError, ensure_topics
 
 # Observations count rows exactly in tables below this size (a scan of at most this much); above it,
 # they report the planner's estimate only.
@@ -97,8 +98,10 @@ def build_assets(pipeline: PipelineConfig, translator: CdcTranslator) -> list[An
         pipeline: PipelineResource,
         postgres: PostgresResource,
         kafka_connect: KafkaConnectResource,
+        kafka: KafkaResource,
     ) -> MaterializeResult:
-        """Check the source, create the signal/heartbeat tables, then create or update the connector."""
+        """Check the source, create the signal/heartbeat tables and the missing topics, then create or
+        update the connector."""
         config = pipeline.load()
         created = prepare_source(postgres.conninfo(), config)
         for line in created:
@@ -114,7 +117,15 @@ def build_assets(pipeline: PipelineConfig, translator: CdcTranslator) -> list[An
                 description="source checks failed: " + "; ".join(c.line() for c in failed),
                 metadata={"source_checks": report},
             )
-        stored = provision_connector(kafka_connect, config, source_settings(postgres))
+        try:
+            topics = ensure_topics(kafka.client_settings(), config)
+        except TopicError as exc:
+            raise Failure(description=str(exc)) from None
+        for line in topics.lines():
+            (context.log.warning if line.startswith("warning") else context.log.info)(line)
+        stored = provision_connector(
+            kafka_connect, config, source_settings(postgres), kafka_config=kafka.client_settings()
+        )
         name = connector_name(config)
         status = wait_connector_running(kafka_connect, name)
         return MaterializeResult(
@@ -122,6 +133,8 @@ def build_assets(pipeline: PipelineConfig, translator: CdcTranslator) -> list[An
                 "connector": name, "state": status["connector"]["state"], "tasks": len(status["tasks"]),
                 "worker": status["connector"].get("worker_id", ""), "source_checks": report,
                 "created": MetadataValue.json(created), "config": MetadataValue.json(mask_secrets(stored)),
+                "topics_created": MetadataValue.json(topics.created),
+                "topic_warnings": MetadataValue.json(topics.warnings),
             }
         )  # fmt: skip
 

@@ -21,6 +21,10 @@ class KafkaResource(ConfigurableResource):
     def _config(self, **extra: Any) -> dict[str, Any]:
         return {"bootstrap.servers": self.bootstrap_servers, **self.client_config, **extra}
 
+    def client_settings(self) -> dict[str, Any]:
+        """The librdkafka settings of this cluster (bootstrap servers and `client_config`)."""
+        return self._config()
+
     def admin(self) -> AdminClient:
         return AdminClient(self._config())
 

@@ -84,17 +84,32 @@ class ManagedProcess:
         self.pid_file.write_text(json.dumps({"pid": popen.pid, "create_time": proc.create_time(), "argv": list(argv)}))
         return proc
 
+    def group_members(self) -> list[psutil.Process]:
+        """Live processes of the process group the recorded process leads (it was started in its own
+        session), also after the leader itself exited: e.g. a child orphaned by a crashed leader."""
+        record = self.record()
+        return group_members(record) if record else []
+
     def stop(self, *, timeout: float = 60.0, sig: int = signal.SIGTERM, group: bool = False) -> bool:
         """Stop the process (and anything it spawned). Returns True if something was stopped.
-        `group`: signal its whole process group (it leads one: started in its own session)."""
+        `group`: signal its whole process group (it leads one: started in its own session), and end
+        the group's remaining processes even when the leader has already exited."""
         proc = self.running()
         if proc is None:
+            orphans = self.group_members() if group else []
+            if orphans:
+                _signal_all(orphans, sig)
+                alive = _wait_exited(orphans, min(timeout, 10.0))
+                _signal_all(alive, signal.SIGKILL)
+                _wait_exited(alive, 10)
             self.pid_file.unlink(missing_ok=True)
-            return False
+            return bool(orphans)
         try:
             family = [proc, *proc.children(recursive=True)]
         except psutil.Error:
             family = [proc]
+        if group:  # also members that are no longer the leader's descendants
+            family += [member for member in self.group_members() if member.pid not in {p.pid for p in family}]
         with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError, PermissionError):
             if group:
                 os.killpg(proc.pid, sig)
@@ -117,6 +132,37 @@ class ManagedProcess:
         except OSError:
             return f"(no log at {self.log_file})"
         return "\n".join(text.splitlines()[-lines:])
+
+
+def group_members(record: ProcessRecord) -> list[psutil.Process]:
+    """Live (non-zombie) processes whose process group id is `record`'s pid, started no earlier than
+    it. A pid is not reused while a group of that id has members, so these are the recorded
+    process's own group, unless the pid now belongs to another process (then: none)."""
+    leader = record.process()
+    if leader is None and psutil.pid_exists(record.pid):
+        try:
+            if abs(psutil.Process(record.pid).create_time() - record.create_time) > 0.01:
+                return []  # the pid was reused: the group of that id is someone else's
+        except psutil.Error:
+            pass
+    members = []
+    for proc in psutil.process_iter(["create_time", "status"]):
+        try:
+            if (
+                os.getpgid(proc.pid) == record.pid
+                and proc.info["status"] != psutil.STATUS_ZOMBIE
+                and proc.info["create_time"] >= record.create_time - 0.01
+            ):
+                members.append(proc)
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            continue
+    return members
+
+
+def _signal_all(procs: list[psutil.Process], sig: int) -> None:
+    for proc in procs:
+        with contextlib.suppress(psutil.Error, ProcessLookupError, PermissionError):
+            proc.send_signal(sig)
 
 
 def _exited(proc: psutil.Process) -> bool:

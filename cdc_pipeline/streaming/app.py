@@ -11,10 +11,13 @@ Connection settings come from the CDC_* environment variables (see .env.example)
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
+import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from pyspark.sql import SparkSession
@@ -27,6 +30,7 @@ from cdc_pipeline.streaming.dlq import DeadLetters
 from cdc_pipeline.streaming.evolution import SchemaEvolution
 from cdc_pipeline.streaming.progress import ProgressRecorder, progress_table_migrations, progress_table_sql
 from cdc_pipeline.streaming.sink import ClickHouseSink
+from cdc_pipeline.topics import TopicError, ensure_topics
 
 log = logging.getLogger("cdc_pipeline.streaming")
 
@@ -45,8 +49,62 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# prctl(2) option: the signal this process gets when its parent exits (Linux).
+PR_SET_PDEATHSIG = 1
+# Exit codes of the driver: the query failed; the JVM that ran it is gone; a topic cannot be created.
+EXIT_QUERY_FAILED = 1
+EXIT_JVM_GONE = 3
+EXIT_TOPICS = 4
+WATCHDOG_INTERVAL_S = 2.0
+
+
+def _exit(code: int) -> None:
+    """End this process now: no non-daemon thread (py4j's callback server, a client) can keep it alive."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def bind_to_jvm() -> int | None:
+    """Under spark-submit this driver is a child of the spark-submit JVM: make sure it never outlives it.
+
+    The kernel SIGKILLs it when that JVM exits (PR_SET_PDEATHSIG: also a driver that is hung, or
+    stopped, or blocked in a call), and a watchdog thread exits it if it has been re-parented anyway
+    (the JVM died before prctl, or another OS). Returns the JVM's pid, or None when Python started
+    the JVM itself (`python app.py`: the JVM is our child and dies with us)."""
+    if "PYSPARK_GATEWAY_PORT" not in os.environ:
+        return None
+    jvm = os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+                log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %s", ctypes.get_errno())
+        except (OSError, AttributeError) as exc:
+            log.warning("prctl(PR_SET_PDEATHSIG) unavailable: %s", exc)
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != jvm:
+                log.error("the Spark JVM (pid %s) that started this driver is gone: exiting", jvm)
+                _exit(EXIT_JVM_GONE)
+            time.sleep(WATCHDOG_INTERVAL_S)
+
+    if os.getppid() != jvm:  # it exited between the two calls above
+        _exit(EXIT_JVM_GONE)
+    threading.Thread(target=watch, name="jvm-watchdog", daemon=True).start()
+    return jvm
+
+
 def run(pipeline: PipelineConfig, settings: Settings, checkpoint_location: str) -> None:
-    """Start the query and block until it stops (SIGTERM/SIGINT stop it cleanly between batches)."""
+    """Start the query and block until it stops (SIGTERM/SIGINT stop it cleanly between batches).
+    Raises the query's exception when it fails."""
+    # Debezium creates a table's topic only with its first record: an empty table, or one added to
+    # pipeline.yaml but not provisioned yet, would otherwise end the query after a minute of retries.
+    report = ensure_topics({"bootstrap.servers": settings.kafka_bootstrap_servers}, pipeline)
+    for line in report.lines():
+        log.info("%s", line)
     password = settings.clickhouse_password.get_secret_value() if settings.clickhouse_password else None
     database = pipeline.clickhouse_database(settings.clickhouse_database)
     admin = connect_clickhouse(settings.clickhouse_endpoint, settings.clickhouse_user, password)
@@ -107,13 +165,27 @@ def run(pipeline: PipelineConfig, settings: Settings, checkpoint_location: str) 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    bind_to_jvm()
     args = parse_args(argv)
     settings = Settings()
     pipeline = load_pipeline_config(args.config)
     checkpoint = args.checkpoint_location or pipeline.checkpoint_location(settings.stack_dir.resolve())
-    run(pipeline, settings, checkpoint)
+    try:
+        run(pipeline, settings, checkpoint)
+    except TopicError as exc:
+        log.error("query %s not started: %s", pipeline.query_name, exc)
+        return EXIT_TOPICS
+    except Exception:
+        log.exception("query %s failed", pipeline.query_name)
+        return EXIT_QUERY_FAILED
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Whatever happened, the process ends here: a thread left behind (py4j's callback server, a client
+    # waiting on a dead JVM) must not keep a driver alive without its query.
+    code = EXIT_QUERY_FAILED
+    try:
+        code = main()
+    finally:
+        _exit(code)

@@ -44,6 +44,12 @@ def is_local_master(master: str) -> bool:
     return master == "local" or master.startswith("local[")
 
 
+# Any OutOfMemoryError ends the driver JVM at once, and with it the Python driver (see app.bind_to_jvm):
+# a JVM that lost a thread other than a task's to OOM limps on with its query hung.
+DRIVER_JAVA_OPTIONS_KEY = "spark.driver.extraJavaOptions"
+DRIVER_JAVA_OPTIONS = "-XX:+ExitOnOutOfMemoryError"
+
+
 @dataclass(frozen=True)
 class SparkSubmit:
     """spark-submit settings; `SparkResource` holds the same fields for Dagster."""
@@ -77,9 +83,14 @@ class SparkSubmit:
         return [*argv, application, *args]
 
     def effective_conf(self) -> dict[str, str]:
-        """The Spark conf passed to spark-submit: the defaults above, then `conf`."""
+        """The Spark conf passed to spark-submit: the defaults above, then `conf`; the driver's JVM
+        options always include DRIVER_JAVA_OPTIONS."""
         local = LOCAL_MASTER_CONF if is_local_master(self.master) else {}
-        return {**DEFAULT_CONF, **local, **self.conf}
+        merged = {**DEFAULT_CONF, **local, **self.conf}
+        options = merged.get(DRIVER_JAVA_OPTIONS_KEY, "")
+        if DRIVER_JAVA_OPTIONS not in options.split():
+            merged[DRIVER_JAVA_OPTIONS_KEY] = f"{options} {DRIVER_JAVA_OPTIONS}".strip()
+        return merged
 
     def stream_argv(
         self, config_path: Path, *, checkpoint_location: str | None = None, name: str | None = None

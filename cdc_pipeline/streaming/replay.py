@@ -24,7 +24,7 @@ from pyspark.sql import SparkSession
 from cdc_pipeline.clickhouse import connect_clickhouse
 from cdc_pipeline.config import load_pipeline_config
 from cdc_pipeline.settings import Settings
-from cdc_pipeline.streaming.app import KAFKA_OFFSET_FETCH
+from cdc_pipeline.streaming.app import KAFKA_OFFSET_FETCH, bind_to_jvm
 from cdc_pipeline.streaming.apply import BatchStats, ChangeApplier
 from cdc_pipeline.streaming.dlq import DeadLetters
 from cdc_pipeline.streaming.evolution import SchemaEvolution
@@ -37,6 +37,7 @@ REPLAY_BATCH_ID = -1
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    bind_to_jvm()  # never outlive the spark-submit JVM (see app.bind_to_jvm)
     parser = argparse.ArgumentParser(description="Replay a Kafka offset range into the ClickHouse replicas.")
     parser.add_argument("--config", type=Path, default=None)
     parser.add_argument("--starting-offsets", required=True, help='JSON {"topic": {"partition": offset}}')
