@@ -18,8 +18,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
+import psycopg
 import pytest
+from clickhouse_connect.driver.client import Client
 
+from cdc_pipeline.clickhouse import connect_clickhouse
 from cdc_pipeline.settings import Settings
 from cdc_pipeline.stack.stack import LocalStack
 
@@ -161,6 +164,23 @@ def local_stack(settings: Settings) -> Iterator[LocalStack]:
 @pytest.fixture(scope="session")
 def clickhouse_url(local_stack: LocalStack) -> str:
     return local_stack.settings.clickhouse_endpoint
+
+
+@pytest.fixture
+def source(settings: Settings, local_stack: LocalStack) -> Iterator[psycopg.Connection]:
+    """An autocommit connection to the test stack's PostgreSQL."""
+    with psycopg.connect(settings.postgres_conninfo(), autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def clickhouse(settings: Settings, local_stack: LocalStack) -> Iterator[Client]:
+    """A clickhouse-connect client of the test stack's ClickHouse endpoint (with its password)."""
+    client = connect_clickhouse(
+        settings.clickhouse_endpoint, settings.clickhouse_user, settings.clickhouse_password.get_secret_value()
+    )
+    yield client
+    client.close()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,30 +15,13 @@ import pytest
 from clickhouse_connect.driver.client import Client
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
-from cdc_pipeline.clickhouse import connect_clickhouse
 from cdc_pipeline.resources import KafkaResource
 from cdc_pipeline.settings import Settings
-from cdc_pipeline.stack.stack import LocalStack
 from cdc_pipeline.streaming.apply import UNAVAILABLE
 from cdc_pipeline_tests.conftest import wait_for
 from cdc_pipeline_tests.replica import RunningPipeline, pipeline_for_schema
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def source(settings: Settings, local_stack: LocalStack) -> Iterator[psycopg.Connection]:
-    with psycopg.connect(settings.postgres_conninfo(), autocommit=True) as conn:
-        yield conn
-
-
-@pytest.fixture
-def clickhouse(settings: Settings, local_stack: LocalStack) -> Iterator[Client]:
-    client = connect_clickhouse(
-        settings.clickhouse_endpoint, settings.clickhouse_user, settings.clickhouse_password.get_secret_value()
-    )
-    yield client
-    client.close()
 
 
 def dead_letters(settings: Settings, running: RunningPipeline, wait: float = 10) -> list[dict[str, Any]]:

@@ -14,7 +14,6 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -26,7 +25,6 @@ from confluent_kafka.admin import AdminClient, ConfigResource
 from psycopg import sql
 
 from cdc_pipeline.cli import main
-from cdc_pipeline.clickhouse import connect_clickhouse
 from cdc_pipeline.connector import connector_name, prepare_source
 from cdc_pipeline.control.source import check_source
 from cdc_pipeline.control.stream import StreamController
@@ -41,21 +39,6 @@ from cdc_pipeline_tests.conftest import wait_for
 from cdc_pipeline_tests.replica import RunningPipeline, pipeline_for_schema, write_schema_pipeline
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def source(settings: Settings, local_stack: LocalStack) -> Iterator[psycopg.Connection]:
-    with psycopg.connect(settings.postgres_conninfo(), autocommit=True) as conn:
-        yield conn
-
-
-@pytest.fixture
-def clickhouse(settings: Settings, local_stack: LocalStack) -> Iterator[Client]:
-    client = connect_clickhouse(
-        settings.clickhouse_endpoint, settings.clickhouse_user, settings.clickhouse_password.get_secret_value()
-    )
-    yield client
-    client.close()
 
 
 def _schema(conn: psycopg.Connection, name: str, ddl: str) -> None:

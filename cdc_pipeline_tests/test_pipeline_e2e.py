@@ -18,7 +18,6 @@ import pytest
 from clickhouse_connect.driver.client import Client
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
-from cdc_pipeline.clickhouse import connect_clickhouse
 from cdc_pipeline.resources import KafkaResource
 from cdc_pipeline.settings import Settings
 from cdc_pipeline.stack.process import port_open
@@ -29,21 +28,6 @@ from cdc_pipeline_tests.replica import RunningPipeline, pipeline_for_schema
 from cdc_pipeline_tests.test_stack_services import wait_for
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def source(settings: Settings, local_stack: LocalStack) -> Iterator[psycopg.Connection]:
-    with psycopg.connect(settings.postgres_conninfo(), autocommit=True) as conn:
-        yield conn
-
-
-@pytest.fixture
-def clickhouse(settings: Settings, local_stack: LocalStack) -> Iterator[Client]:
-    client = connect_clickhouse(
-        settings.clickhouse_endpoint, settings.clickhouse_user, settings.clickhouse_password.get_secret_value()
-    )
-    yield client
-    client.close()
 
 
 @pytest.fixture

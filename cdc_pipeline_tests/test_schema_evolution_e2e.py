@@ -10,28 +10,11 @@ import psycopg
 import pytest
 from clickhouse_connect.driver.client import Client
 
-from cdc_pipeline.clickhouse import connect_clickhouse
 from cdc_pipeline.settings import Settings
-from cdc_pipeline.stack.stack import LocalStack
 from cdc_pipeline.streaming.evolution import SCHEMA_CHANGES_TABLE
 from cdc_pipeline_tests.replica import RunningPipeline, pipeline_for_schema
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def source(settings: Settings, local_stack: LocalStack) -> Iterator[psycopg.Connection]:
-    with psycopg.connect(settings.postgres_conninfo(), autocommit=True) as conn:
-        yield conn
-
-
-@pytest.fixture
-def clickhouse(settings: Settings, local_stack: LocalStack) -> Iterator[Client]:
-    client = connect_clickhouse(
-        settings.clickhouse_endpoint, settings.clickhouse_user, settings.clickhouse_password.get_secret_value()
-    )
-    yield client
-    client.close()
 
 
 @pytest.fixture
