@@ -46,7 +46,7 @@ def throwaway_settings(base: Settings) -> Settings:
         clickhouse_url=None,
         clickhouse_local_port=clickhouse,
         clickhouse_user="default",
-        clickhouse_password=None,
+        clickhouse_password=secrets.token_urlsafe(16),  # the local endpoint requires one (README: Security)
         clickhouse_database="cdc",
         spark_master=base.spark_master,
         jvm_cache_dir=base.jvm_cache_dir,
@@ -80,7 +80,7 @@ def child_env(settings: Settings, extra: Mapping[str, str] | None = None) -> dic
     """Environment of a child process: the caller's, without any CDC_* variable of its own (a developer's
     CDC_CLICKHOUSE_URL must not leak into a throwaway stack's stream), plus `settings` as CDC_* variables.
     Children also run in a work directory without `.env`, so nothing else overrides them."""
-    env = {k: v for k, v in submit_env().items() if not k.startswith(ENV_PREFIX)}
+    env = {k: v for k, v in submit_env(master=settings.spark_master).items() if not k.startswith(ENV_PREFIX)}
     env.update(settings_env(settings))
     env.update(extra or {})
     return env
