@@ -38,16 +38,15 @@ _PAYLOAD_MARK = b',"payload":'
 def position(payload: dict[str, Any]) -> tuple[int, int]:
     """(commit_lsn, change_lsn) of a change, exactly as `envelope.decode_envelope` computes them: from
     `source.sequence` ["<previous commit end LSN>", "<change LSN>"], falling back on `source.lsn`;
-    initial-snapshot rows get commit_lsn 0 (any streamed change is newer)."""
+    snapshot rows get (snapshot LSN, 0) (see the envelope module's docstring)."""
     source = payload.get("source") or {}
     lsn = source.get("lsn")
     raw_sequence = source.get("sequence")
     sequence = json.loads(raw_sequence) if raw_sequence else None
     snapshot = source.get("snapshot")
     if payload.get("op") == "r" and snapshot is not None and str(snapshot) not in ("false", "incremental"):
-        commit_lsn = 0
-    else:
-        commit_lsn = int(sequence[0]) if sequence and sequence[0] is not None else int(lsn)
+        return int(lsn), 0
+    commit_lsn = int(sequence[0]) if sequence and sequence[0] is not None else int(lsn)
     change_lsn = int(sequence[1]) if sequence and len(sequence) > 1 and sequence[1] is not None else int(lsn)
     return commit_lsn, change_lsn
 

@@ -141,7 +141,7 @@ class _Schemas:
     and for each id the reason it cannot be used (None when it can)."""
 
     values: dict[int, dict[str, ColumnSpec]] = field(default_factory=dict)
-    keys: dict[int, dict[str, ColumnSpec]] = field(default_factory=dict)
+    keys: dict[int, dict[str, ColumnSpec] | None] = field(default_factory=dict)  # None: the key has no schema
     bad: dict[tuple[str, int | None], str] = field(default_factory=dict)
     # Union of the good value schemas' columns: in first-seen order (new columns append), each with the
     # newest schema's spec (a type changed within the batch converts the replica column before the insert).
@@ -270,9 +270,12 @@ class ChangeApplier:
                 except (UnsupportedTypeError, RowError) as exc:
                     schemas.bad[("value", vid)] = f"unusable value schema: {exc}"
             if kid not in schemas.keys and ("key", kid) not in schemas.bad:
+                if row.key_schema is None:
+                    # A key without a schema: its columns convert with the value schema's (the after struct
+                    # has every column), and the replica's key comes from other records or primary_key.
+                    schemas.keys[kid] = None
+                    continue
                 try:
-                    if row.key_schema is None:
-                        raise RowError("the record has no key schema")
                     key_schema = _json_object(row.key_schema, "key schema")
                     if key_schema.get("type") != "struct":
                         raise RowError(f"the key schema is a {key_schema.get('type')!r}, not a struct")
@@ -401,11 +404,15 @@ class ChangeApplier:
         if reason := schemas.bad.get(("value", row.value_schema_id)) or schemas.bad.get(("key", row.key_schema_id)):
             raise RowError(reason)
         value_specs = schemas.values.get(row.value_schema_id)
-        key_specs = schemas.keys.get(row.key_schema_id)
-        if value_specs is None or key_specs is None:
+        if value_specs is None or row.key_schema_id not in schemas.keys:
             raise RowError("the record's schema could not be read")
         if not table.key_columns:
             raise RowError("the table has no key: neither the record key nor primary_key in pipeline.yaml names one")
+        key_specs = schemas.keys[row.key_schema_id]
+        if key_specs is None:
+            if not set(table.key_columns) <= set(value_specs):
+                raise RowError(f"the key has no schema and the value schema lacks key columns {table.key_columns}")
+            key_specs = {name: value_specs[name] for name in table.key_columns}
         self._clamp_context = f"{table.qualified} key {str(row.key_json)[:200]}"
         meta = [version(row.commit_lsn, row.change_lsn), 1 if row.op == "d" else 0, _ts(row.source_ts_ms)]
         key_payload = _json_object(row.key_json, "key payload")
