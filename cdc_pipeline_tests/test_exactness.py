@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,10 @@ import pytest
 from clickhouse_connect.driver.client import Client
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
+from cdc_pipeline.clickhouse import connect_clickhouse
 from cdc_pipeline.resources import KafkaResource
 from cdc_pipeline.settings import Settings
+from cdc_pipeline.stack.stack import LocalStack
 from cdc_pipeline.streaming.apply import UNAVAILABLE
 from cdc_pipeline_tests.conftest import wait_for
 from cdc_pipeline_tests.replica import RunningPipeline, pipeline_for_schema
@@ -452,3 +455,36 @@ def test_a_column_of_an_unsupported_type_added_while_streaming_dead_letters_its_
         assert len(letters) == 1
         reason = letters[0]["cdc.error"]
         assert "'loc'" in reason and "POINT" in reason and "column.exclude.list" in reason, reason
+
+
+def test_a_clickhouse_restart_mid_stream_loses_nothing(
+    settings: Settings,
+    local_stack: LocalStack,
+    source: psycopg.Connection,
+    clickhouse: Client,
+    unique_name: str,
+    tmp_path: Path,
+) -> None:
+    s = unique_name
+    source.execute(f'CREATE SCHEMA "{s}"')
+    source.execute(f'CREATE TABLE "{s}".items (id int PRIMARY KEY, v text)')
+    source.execute(f"INSERT INTO \"{s}\".items SELECT i, 'v' || i FROM generate_series(1, 100) i")
+    with pipeline_for_schema(settings, s, ["items"], tmp_path, stream={"sink_retry_seconds": 600}) as running:
+        running.start_stream()
+        running.wait_until_replica_matches(source, clickhouse, ["items"], timeout=300)
+        local_stack.clickhouse.process.stop(sig=signal.SIGKILL)  # the server goes away mid-stream
+        try:
+            source.execute(f"UPDATE \"{s}\".items SET v = 'changed ' || id WHERE id <= 60")
+            source.execute(f'DELETE FROM "{s}".items WHERE id > 90')
+            wait_for(lambda: "retrying for up to" in running.log_tail(400), 120, "the stream to retry the write")
+        finally:
+            local_stack.up()
+        fresh = connect_clickhouse(
+            settings.clickhouse_endpoint, settings.clickhouse_user, settings.clickhouse_password.get_secret_value()
+        )
+        try:
+            assert running.wait_until_replica_matches(source, fresh, ["items"], timeout=300) == 90
+        finally:
+            fresh.close()
+        assert running.stream_alive()
+        assert dead_letters(settings, running, wait=5) == []
