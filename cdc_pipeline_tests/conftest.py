@@ -7,7 +7,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import psycopg
 import pytest
 from clickhouse_connect.driver.client import Client
 
+from cdc_pipeline.bench.env import free_ports
 from cdc_pipeline.clickhouse import connect_clickhouse
 from cdc_pipeline.settings import Settings
 from cdc_pipeline.stack.stack import LocalStack
@@ -38,19 +38,6 @@ def _interrupt(signum: int, _frame: object) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     # A terminated test run (CI timeout, kill) still runs fixture teardown: the stack is stopped.
     signal.signal(signal.SIGTERM, _interrupt)
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def stop_process_group(process: subprocess.Popen, timeout: float = 30, sig: int = signal.SIGTERM) -> None:

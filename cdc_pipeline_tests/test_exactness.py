@@ -132,13 +132,18 @@ def test_unchanged_toasted_columns_keep_their_values(
 # -- 3. transient and persistent ClickHouse faults -------------------------------------------------------------
 
 
+def items_table(source: psycopg.Connection, schema: str, rows: int) -> None:
+    """Schema `schema` with a table `items (id int PRIMARY KEY, v text)` holding `rows` rows."""
+    source.execute(f'CREATE SCHEMA "{schema}"')
+    source.execute(f'CREATE TABLE "{schema}".items (id int PRIMARY KEY, v text)')
+    source.execute(f"INSERT INTO \"{schema}\".items SELECT i, 'v' || i FROM generate_series(1, %s) i", (rows,))
+
+
 def test_a_detached_replica_table_is_retried_not_dead_lettered(
     settings: Settings, source: psycopg.Connection, clickhouse: Client, unique_name: str, tmp_path: Path
 ) -> None:
     s = unique_name
-    source.execute(f'CREATE SCHEMA "{s}"')
-    source.execute(f'CREATE TABLE "{s}".items (id int PRIMARY KEY, v text)')
-    source.execute(f"INSERT INTO \"{s}\".items SELECT i, 'v' || i FROM generate_series(1, 100) i")
+    items_table(source, s, 100)
     with pipeline_for_schema(settings, s, ["items"], tmp_path, stream={"sink_retry_seconds": 600}) as running:
         running.start_stream()
         running.wait_until_replica_matches(source, clickhouse, ["items"], timeout=300)
@@ -163,9 +168,7 @@ def test_a_fault_that_outlasts_the_retries_fails_the_batch_uncommitted(
     settings: Settings, source: psycopg.Connection, clickhouse: Client, unique_name: str, tmp_path: Path
 ) -> None:
     s = unique_name
-    source.execute(f'CREATE SCHEMA "{s}"')
-    source.execute(f'CREATE TABLE "{s}".items (id int PRIMARY KEY, v text)')
-    source.execute(f"INSERT INTO \"{s}\".items SELECT i, 'v' || i FROM generate_series(1, 50) i")
+    items_table(source, s, 50)
     with pipeline_for_schema(settings, s, ["items"], tmp_path, stream={"sink_retry_seconds": 10}) as running:
         running.start_stream()
         running.wait_until_replica_matches(source, clickhouse, ["items"], timeout=300)
@@ -466,9 +469,7 @@ def test_a_clickhouse_restart_mid_stream_loses_nothing(
     tmp_path: Path,
 ) -> None:
     s = unique_name
-    source.execute(f'CREATE SCHEMA "{s}"')
-    source.execute(f'CREATE TABLE "{s}".items (id int PRIMARY KEY, v text)')
-    source.execute(f"INSERT INTO \"{s}\".items SELECT i, 'v' || i FROM generate_series(1, 100) i")
+    items_table(source, s, 100)
     with pipeline_for_schema(settings, s, ["items"], tmp_path, stream={"sink_retry_seconds": 600}) as running:
         running.start_stream()
         running.wait_until_replica_matches(source, clickhouse, ["items"], timeout=300)
