@@ -78,3 +78,21 @@ def test_new_source_column_is_added_before_the_bookkeeping_columns(sink_table) -
     assert len(ran) == 1 and "ADD COLUMN" in ran[0]
     assert sink.existing_columns(table) == ["id", "name", "age", "_version", "_is_deleted", "_source_ts"]
     assert sink.ensure_table(table, columns_from_schema(wider)) == []  # known: no DDL, no query
+
+
+def test_existing_key_is_read_back_column_by_column(sink_table) -> None:  # noqa: ANN001
+    """A batch whose records carry no key schema (produced by hand) writes with the replica's own key."""
+    sink, table, client = sink_table
+    assert sink.existing_key(table.database, "odd") == ()  # no table yet
+    odd = ReplicaTable(table.database, "odd", ("Tenant Id", "a,b", "id"))
+    fields = [
+        {"field": "Tenant Id", "type": "string", "optional": False},
+        {"field": "a,b", "type": "int32", "optional": False},
+        {"field": "id", "type": "int64", "optional": False},
+    ]
+    sink.ensure_table(odd, columns_from_schema({"fields": [{"field": "after", "type": "struct", "fields": fields}]}))
+    assert sink.existing_key(table.database, "odd") == ("Tenant Id", "a,b", "id")
+    client.command(
+        f"CREATE TABLE {table.database}.expr (ts DateTime, id Int64) ENGINE = MergeTree ORDER BY (toDate(ts), id)"
+    )
+    assert sink.existing_key(table.database, "expr") == ()  # not a plain list of columns

@@ -343,3 +343,14 @@ def test_out_of_range_policies(field: dict[str, Any], value: Any, clamped: Any, 
     if not in_range:
         with pytest.raises(ValueConversionError):
             value_converter(field, "dlq")(value)
+
+
+def test_split_identifiers_reads_clickhouse_formatted_keys() -> None:
+    from cdc_pipeline.streaming.sink import split_identifiers
+
+    assert split_identifiers("id") == ("id",)
+    assert split_identifiers("Id, `a,b`, `x\\`y`") == ("Id", "a,b", "x`y")
+    assert split_identifiers("toDate(ts), id") == ()
+    assert split_identifiers("") == ()
+    assert split_identifiers("(id)") == ("id",)
+    assert split_identifiers("(`a b`, id)") == ("a b", "id")

@@ -321,6 +321,13 @@ class ChangeApplier:
             columns += [c for c in topic_schemas.key_columns if c.name not in names]
             keys = tuple(c.name for c in topic_schemas.key_columns) or tuple(table_config.primary_key or ())
             sink_name = self.pipeline.sink_table(table_config)
+            if not keys:
+                # Only schema-less keys in this batch (e.g. records produced by hand): the replica's own key.
+                keys = self._retrying(
+                    lambda n=sink_name: self.sink.existing_key(self.database, n),
+                    f"reading the key of {self.database}.{sink_name}",
+                    ReplicaTable(self.database, sink_name, ()),
+                )
             table = ReplicaTable(self.database, sink_name, keys, table_config.partition_by, table_config.name)
             if columns and keys:
                 partial = topic_schemas.partial_columns()

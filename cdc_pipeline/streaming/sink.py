@@ -143,6 +143,19 @@ class ClickHouseSink:
         ).result_rows
         return {row[0]: row[1] for row in rows}
 
+    def existing_key(self, database: str, name: str) -> tuple[str, ...]:
+        """The sorting key of an existing replica table, column by column (empty if the table does not
+        exist or its key is not a plain list of columns)."""
+        rows = self.client.query(
+            "SELECT sorting_key FROM system.tables WHERE database = {db:String} AND name = {t:String}",
+            parameters={"db": database, "t": name},
+        ).result_rows
+        if not rows:
+            return ()
+        columns = set(self.existing_columns(ReplicaTable(database, name, ())))
+        key = split_identifiers(rows[0][0])
+        return key if key and set(key) <= columns else ()
+
     def existing_columns(self, table: ReplicaTable) -> list[str]:
         """Column names in table order (empty if the table does not exist)."""
         return list(self.existing_column_types(table))
@@ -406,6 +419,49 @@ class ClickHouseSink:
             parameters={"v": str(row_version), "ts": source_ts},
         )
         return True
+
+
+def split_identifiers(text: str) -> tuple[str, ...]:
+    """`a, `b,c`, "d"` as ClickHouse formats a key expression -> ("a", "b,c", "d"); () if it is not a plain
+    list of identifiers (an expression such as `toDate(ts)`)."""
+    text = text.strip()
+    if text.startswith("(") and text.endswith(")"):  # `ORDER BY (id)` may read back as `(id)`
+        return split_identifiers(text[1:-1])
+    names: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        while i < n and text[i] == " ":
+            i += 1
+        if i < n and text[i] in '`"':
+            quote, i, name = text[i], i + 1, []
+            while i < n and text[i] != quote:
+                if text[i] == "\\" and i + 1 < n:
+                    i += 1
+                name.append(text[i])
+                i += 1
+            if i >= n:
+                return ()
+            i += 1
+            names.append("".join(name))
+        else:
+            start = i
+            while i < n and text[i] not in ", ":
+                i += 1
+            token = text[start:i]
+            if (
+                not token
+                or not (token[0].isalpha() or token[0] == "_")
+                or not all(c.isalnum() or c == "_" for c in token)
+            ):
+                return ()
+            names.append(token)
+        while i < n and text[i] == " ":
+            i += 1
+        if i < n:
+            if text[i] != ",":
+                return ()
+            i += 1
+    return tuple(names)
 
 
 def normalize_key(values: Sequence[Any]) -> tuple[Any, ...]:
