@@ -170,9 +170,20 @@ def stream() -> None:
 @click.option("--master", default=None, help="Spark master [env CDC_SPARK_MASTER; default local[2]].")
 @click.option("--checkpoint-location", default=None, help="Override stream.checkpoint_location.")
 @click.option("--conf", "confs", multiple=True, metavar="KEY=VALUE", help="Extra Spark conf (repeatable).")
+@click.option(
+    "--driver-memory",
+    default="1g",
+    show_default=True,
+    help="Driver JVM heap (e.g. 2g); each micro-batch is bounded to what it holds (README: Memory).",
+)
 @click.option("--dry-run", is_flag=True, help="Print the spark-submit command instead of running it.")
 def stream_run(
-    config_path: Path | None, master: str | None, checkpoint_location: str | None, confs: tuple[str, ...], dry_run: bool
+    config_path: Path | None,
+    master: str | None,
+    checkpoint_location: str | None,
+    confs: tuple[str, ...],
+    driver_memory: str,
+    dry_run: bool,
 ) -> None:
     """Run the streaming application under spark-submit in the foreground (Ctrl-C stops it cleanly)."""
     import shlex
@@ -181,13 +192,23 @@ def stream_run(
     from cdc_pipeline.config import default_config_path
     from cdc_pipeline.stack.jvm import ArtifactError
     from cdc_pipeline.streaming.launch import SparkSubmit, submit_env
+    from cdc_pipeline.streaming.limits import spark_memory_bytes
 
+    try:
+        spark_memory_bytes(driver_memory)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--driver-memory") from None
     settings = _settings(None)
     path = config_path or default_config_path()
     pipeline = _pipeline(path)
     try:
         conf = dict(item.split("=", 1) for item in confs)
-        submit = SparkSubmit(master=master or settings.spark_master, conf=conf, jvm_cache_dir=settings.jvm_cache_dir)
+        submit = SparkSubmit(
+            master=master or settings.spark_master,
+            conf=conf,
+            jvm_cache_dir=settings.jvm_cache_dir,
+            driver_memory=driver_memory,
+        )
         argv = submit.stream_argv(path, checkpoint_location=checkpoint_location, name=pipeline.query_name)
     except (ArtifactError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc

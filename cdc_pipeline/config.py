@@ -15,6 +15,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    ByteSize,
     ConfigDict,
     Field,
     StringConstraints,
@@ -371,7 +372,18 @@ class StreamConfig(_Model):
     checkpoint_location: str | None = Field(
         None, description="Spark checkpoint directory or URI; default: `<stack dir>/checkpoints/<name>`."
     )
-    max_offsets_per_trigger: int = Field(10_000, gt=0, description="Upper bound of Kafka records per micro-batch.")
+    max_offsets_per_trigger: int = Field(
+        10_000,
+        gt=0,
+        description="Upper bound of Kafka records per micro-batch; the stream lowers it when that many records "
+        "would not fit the batch's byte budget (`max_bytes_per_trigger`).",
+    )
+    max_bytes_per_trigger: ByteSize | None = Field(
+        None,
+        gt=0,
+        description="Byte budget of a micro-batch's Kafka records (key + value), e.g. `64MiB`; default: derived "
+        "from the heap at start (a 1 GiB driver: 128 MiB). Offsets per trigger are lowered to fit it.",
+    )
     starting_offsets: Literal["earliest", "latest"] = Field(
         "earliest", description="Where a query without a checkpoint starts reading."
     )
