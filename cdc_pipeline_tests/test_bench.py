@@ -77,6 +77,8 @@ def test_bench_measures_every_scenario(local_stack: LocalStack, tmp_path: Path) 
     assert memory["plain consumer"] > 0
     assert report["memory"]["peak_total_rss_bytes"] >= memory["spark driver (JVM)"]
     assert {t["name"] for t in report["targets"]} >= {"stack peak RSS <= 6 GiB"}
+    # Each stream says how many offsets it read per trigger (max_offsets_per_trigger, or what the heap holds).
+    assert report["trigger_limits"] and all("offsets per trigger" in v for v in report["trigger_limits"].values())
 
 
 def test_targets_say_pass_miss_and_by_how_much() -> None:

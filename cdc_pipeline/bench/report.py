@@ -73,6 +73,8 @@ class Report:
     memory_total: int = 0
     memory_unwatched: list[str] = field(default_factory=list)
     out_of_memory: list[str] = field(default_factory=list)
+    # What each stream read per trigger: max_offsets_per_trigger, or less when its batches would not fit the heap.
+    trigger_limits: dict[str, str] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     started_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     finished_at: str | None = None
@@ -178,6 +180,7 @@ class Report:
                 "not_watched": self.memory_unwatched,
             },
             "out_of_memory": self.out_of_memory,
+            "trigger_limits": self.trigger_limits,
             "targets": [asdict(t) for t in self.targets()],
             "errors": self.errors,
         }
@@ -201,6 +204,13 @@ class Report:
                 s.note,
             )
         console.print(stages)
+        if self.trigger_limits:
+            limits = Table(title="Read per trigger (README: Memory)", title_justify="left")
+            limits.add_column("stream")
+            limits.add_column("reads at most")
+            for label, limit in self.trigger_limits.items():
+                limits.add_row(label, limit)
+            console.print(limits)
         if self.latency:
             latency = Table(
                 title="Latency (visible in ClickHouse FINAL - committed in PostgreSQL)", title_justify="left"

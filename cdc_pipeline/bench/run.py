@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -233,6 +234,16 @@ class StreamRun:
         except OSError:
             return "(no log)"
 
+    def trigger_limit(self) -> str | None:
+        """What the stream logged it reads per trigger (streaming/limits.py), e.g. `18,000 offsets per trigger
+        (bounded from ...)`; None before it logged it."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return None
+        found = re.search(r"reads at most (.+)$", text, re.MULTILINE)
+        return found.group(1).strip() if found else None
+
     def out_of_memory(self) -> bool:
         try:
             return "OutOfMemoryError" in self.log_path.read_text(errors="replace")
@@ -327,6 +338,9 @@ class Bench:
         self.sampler.sample()
         stream.stop()
         self.sampler.forget(SPARK)
+        limit = stream.trigger_limit()
+        if limit:
+            self.report.trigger_limits[label] = limit
         if stream.out_of_memory():
             self.report.out_of_memory.append(f"{label}: {stream.log_path}")
 
