@@ -91,13 +91,14 @@ class Phase:
     name: str
     wall: float = 0.0
     latencies: dict[str, list[float]] = field(default_factory=dict)
+    note: str = ""
 
     def line(self) -> str:
-        parts = [f"{self.name:<18} wall {self.wall:6.2f} s"]
+        parts = [f"{self.name:<19} wall {self.wall:6.2f} s"]
         for kind, values in self.latencies.items():
             p50, worst = statistics.median(values) * 1000, max(values) * 1000
             parts.append(f"{kind} {len(values)} x p50 {p50:7.0f} ms max {worst:7.0f} ms")
-        return "  ".join(parts)
+        return "  ".join([*parts, self.note] if self.note else parts)
 
 
 def _run_phase(
@@ -177,20 +178,30 @@ def measure(rows: int, insert_rows: int, rounds: int, writers: int, readers: int
 
 
 def _insert_beside_slow_query(url: str, password: str, insert: Callable[[Client], None]) -> Phase:
-    """One insert (and one small read) sent while a 3-second query runs on another connection."""
-    phase = Phase("beside a 3 s query")
+    """Inserts and small reads sent one after another while a 10-second query runs on another connection;
+    counts those that completed while it still ran (an endpoint that serializes requests completes none)."""
+    phase = Phase("beside a 10 s query")
     slow = clickhouse_connect.get_client(dsn=url, password=password)
     client = clickhouse_connect.get_client(dsn=url, password=password, compress="lz4")
-    running = threading.Thread(target=slow.query, args=("SELECT sleep(3)",), daemon=True)
+    sql = "SELECT sleepEachRow(1), 'beside' FROM numbers(10) SETTINGS max_block_size = 1"
+    running = threading.Thread(target=slow.query, args=(sql,), daemon=True)
     began = time.monotonic()
     running.start()
-    time.sleep(0.3)
-    for kind, action in (("insert", insert), ("read", lambda c: c.query("SELECT 1"))):
-        started = time.monotonic()
-        action(client)
-        phase.latencies[kind] = [time.monotonic() - started]
+    while running.is_alive() and not client.command(
+        "SELECT count() FROM system.processes WHERE position(query, 'sleepEachRow') > 0 "
+        "AND position(query, 'system.processes') = 0"
+    ):
+        time.sleep(0.05)
+    during = 0
+    for _ in range(5):
+        for kind, action in (("insert", insert), ("read", lambda c: c.query("SELECT 1"))):
+            started = time.monotonic()
+            action(client)
+            phase.latencies.setdefault(kind, []).append(time.monotonic() - started)
+        during += running.is_alive()
     running.join()
     phase.wall = time.monotonic() - began
+    phase.note = f"{during} of 5 insert + read pairs completed while the query ran"
     slow.close()
     client.close()
     return phase
