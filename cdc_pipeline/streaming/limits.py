@@ -108,11 +108,11 @@ class TriggerLimit:
             else f"(heap - {format_bytes(RESERVED_HEAP_BYTES)}) / {HEAP_PER_RECORD_BYTE}"
         )
         if self.max_offsets < self.configured_offsets:
-            verb = f"bounded from max_offsets_per_trigger {self.configured_offsets:,}"
+            verb = f"bounded from max_offsets_per_trigger {self.configured_offsets:,} by"
         else:
             verb = "max_offsets_per_trigger, within"
         return (
-            f"{self.max_offsets:,} offsets per trigger ({verb} by a budget of {format_bytes(self.max_bytes)} per "
+            f"{self.max_offsets:,} offsets per trigger ({verb} a budget of {format_bytes(self.max_bytes)} per "
             f"batch: {budget}, heap {format_bytes(self.heap_bytes)}; {format_bytes(self.record_bytes)} per record, "
             f"{self.record_bytes_from})"
         )
