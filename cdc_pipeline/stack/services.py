@@ -20,9 +20,9 @@ import psycopg
 from psycopg import sql
 
 from cdc_pipeline import health
+from cdc_pipeline.jvm import JvmLayout
+from cdc_pipeline.process import ManagedProcess
 from cdc_pipeline.settings import Settings
-from cdc_pipeline.stack.jvm import JvmLayout
-from cdc_pipeline.stack.process import ManagedProcess
 
 CONNECT_GROUP_ID = "cdc-connect"
 # Where PostgreSQL data goes, as root, when the postgres user cannot enter the state directory.
