@@ -52,8 +52,8 @@ def build_definitions(
     )
     check_replicas = define_asset_job(
         "check_replicas",
-        selection=AssetSelection.checks_for_assets(*(translator.sink_key(t) for t in pipeline.tables)),
-        description="Run the asset checks of every ClickHouse replica.",
+        selection=AssetSelection.checks_for_assets(*(k for t in pipeline.tables for k in translator.replica_keys(t))),
+        description="Run the asset checks of every replica (ClickHouse and warehouse).",
     )
     return Definitions(
         assets=assets,

@@ -153,3 +153,41 @@ def test_added_column_and_content_errors(sink, warehouse: psycopg.Connection) ->
     bad = WarehouseSink(lambda: writer._conninfo() + " password=wrong")
     with pytest.raises(psycopg.OperationalError):
         bad.upsert(table, names, [row(wider, {"id": 4}, 13)])
+
+
+def test_an_added_column_with_a_constant_default_gives_old_rows_its_value(
+    settings: Settings, source: psycopg.Connection, warehouse: psycopg.Connection, unique_name: str
+) -> None:
+    from cdc_pipeline.config import parse_pipeline_config
+    from cdc_pipeline.streaming.evolution import SchemaEvolution
+
+    source.execute(f'CREATE SCHEMA "{unique_name}"')
+    try:
+        source.execute(f'CREATE TABLE "{unique_name}".items (id bigint PRIMARY KEY, name text)')
+        source.execute(f"INSERT INTO \"{unique_name}\".items VALUES (1, 'a')")
+        source.execute(f"ALTER TABLE \"{unique_name}\".items ADD COLUMN label text DEFAULT 'plain'")
+        pipeline = parse_pipeline_config(
+            {"name": unique_name, "source": {"schemas": [unique_name]},
+             "tables": [{"name": f"{unique_name}.items", "sinks": ["warehouse"]}]}
+        )  # fmt: skip
+        writer = WarehouseSink(settings.warehouse_conninfo, SchemaEvolution.from_settings(pipeline, settings))
+        table = ReplicaTable(unique_name, "items", ("id",), source=f"{unique_name}.items")
+        try:
+            specs = columns_from_schema(schema(FIELDS[:3]))
+            writer.ensure_table(table, specs)
+            writer.upsert(table, [s.name for s in specs], [row(specs, {"id": 1, "name": "a"}, 10)])
+            label = {**field("label", "string", "TEXT"), "default": "plain"}
+            ran = writer.ensure_table(table, columns_from_schema(schema([*FIELDS[:3], label])))
+            assert "DEFAULT 'plain'" in ran[0], ran
+            assert live(warehouse, table, "id, label") == [(1, "plain")]
+            # Created by a batch in which some rows predate the column: those rows read the default too.
+            fresh = ReplicaTable(unique_name, "items_again", ("id",), source=f"{unique_name}.items")
+            wider = columns_from_schema(schema([*FIELDS[:3], label]))
+            ran = writer.ensure_table(fresh, wider, partial={"label"})
+            assert "DEFAULT 'plain'" in ran[1], ran
+            writer.upsert(fresh, [s.name for s in specs], [row(specs, {"id": 1, "name": "a"}, 10)])
+            assert live(warehouse, fresh, "id, label") == [(1, "plain")]
+        finally:
+            writer.close()
+    finally:
+        source.execute(f'DROP SCHEMA "{unique_name}" CASCADE')

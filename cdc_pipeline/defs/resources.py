@@ -48,6 +48,11 @@ def build_resources(settings: Settings | None = None, config_path: str | None = 
         "postgres": PostgresResource(
             dsn=_value("postgres_dsn", defaults.postgres_dsn), password=_value("postgres_password", None)
         ),
+        # The PostgreSQL warehouse (second sink); empty DSN: none configured (only tables with
+        # `sinks: [..., warehouse]` use it, and say so if it is missing).
+        "warehouse": PostgresResource(
+            dsn=_value("warehouse_dsn", defaults.warehouse_dsn or ""), password=_value("warehouse_password", None)
+        ),
         "kafka": KafkaResource(bootstrap_servers=_value("kafka_bootstrap_servers", defaults.kafka_bootstrap_servers)),
         "kafka_connect": KafkaConnectResource(url=_value("connect_url", defaults.connect_url)),
         "spark": SparkResource(

@@ -136,6 +136,7 @@ class WarehouseSink:
         self.evolution = evolution
         self._conn: psycopg.Connection | None = None
         self._known: dict[str, dict[str, str]] = {}  # table -> column -> PostgreSQL type
+        self._pending_resnapshot = False
 
     # -- connection ---------------------------------------------------------------------------------------
 
@@ -189,6 +190,22 @@ class WarehouseSink:
 
         return self._run(read)
 
+    def existing_key(self, table: ReplicaTable) -> tuple[str, ...]:
+        """The warehouse table's primary key columns in order (empty if the table does not exist)."""
+
+        def read(cur: psycopg.Cursor) -> tuple[str, ...]:
+            cur.execute(
+                "SELECT a.attname FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true "
+                "JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum "
+                "WHERE n.nspname = %s AND c.relname = %s AND i.indisprimary ORDER BY k.ord",
+                (table.database, table.name),
+            )
+            return tuple(r[0] for r in cur.fetchall())
+
+        return self._run(read)
+
     def ensure_table(
         self, table: ReplicaTable, columns: Sequence[ColumnSpec], partial: Collection[str] = ()
     ) -> list[str]:
@@ -206,7 +223,9 @@ class WarehouseSink:
                 raise WarehouseSchemaError(
                     f"{self._key(table)}: key column(s) {missing} are not in the change events' schema"
                 )
-            definitions = [sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(t)) for n, t in wanted.items()]
+            # Rows of this batch whose schema predates a column get its DEFAULT: plan those like added columns.
+            plans = self._plans(table, [c for c in columns if c.name in partial])
+            definitions = [self._column_sql(spec, wanted[spec.name], plans.get(spec.name)) for spec in columns]
             definitions += [sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(t)) for n, t in WAREHOUSE_META_COLUMNS]
             definitions.append(
                 sql.SQL("PRIMARY KEY ({})").format(sql.SQL(", ").join(map(sql.Identifier, table.key_columns)))
@@ -219,11 +238,7 @@ class WarehouseSink:
             )
             statements.append(self._live_view(table))
         else:
-            plans = (
-                {p.column: p for p in self.evolution.plan_new_columns(table.source, columns)}
-                if self.evolution is not None
-                else {}
-            )
+            plans = self._plans(table, [c for c in columns if c.name not in existing])
             for spec in columns:
                 pg_type = wanted[spec.name]
                 if spec.name not in existing:
@@ -257,27 +272,46 @@ class WarehouseSink:
             ) from exc
         for text in ran:
             log.info("warehouse DDL: %s", text)
+        if self._pending_resnapshot:
+            self._pending_resnapshot = False
+            self._resnapshot(table)
         self._known[self._key(table)] = {n: t for n, t in wanted.items()}
         return ran
 
-    def _add_column(self, table: ReplicaTable, spec: ColumnSpec, pg_type: str, plan: Any) -> sql.Composable:
-        add = sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
-            self._ident(table), sql.Identifier(spec.name), sql.SQL(pg_type)
-        )
+    def _plans(self, table: ReplicaTable, columns: Sequence[ColumnSpec]) -> dict[str, Any]:
+        if self.evolution is None or not columns:
+            return {}
+        return {p.column: p for p in self.evolution.plan_new_columns(table.source, columns)}
+
+    def _column_sql(self, spec: ColumnSpec, pg_type: str, plan: Any) -> sql.Composable:
+        """`name type [DEFAULT value]`: a column whose existing rows read a constant in the source gets it as
+        its DEFAULT (exact at once); one whose rows PostgreSQL rewrote without events is re-read."""
+        column = sql.SQL("{} {}").format(sql.Identifier(spec.name), sql.SQL(pg_type))
         if plan is not None and plan.action is Action.DEFAULT and spec.has_default:
             value, adapt = spec.convert(spec.default), _adapter(pg_type)
-            # Existing rows read the constant in the source too: give them the same value, exactly.
-            return sql.SQL("{} DEFAULT {}").format(
-                add, sql.Literal(adapt(value) if adapt and value is not None else value)
-            )
+            literal = sql.Literal(adapt(value) if adapt and value is not None else value)
+            return sql.SQL("{} DEFAULT {}").format(column, literal)
         if plan is not None and plan.action is Action.RESNAPSHOT:
-            log.warning(
-                "warehouse %s: column %s added; %s: the re-snapshot requested by schema evolution rewrites its rows",
-                self._key(table),
-                spec.name,
-                plan.reason,
-            )
-        return add
+            self._request_resnapshot(table_source=spec.name, plan=plan)
+        return column
+
+    def _request_resnapshot(self, table_source: str, plan: Any) -> None:
+        log.warning("warehouse: column %s: %s; the table is re-read (incremental snapshot)", table_source, plan.reason)
+        self._pending_resnapshot = True
+
+    def _add_column(self, table: ReplicaTable, spec: ColumnSpec, pg_type: str, plan: Any) -> sql.Composable:
+        return sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {}").format(
+            self._ident(table), self._column_sql(spec, pg_type, plan)
+        )
+
+    def _resnapshot(self, table: ReplicaTable) -> None:
+        """Re-read a table whose new column PostgreSQL filled without change events. A table that also goes
+        to ClickHouse gets its re-snapshot from the ClickHouse sink's schema evolution (one signal, not two)."""
+        config = self.evolution.pipeline.table(table.source) if self.evolution and table.source else None
+        if config is None or "clickhouse" in config.sinks or self.evolution.catalog is None:
+            return
+        signal = self.evolution.catalog.request_resnapshot(config)
+        log.warning("warehouse %s: re-snapshot requested (signal %s)", self._key(table), signal)
 
     def _live_view(self, table: ReplicaTable) -> sql.Composable:
         return sql.SQL("CREATE OR REPLACE VIEW {} AS SELECT * FROM {} WHERE _is_deleted = 0").format(
