@@ -140,7 +140,7 @@ class ControlPlane:
             instance=self.instance, cursor=self.cursors.get(key), resources={**self.resources, **resources},
             definitions=definitions, sensor_name=sensor,
         )  # fmt: skip
-        result = definitions.get_sensor_def(sensor)(context)
+        result = definitions.resolve_sensor_def(sensor)(context)
         if isinstance(result, SensorResult) and result.cursor is not None:
             self.cursors[key] = result.cursor
         return result
