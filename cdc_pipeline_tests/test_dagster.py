@@ -10,11 +10,12 @@ import warnings
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 import requests
 from dagster import BetaWarning
 
 from cdc_pipeline.defs.assets import CHECKS
-from cdc_pipeline_tests.conftest import DG, REPO_ROOT
+from cdc_pipeline_tests.conftest import DG, REPO_ROOT, dagster_dev_server
 
 
 def test_dg_check_defs_passes_without_warnings(tmp_path: Path) -> None:
@@ -93,3 +94,32 @@ def test_dagster_dev_serves_the_ui_with_the_code_location(dagster_dev: str, tmp_
     assert "check_services" in jobs, (tmp_path / "dagster-dev.log").read_text()[-3000:]
     page = requests.get(dagster_dev, timeout=10)
     assert page.status_code == 200 and "Dagster" in page.text
+
+
+RUNS_QUERY = "{ runsOrError { ... on Runs { results { runId jobName tags { key value } } } } }"
+
+
+def test_the_daemon_runs_the_checks_and_observations_by_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dg dev` with every-minute crons and nobody clicking: the automation sensor launches a run of the
+    replica checks and the schedule one of the observations. (No stack here: the runs start and fail
+    to connect, which is not what this test is about; test_control_plane.py runs the same jobs for real.)"""
+    monkeypatch.setenv("CDC_CHECKS_CRON", "* * * * *")
+    monkeypatch.setenv("CDC_OBSERVE_CRON", "* * * * *")
+    launched: dict[str, str] = {}
+    with dagster_dev_server(tmp_path) as url:
+        deadline = time.monotonic() + 360
+        while time.monotonic() < deadline and len(launched) < 2:
+            try:
+                response = requests.post(f"{url}/graphql", json={"query": RUNS_QUERY}, timeout=10)
+                runs = response.json()["data"]["runsOrError"]["results"]
+            except (requests.RequestException, ValueError, KeyError, TypeError):
+                runs = []
+            for run in runs:
+                tags = {t["key"]: t["value"] for t in run["tags"]}
+                if tags.get("dagster/sensor_name") == "replica_checks_automation":
+                    launched["checks"] = run["runId"]
+                if tags.get("dagster/schedule_name") == "observe_source_tables_schedule":
+                    launched["observations"] = run["runId"]
+            if len(launched) < 2:
+                time.sleep(5)
+    assert set(launched) == {"checks", "observations"}, (launched, (tmp_path / "dagster-dev.log").read_text()[-3000:])
