@@ -123,3 +123,13 @@ def test_the_daemon_runs_the_checks_and_observations_by_itself(tmp_path: Path, m
             if len(launched) < 2:
                 time.sleep(5)
     assert set(launched) == {"checks", "observations"}, (launched, (tmp_path / "dagster-dev.log").read_text()[-3000:])
+
+
+def test_a_bad_cron_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cdc_pipeline.config import load_pipeline_config
+    from cdc_pipeline.definitions import build_definitions
+
+    monkeypatch.setenv("CDC_CHECKS_CRON", "every hour")
+    config_path = REPO_ROOT / "pipeline.yaml"
+    with pytest.raises(ValueError, match=r"CDC_CHECKS_CRON='every hour' is not a cron expression: use five fields"):
+        build_definitions(load_pipeline_config(config_path), config_path)
