@@ -273,6 +273,20 @@ class TableConfig(_Model):
         "(clamp, text or dlq); default: `sink.clickhouse.out_of_range`.",
     )
 
+    sinks: list[Literal["clickhouse", "warehouse"]] = Field(
+        default_factory=lambda: ["clickhouse"],
+        min_length=1,
+        description="Where the replica goes: `clickhouse`, `warehouse` (the PostgreSQL warehouse of "
+        "CDC_WAREHOUSE_DSN) or both; default: clickhouse.",
+    )
+
+    @field_validator("sinks")
+    @classmethod
+    def _distinct_sinks(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"each sink once: {value}")
+        return value
+
     @field_validator("partition_by")
     @classmethod
     def _one_expression(cls, value: str | None) -> str | None:

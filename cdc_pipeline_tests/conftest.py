@@ -118,6 +118,8 @@ def stack_env() -> Iterator[dict[str, str]]:
         "CDC_CLICKHOUSE_LOCAL_PORT": str(clickhouse),
         "CDC_CLICKHOUSE_PASSWORD": secrets.token_urlsafe(16),
         "CDC_CLICKHOUSE_DATABASE": "cdc",
+        "CDC_WAREHOUSE_DSN": f"postgresql://cdc_warehouse@127.0.0.1:{pg}/warehouse",
+        "CDC_WAREHOUSE_PASSWORD": secrets.token_urlsafe(16),
         "CDC_SPARK_MASTER": "local[2]",
     }
     saved = {k: os.environ.get(k) for k in [*env, "CDC_CLICKHOUSE_URL"]}
@@ -158,6 +160,13 @@ def clickhouse_url(local_stack: LocalStack) -> str:
 def source(settings: Settings, local_stack: LocalStack) -> Iterator[psycopg.Connection]:
     """An autocommit connection to the test stack's PostgreSQL."""
     with psycopg.connect(settings.postgres_conninfo(), autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def warehouse(settings: Settings, local_stack: LocalStack) -> Iterator[psycopg.Connection]:
+    """An autocommit connection to the test stack's PostgreSQL warehouse (a second database and role)."""
+    with psycopg.connect(settings.warehouse_conninfo(), autocommit=True) as conn:
         yield conn
 
 
