@@ -61,8 +61,10 @@ def build_definitions(
     translator = translator or CdcTranslator(pipeline)
     if checks_cron is None or observe_cron is None:
         settings = Settings()
-        checks_cron = _cron("CDC_CHECKS_CRON", checks_cron or settings.checks_cron)
-        observe_cron = _cron("CDC_OBSERVE_CRON", observe_cron or settings.observe_cron)
+        checks_cron = checks_cron or settings.checks_cron
+        observe_cron = observe_cron or settings.observe_cron
+    checks_cron = _cron("CDC_CHECKS_CRON", checks_cron)
+    observe_cron = _cron("CDC_OBSERVE_CRON", observe_cron)
     assets = build_assets(pipeline, translator)
     checks = build_checks(pipeline, translator, checks_cron)
     provision = define_asset_job(
