@@ -57,6 +57,14 @@ class Settings(BaseSettings):
     # restart failed connector tasks.
     auto_restart_stream: bool = False
     auto_restart_connector: bool = False
+    # When Dagster runs the replica checks and observes the source tables by itself (cron, UTC).
+    checks_cron: str = "*/15 * * * *"
+    observe_cron: str = "*/5 * * * *"
+    # Replication sensor: alert when the slot retains more WAL than this, or has not advanced for this
+    # long while WAL waits behind it, or the connector has been PAUSED this long.
+    slot_max_retained_bytes: int = Field(default=1 << 30, gt=0)
+    slot_max_retention_age_s: float = Field(default=3600, gt=0)
+    connector_max_paused_s: float = Field(default=1800, ge=0)
 
     # Local stack only.
     stack_dir: Path = Path(".stack")

@@ -29,6 +29,7 @@ from cdc_pipeline.stack.stack import LocalStack
 REPO_ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 DAGSTER = str(Path(sys.executable).with_name("dagster"))
+DG = str(Path(sys.executable).with_name("dg"))
 
 
 def _interrupt(signum: int, _frame: object) -> None:
@@ -65,9 +66,9 @@ def wait_for(probe: Callable[[], T | None], timeout: float, what: str, interval:
 
 @contextmanager
 def dagster_dev_server(tmp_path: Path) -> Iterator[str]:
-    """`dagster dev` on a free port with the repo's workspace.yaml and the current os.environ; yields its URL.
+    """`dg dev` on a free port with the repo's workspace.yaml and the current os.environ; yields its URL.
 
-    DAGSTER_HOME and the working directory are `tmp_path/dagster_home`, not the repo: `dagster dev`
+    DAGSTER_HOME and the working directory are `tmp_path/dagster_home`, not the repo: `dg dev -w`
     loads `.env` from its working directory over the environment, and a developer's (or CI's, written
     by scripts/setup.sh) `.env` would point the code location away from the test stack. The pipeline
     definition is the repo's `pipeline.yaml` unless CDC_PIPELINE_CONFIG says otherwise. Output goes to
@@ -79,7 +80,7 @@ def dagster_dev_server(tmp_path: Path) -> Iterator[str]:
     (port,) = free_ports(1)
     log = open(tmp_path / "dagster-dev.log", "wb")  # noqa: SIM115 - closed in the finally below
     process = subprocess.Popen(
-        [DAGSTER, "dev", "-w", str(REPO_ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
+        [DG, "dev", "-w", str(REPO_ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
         cwd=home,
         env=env,
         stdout=log,
