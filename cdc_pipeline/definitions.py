@@ -8,6 +8,7 @@ from typing import Any
 from dagster import AssetSelection, BetaWarning, Definitions, define_asset_job
 
 from cdc_pipeline.config import PipelineConfig, default_config_path, load_pipeline_config
+from cdc_pipeline.defs.aggregates import build_aggregate_definitions
 from cdc_pipeline.defs.assets import build_assets, build_checks
 from cdc_pipeline.defs.health import check_services
 from cdc_pipeline.defs.jobs import (
@@ -55,7 +56,7 @@ def build_definitions(
         selection=AssetSelection.checks_for_assets(*(translator.sink_key(t) for t in pipeline.tables)),
         description="Run the asset checks of every ClickHouse replica.",
     )
-    return Definitions(
+    definitions = Definitions(
         assets=assets,
         asset_checks=checks,
         jobs=[
@@ -77,6 +78,7 @@ def build_definitions(
         schedules=build_schedules(pipeline, reconcile_tables, backfill_table),
         resources={**build_resources(config_path=str(config_path)), **(resources or {})},
     )
+    return Definitions.merge(definitions, build_aggregate_definitions(pipeline, translator))  # aggregates (C10)
 
 
 def _load() -> Definitions:

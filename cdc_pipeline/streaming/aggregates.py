@@ -475,3 +475,95 @@ def _plain(value: Any) -> Any:
     if isinstance(value, datetime | date):
         return value.isoformat()
     return value
+
+
+# --- verification (the asset check, the tests) ---------------------------------------------------------------
+
+
+@dataclass
+class Comparison:
+    """An aggregate table against a recomputation from its replica."""
+
+    aggregate: str
+    compared_rows: int = 0
+    watermark: datetime | None = None
+    missing: list[str] = field(default_factory=list)  # in the recomputation, not in the table
+    extra: list[str] = field(default_factory=list)  # in the table, not in the recomputation
+    different: list[str] = field(default_factory=list)
+    replica_exists: bool = True
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.extra or self.different)
+
+    def summary(self) -> str:
+        if self.ok:
+            return f"{self.compared_rows} (window, group) rows equal a recomputation from the replica"
+        return (
+            f"{len(self.missing)} missing, {len(self.extra)} extra, {len(self.different)} different of "
+            f"{self.compared_rows} (window, group) rows; e.g. "
+            + "; ".join([*self.missing[:3], *self.extra[:3], *self.different[:3]])
+        )
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        if a is None or b is None:
+            return a is b
+        return abs(float(a) - float(b)) <= 1e-9 * max(1.0, abs(float(a)), abs(float(b)))
+    return a == b
+
+
+def watermark_of(client: Client, database: str, aggregate: AggregateConfig) -> datetime | None:
+    """The aggregate's watermark as the stream last recorded it (None before its first change)."""
+    if not int(client.command(f"EXISTS TABLE {_q(database)}.{PROGRESS_TABLE}")):
+        return None
+    micros = client.query(
+        f"SELECT toUnixTimestamp64Micro(max(max_event_time)) FROM {_q(database)}.{PROGRESS_TABLE} "
+        "WHERE aggregate = {a:String}",
+        parameters={"a": aggregate.name},
+    ).result_rows[0][0]
+    return None if micros is None else from_micros(int(micros) - duration_us(aggregate.watermark_delay))
+
+
+def compare(
+    client: Client, pipeline: PipelineConfig, database: str, aggregate: AggregateConfig, closed_only: bool = True
+) -> Comparison:
+    """Recompute the aggregate from the replica with SQL and compare it with its table, (window, group) by
+    (window, group): the closed windows only (end at or before the watermark), or every window."""
+    result = Comparison(aggregate.name)
+    replica_name = pipeline.sink_table(pipeline.table(aggregate.table))
+    if not replica_columns(client, database, replica_name):
+        result.replica_exists = False
+        return result
+    ensure_aggregate_table(client, pipeline, database, aggregate)
+    replica = f"{_q(database)}.{_q(replica_name)}"
+    names = ["window_start", "window_end", *aggregate.group_by, *(m.name for m in aggregate.measures)]
+    where = ""
+    if closed_only:
+        result.watermark = watermark_of(client, database, aggregate)
+        if result.watermark is None:
+            return result
+        where = f"WHERE window_end <= toDateTime64('{result.watermark.strftime('%Y-%m-%d %H:%M:%S.%f')}', 6, 'UTC')"
+    selected = ", ".join(_q(n) for n in names)
+    fresh = client.query(f"SELECT {selected} FROM ({results_sql(aggregate, replica)}) {where}", query_tz="UTC")
+    stored = client.query(
+        f"SELECT {selected} FROM {_q(database)}.{_q(aggregate.sink_table)} FINAL "
+        + (f"{where} AND _is_deleted = 0" if where else "WHERE _is_deleted = 0"),
+        query_tz="UTC",
+    )
+    width = 2 + len(aggregate.group_by)
+
+    def keyed(rows: list[Sequence[Any]]) -> dict[tuple, tuple]:
+        return {tuple(row[:width]): tuple(row[width:]) for row in rows}
+
+    expected, actual = keyed(fresh.result_rows), keyed(stored.result_rows)
+    result.compared_rows = len(expected.keys() | actual.keys())
+    for key in sorted(expected.keys() - actual.keys(), key=str):
+        result.missing.append(f"missing {key}")
+    for key in sorted(actual.keys() - expected.keys(), key=str):
+        result.extra.append(f"extra {key}")
+    for key in sorted(expected.keys() & actual.keys(), key=str):
+        if not all(_same(a, b) for a, b in zip(expected[key], actual[key], strict=True)):
+            result.different.append(f"{key}: table {actual[key]} != replica {expected[key]}")
+    return result
