@@ -6,6 +6,7 @@ the driver is killed with SIGKILL and restarted, and after the replay job re-app
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -20,10 +21,12 @@ import psycopg
 import pytest
 from clickhouse_connect.driver.client import Client
 from confluent_kafka import TopicPartition
+from dagster import DagsterInstance, SensorResult, build_sensor_context
 from psycopg import sql
 
 from cdc_pipeline.config import AggregateConfig
-from cdc_pipeline.resources import KafkaResource
+from cdc_pipeline.definitions import build_definitions
+from cdc_pipeline.resources import ClickHouseResource, KafkaResource, PipelineResource
 from cdc_pipeline.settings import Settings
 from cdc_pipeline.streaming import replay as replay_app
 from cdc_pipeline.streaming.aggregates import LATE_TABLE, compare, to_micros, window_starts
@@ -203,7 +206,12 @@ def replay_whole_topic(settings: Settings, running: RunningPipeline) -> dict:
 
 
 def test_aggregates_follow_updates_deletes_a_driver_kill_and_a_replay(
-    settings: Settings, source: psycopg.Connection, clickhouse: Client, unique_name: str, tmp_path: Path
+    settings: Settings,
+    source: psycopg.Connection,
+    clickhouse: Client,
+    clickhouse_url: str,
+    unique_name: str,
+    tmp_path: Path,
 ) -> None:
     create_schema(source, unique_name)
     workload = ClusteredWorkload(unique_name, seed=int(unique_name[2:], 16) % 10_000)
@@ -243,3 +251,43 @@ def test_aggregates_follow_updates_deletes_a_driver_kill_and_a_replay(
         summary = replay_whole_topic(settings, running)
         assert summary["records"] > 1000, summary
         wait_until_aggregates_match(running, source, clickhouse, timeout=30)
+
+        # 4. Dagster: the check passes, finds a tampered closed window, and materializing repairs it; the
+        # metrics sensor records rates and late changes as observations.
+        defs = build_definitions(
+            running.config, running.config_path,
+            {
+                "clickhouse": ClickHouseResource(
+                    url=clickhouse_url, password=os.environ["CDC_CLICKHOUSE_PASSWORD"], database=running.database
+                ),
+                "pipeline": PipelineResource(config_path=str(running.config_path), stack_dir=str(tmp_path)),
+            },
+        )  # fmt: skip
+        instance = DagsterInstance.ephemeral()
+
+        def checks() -> dict[str, Any]:
+            result = defs.resolve_job_def("check_aggregates").execute_in_process(instance=instance)
+            return {e.asset_key.path[-1]: e for e in result.get_asset_check_evaluations()}
+
+        evaluations = checks()
+        assert len(evaluations) == 3 and all(e.passed for e in evaluations.values()), evaluations
+        assert evaluations["orders_per_minute"].metadata["compared_rows"].value > 0
+        assert evaluations["orders_per_minute"].metadata["late_changes"].value > 0
+        table = f"`{running.database}`.agg_orders_per_minute"
+        clickhouse.command(
+            f"INSERT INTO {table} SELECT * REPLACE (orders + 1 AS orders, _version + 1 AS _version) FROM {table} "
+            "FINAL WHERE _is_deleted = 0 ORDER BY window_start LIMIT 1"
+        )
+        evaluations = checks()
+        assert not evaluations["orders_per_minute"].passed
+        assert evaluations["orders_per_minute"].metadata["different"].value == 1
+        assert defs.resolve_job_def("rebuild_aggregates").execute_in_process(instance=instance).success
+        assert all(e.passed for e in checks().values())
+        sensor = f"{running.config.name}_aggregate_metrics"
+        context = build_sensor_context(instance=instance, definitions=defs, sensor_name=sensor)
+        metrics = defs.get_sensor_def(sensor)(context)
+        assert isinstance(metrics, SensorResult) and len(metrics.asset_events) == 3
+        observed = {e.asset_key.path[-1]: e.metadata for e in metrics.asset_events}
+        assert observed["orders_per_minute"]["changes"].value > 0
+        assert observed["orders_per_minute"]["late_changes"].value > 0
+        assert observed["revenue_5m_sliding"]["watermark"].value
