@@ -17,7 +17,8 @@ Hooks the batch writer calls (`ChangeApplier`, streaming/apply.py), per replica 
                                   windows before the change) and records the windows in the
                                   `_cdc_aggregate_pending` table (a write-ahead log: a crash between the
                                   replica write and the recompute leaves them pending, and the next
-                                  writer recomputes them first)
+                                  writer recomputes them at its first batch; the rows' new windows are
+                                  recomputed when Spark re-runs the batch it did not commit)
     after_write(table)            after the rows are written: reads the rows' new event times, recomputes
                                   every touched window, records late changes and progress, clears the log
 Tables without aggregates cost nothing.
@@ -302,6 +303,11 @@ class StreamAggregates:
             self._clear_pending(name, starts)
         self._ready = True
 
+    def _recover(self) -> None:
+        """At the writer's first batch (of any table): recompute what a crashed writer left pending."""
+        if self.by_table and not self._ready:
+            self.retrying(self._start, "recovering the aggregates' pending windows")
+
     def _clear_pending(self, name: str, windows: Iterable[int]) -> None:
         version = self._next_version()
         rows = [[name, w, version, 1] for w in windows]
@@ -360,6 +366,7 @@ class StreamAggregates:
 
     def before_truncate(self, table: Any) -> None:
         """Before a truncate of `table`'s replica: every window of its aggregates is touched."""
+        self._recover()
         aggregates = self._aggregates(table)
         if not aggregates:
             return
@@ -380,6 +387,7 @@ class StreamAggregates:
 
     def before_write(self, table: Any, keys: Sequence[Sequence[Any]]) -> None:
         """Before the batch's rows of `table` are written: remember their keys and the windows they are in now."""
+        self._recover()
         aggregates = self._aggregates(table)
         if not aggregates or not keys:
             return
