@@ -254,15 +254,13 @@ def test_aggregates_follow_updates_deletes_a_driver_kill_and_a_replay(
 
         # 4. Dagster: the check passes, finds a tampered closed window, and materializing repairs it; the
         # metrics sensor records rates and late changes as observations.
-        defs = build_definitions(
-            running.config, running.config_path,
-            {
-                "clickhouse": ClickHouseResource(
-                    url=clickhouse_url, password=os.environ["CDC_CLICKHOUSE_PASSWORD"], database=running.database
-                ),
-                "pipeline": PipelineResource(config_path=str(running.config_path), stack_dir=str(tmp_path)),
-            },
-        )  # fmt: skip
+        resources = {
+            "clickhouse": ClickHouseResource(
+                url=clickhouse_url, password=os.environ["CDC_CLICKHOUSE_PASSWORD"], database=running.database
+            ),
+            "pipeline": PipelineResource(config_path=str(running.config_path), stack_dir=str(tmp_path)),
+        }
+        defs = build_definitions(running.config, running.config_path, resources)
         instance = DagsterInstance.ephemeral()
 
         def checks() -> dict[str, Any]:
@@ -284,7 +282,7 @@ def test_aggregates_follow_updates_deletes_a_driver_kill_and_a_replay(
         assert defs.resolve_job_def("rebuild_aggregates").execute_in_process(instance=instance).success
         assert all(e.passed for e in checks().values())
         sensor = f"{running.config.name}_aggregate_metrics"
-        context = build_sensor_context(instance=instance, definitions=defs, sensor_name=sensor)
+        context = build_sensor_context(instance=instance, definitions=defs, sensor_name=sensor, resources=resources)
         metrics = defs.get_sensor_def(sensor)(context)
         assert isinstance(metrics, SensorResult) and len(metrics.asset_events) == 3
         observed = {e.asset_key.path[-1]: e.metadata for e in metrics.asset_events}

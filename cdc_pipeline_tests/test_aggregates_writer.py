@@ -160,6 +160,20 @@ def test_updates_deletes_a_crash_a_truncate_and_late_changes(clickhouse: Client,
     ]
     assert json.loads(late[0][2]) == [6] and late[0][4] == pytest.approx(60 * 60 - 2 * 60)  # watermark 60 - end 2
 
+    # An aggregate added to pipeline.yaml later is built from the replica at the writer's first batch.
+    added = pipeline.model_copy(deep=True)
+    added.aggregates.append(
+        added.aggregates[0].model_copy(update={"name": "per_hour", "window": added.aggregates[0].window.model_copy(
+            update={"size": "1 hour"})})
+    )  # fmt: skip
+    StreamAggregates(added, database, clickhouse).before_write(ReplicaTable(database, "other", ("id",)), [])
+    assert live(clickhouse, database, "agg_per_hour") == [
+        (BASE, "new", 2, Decimal(6)),
+        (BASE, "paid", 1, Decimal(4)),
+        (BASE + timedelta(hours=1), "paid", 1, Decimal(3)),
+    ]
+    assert_exact(clickhouse, added, database)
+
     # A truncate empties every window.
     restarted.before_truncate(replica.table)
     replica.truncate()

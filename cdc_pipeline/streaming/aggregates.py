@@ -289,6 +289,12 @@ class StreamAggregates:
             "GROUP BY aggregate"
         ).result_rows
         self._watermarks = {name: micros for name, micros in rows}
+        for aggregate in self.pipeline.aggregates:
+            # A new aggregate (or one whose table was dropped to change its definition) over an existing
+            # replica: every window is computed once from the replica; the stream keeps it current from then on.
+            exists = int(self.client.command(f"EXISTS TABLE {self._db(_q(aggregate.sink_table))}"))
+            if not exists and recompute(self.client, self.pipeline, self.database, aggregate):
+                log.info("aggregate %s: built from the replica of %s", aggregate.name, aggregate.table)
         pending = self.client.query(
             f"SELECT aggregate, window_start FROM {self._db(PENDING_TABLE)} FINAL WHERE _is_deleted = 0"
         ).result_rows
