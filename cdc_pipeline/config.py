@@ -636,6 +636,14 @@ class PipelineConfig(_Model):
                 )
                 continue
             aggregate.table = table.name
+            if "clickhouse" not in table.sinks:
+                errors.append(
+                    _detail(
+                        ("aggregates", i, "table"),
+                        f"{table.name} has no ClickHouse replica (its sinks are {table.sinks}); aggregates are "
+                        "computed from it: add clickhouse to its sinks",
+                    )
+                )
             if table.columns is not None:
                 dropped = [quote_name(c) for c in aggregate.columns() if not table.columns.captures(c)]
                 if dropped:

@@ -80,7 +80,11 @@ def config(**aggregate: Any) -> dict[str, Any]:
     }
     return {
         "name": "shop",
-        "tables": [{"name": "public.orders"}, {"name": "public.customers", "columns": {"exclude": ["email"]}}],
+        "tables": [
+            {"name": "public.orders"},
+            {"name": "public.customers", "columns": {"exclude": ["email"]}},
+            {"name": "public.events", "sinks": ["warehouse"]},
+        ],
         "aggregates": [{**base, **aggregate}],
     }
 
@@ -112,6 +116,7 @@ def test_an_unqualified_table_name_resolves() -> None:
         ({"clickhouse_table": "public_orders"}, "clickhouse_table: public_orders is already the table of tables[0]"),
         ({"table": "public.customers", "group_by": ["email"]}, "aggregates[0]: columns ['email'] are filtered out"),
         ({"size": "1 minute"}, "aggregates[0].size: Extra inputs are not permitted"),
+        ({"table": "public.events"}, "aggregates[0].table: public.events has no ClickHouse replica"),
     ],
 )
 def test_aggregate_errors_name_their_key(aggregate: dict[str, Any], expected: str) -> None:
