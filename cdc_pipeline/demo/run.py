@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -201,7 +202,7 @@ class Demo:
                     )  # fmt: skip
                     first = False
                     bar.update(task, advance=size)
-            self.say(f"history written: {shop.changes:,} rows")
+            self.say(f"history written: {shop.changes:,} row changes")
             return shop
 
     def write_pipeline(self) -> None:
@@ -509,7 +510,7 @@ class Demo:
 
 def run_demo(settings: Settings, options: DemoOptions, console: Console | None = None) -> int:
     """Returns the exit code: 0 when the summary shows every replica equal to its source."""
-    console = console or Console()
+    console = console or Console(log_path=False, width=None if sys.stdout.isatty() else 120)
     logging.getLogger("clickhouse_connect").setLevel(logging.CRITICAL)
     signal.signal(signal.SIGTERM, _interrupt)  # a terminated demo still stops what it started
     demo = Demo(settings, options, console)
