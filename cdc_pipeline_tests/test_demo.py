@@ -4,54 +4,23 @@ with a summary in which every replica equals its source; it stops the stream it 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-from clickhouse_connect.driver.client import Client
 from psycopg import sql
 
-from cdc_pipeline.config import PipelineConfig, load_pipeline_config
 from cdc_pipeline.control.stream import StreamController
 from cdc_pipeline.demo.run import MATCH_LINE
 from cdc_pipeline.settings import Settings
 from cdc_pipeline.stack.stack import LocalStack
-from cdc_pipeline_tests.conftest import stop_process_group, wait_for
-from cdc_pipeline_tests.replica import remove_pipeline
+from cdc_pipeline_tests.conftest import demo_argv, stop_process_group, wait_for
 
 pytestmark = pytest.mark.integration
-
-SMALL = ["--orders", "150", "--customers", "40", "--products", "25", "--rate", "50", "--no-dagster"]
-
-
-def demo_argv(name: str, *extra: str) -> list[str]:
-    return [
-        sys.executable, "-m", "cdc_pipeline.cli", "demo", "--name", name, "--schema", name, "--database", name,
-        *SMALL, *extra,
-    ]  # fmt: skip
-
-
-@pytest.fixture
-def demo_name(
-    settings: Settings, local_stack: LocalStack, source: psycopg.Connection, clickhouse: Client, unique_name: str
-) -> Iterator[str]:
-    """A name for the demo's pipeline, schema and database; everything of it is removed afterwards."""
-    yield unique_name
-    config_path = settings.stack_dir.resolve() / "demo" / f"{unique_name}.yaml"
-    if config_path.exists():
-        config: PipelineConfig = load_pipeline_config(config_path)
-        with contextlib.suppress(Exception):
-            StreamController(settings.stack_dir.resolve() / "control", config.name).stop()
-        remove_pipeline(settings, config)
-    source.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(unique_name)))
-    clickhouse.command(f"DROP DATABASE IF EXISTS `{unique_name}`")
 
 
 def _services_running(local_stack: LocalStack) -> list[str]:
@@ -64,8 +33,8 @@ def test_demo_runs_end_to_end_and_every_replica_matches(
     before = _services_running(local_stack)
     # The session stack's settings are exported as CDC_* variables; the working directory has no `.env`.
     result = subprocess.run(
-        demo_argv(demo_name, "--duration", "20"), cwd=tmp_path, env=dict(os.environ), capture_output=True,
-        text=True, timeout=1700,
+        demo_argv(demo_name, "--no-dagster", "--duration", "20"), cwd=tmp_path, env=dict(os.environ),
+        capture_output=True, text=True, timeout=1700,
     )  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-8000:]
@@ -87,8 +56,8 @@ def test_ctrl_c_ends_the_demo_with_its_summary_and_stops_its_stream(
     log_path = tmp_path / "demo.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            demo_argv(demo_name), cwd=tmp_path, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            demo_argv(demo_name, "--no-dagster"), cwd=tmp_path, env=dict(os.environ), stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:
         controller = StreamController(settings.stack_dir.resolve() / "control", demo_name)
