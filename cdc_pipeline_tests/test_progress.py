@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cdc_pipeline.stack.jvm import ArtifactError, MavenProgress, ensure_artifacts
+from cdc_pipeline.jvm import ArtifactError, MavenProgress, ensure_artifacts
 
 FAKE_MVN = """#!/bin/sh
 for arg in "$@"; do

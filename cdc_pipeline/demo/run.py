@@ -28,8 +28,8 @@ from cdc_pipeline.clickhouse import connect_clickhouse
 from cdc_pipeline.config import PipelineConfig, parse_pipeline_config
 from cdc_pipeline.control.reconcile import primary_key, reconcile
 from cdc_pipeline.demo.dagster import DagsterProcess, start_dagster
-from cdc_pipeline.settings import Settings
 from cdc_pipeline.process import port_open
+from cdc_pipeline.settings import Settings
 from cdc_pipeline.streaming.progress import PROGRESS_TABLE
 from cdc_pipeline.terminal import count_bar, maven_spinner
 from cdc_pipeline.workload.shop import SHOP_TABLES, LiveActivity, Shop, ShopState, create_shop_schema
