@@ -240,7 +240,8 @@ SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "demo-asset-graph
 def save_expanded_asset_graph(page: Page, url: str, groups: list[str]) -> None:
     """The global lineage graph with every group expanded (a click on a group's node expands it; the UI
     keeps that in the browser's storage and fits the graph to the page when it loads), as SCREENSHOT."""
-    page.get_by_role("button", name="Hide navigation").click()
+    page.goto(f"{url}/asset-groups")
+    page.get_by_role("button", name="Hide navigation").click()  # more room for the graph
     for group in groups:
         page.goto(f"{url}/asset-groups")
         page.get_by_text(groups[-1], exact=True).first.wait_for(timeout=180_000)
