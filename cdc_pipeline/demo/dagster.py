@@ -1,6 +1,5 @@
-"""Dagster for the demo: the webserver and the daemon (so sensors, schedules and automation run), behind one
-function so the command that serves them can change (`dagster dev` today, `dg dev` once the project uses
-the dg CLI) without touching the demo."""
+"""Dagster for the demo: the webserver and the daemon (so sensors, schedules and automation run), served by
+`dg dev` (the dg CLI), behind one function so the command can change without touching the demo."""
 
 from __future__ import annotations
 
@@ -18,6 +17,7 @@ from cdc_pipeline.bench.env import python_path_env, settings_env
 from cdc_pipeline.settings import ENV_PREFIX, Settings
 
 CODE_MODULE = "cdc_pipeline.definitions"
+LOCATION = "cdc_pipeline"  # as in the repo's workspace.yaml and [tool.dg.project]
 
 
 @dataclass
@@ -59,10 +59,10 @@ class DagsterProcess:
             self.process.wait()
 
 
-def dagster_command(host: str, port: int) -> list[str]:
+def dagster_command(workspace: Path, host: str, port: int) -> list[str]:
     """The command that serves the webserver and runs the daemon for the code location."""
-    dagster = str(Path(sys.executable).with_name("dagster"))
-    return [dagster, "dev", "-m", CODE_MODULE, "-h", host, "-p", str(port)]
+    dg = str(Path(sys.executable).with_name("dg"))
+    return [dg, "dev", "-w", str(workspace), "-h", host, "-p", str(port)]
 
 
 def start_dagster(
@@ -76,10 +76,15 @@ def start_dagster(
     env.update(settings_env(settings))
     env.update(python_path_env())
     env.update({"DAGSTER_HOME": str(home.resolve()), f"{ENV_PREFIX}PIPELINE_CONFIG": str(config_path.resolve())})
+    # The package's own workspace file (an installed package has no repo checkout to point at).
+    workspace = home / "workspace.yaml"
+    workspace.write_text(
+        f"load_from:\n  - python_module:\n      module_name: {CODE_MODULE}\n      location_name: {LOCATION}\n"
+    )
     log_path = home / "dagster.log"
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
-            dagster_command(host, port), cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT,
+            dagster_command(workspace, host, port), cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
     return DagsterProcess(process, f"http://{host}:{port}", log_path)

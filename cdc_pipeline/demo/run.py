@@ -27,6 +27,7 @@ from cdc_pipeline.bench.env import free_ports
 from cdc_pipeline.clickhouse import connect_clickhouse
 from cdc_pipeline.config import PipelineConfig, parse_pipeline_config
 from cdc_pipeline.control.reconcile import primary_key, reconcile
+from cdc_pipeline.control.replicas import ClickHouseReplica
 from cdc_pipeline.demo.dagster import DagsterProcess, start_dagster
 from cdc_pipeline.process import port_open
 from cdc_pipeline.settings import Settings
@@ -443,14 +444,12 @@ class Demo:
             with psycopg.connect(self.conninfo, autocommit=True) as conn:
                 for name in SHOP_TABLES:
                     config = self.pipeline.table(f"{self.options.schema}.{name}")
-                    key = config.primary_key or None
-                    diff = reconcile(
-                        conn, client, self.options.schema, name, self.database, name,
-                        key or primary_key(conn, self.options.schema, name),
-                    )  # fmt: skip
+                    key = config.primary_key or primary_key(conn, self.options.schema, name)
+                    replica = ClickHouseReplica(client, self.database, name)
+                    diff = reconcile(conn, replica, self.options.schema, name, key)
                     results = table_checks(
-                        config, self.pipeline, r["postgres"], r["kafka"], r["kafka_connect"], r["clickhouse"],
-                        r["monitor"], translator.sink_key(config), _Log(),
+                        config, self.pipeline, r["postgres"], r["kafka"], r["kafka_connect"], replica, r["monitor"],
+                        translator.sink_key(config), _Log(),
                     )  # fmt: skip
                     failed = [c.check_name for c in results if not c.passed]
                     rows_ok = source[name] == replica[name] and diff.total == 0
