@@ -445,10 +445,10 @@ class Demo:
                 for name in SHOP_TABLES:
                     config = self.pipeline.table(f"{self.options.schema}.{name}")
                     key = config.primary_key or primary_key(conn, self.options.schema, name)
-                    replica = ClickHouseReplica(client, self.database, name)
-                    diff = reconcile(conn, replica, self.options.schema, name, key)
+                    sink = ClickHouseReplica(client, self.database, name)
+                    diff = reconcile(conn, sink, self.options.schema, name, key)
                     results = table_checks(
-                        config, self.pipeline, r["postgres"], r["kafka"], r["kafka_connect"], replica, r["monitor"],
+                        config, self.pipeline, r["postgres"], r["kafka"], r["kafka_connect"], sink, r["monitor"],
                         translator.sink_key(config), _Log(),
                     )  # fmt: skip
                     failed = [c.check_name for c in results if not c.passed]
