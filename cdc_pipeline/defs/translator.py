@@ -16,8 +16,8 @@ from dagster import AssetKey, AssetSpec, MetadataValue
 
 from cdc_pipeline.config import PipelineConfig, TableConfig
 from cdc_pipeline.connector import connector_config, connector_name
+from cdc_pipeline.contract import CLICKHOUSE_ENGINE, CLICKHOUSE_META_COLUMNS, LIVE_ROWS
 from cdc_pipeline.settings import Settings
-from cdc_pipeline.streaming.sink import META_COLUMNS
 
 _KEY_PART = re.compile(r"^[A-Za-z0-9_]+$")
 _SECRET_KEY = re.compile(r"password|secret|token|credential|sasl\.jaas|ssl\.key", re.IGNORECASE)
@@ -160,8 +160,8 @@ class CdcTranslator:
         ddl = (
             f"CREATE TABLE {quote_identifier(database)}.{quote_identifier(name)} (\n"
             "  <captured columns, types from the change events' schemas>,\n  "
-            + ",\n  ".join(f"{n} {t}" for n, t in META_COLUMNS)
-            + "\n) ENGINE = ReplacingMergeTree(_version, _is_deleted)\n"
+            + ",\n  ".join(f"{n} {t}" for n, t in CLICKHOUSE_META_COLUMNS)
+            + f"\n) ENGINE = {CLICKHOUSE_ENGINE}\n"
             + (f"PARTITION BY {table.partition_by}\n" if table.partition_by else "")
             + f"ORDER BY ({key})"
         )
@@ -187,7 +187,7 @@ class CdcTranslator:
             self.warehouse_key(table),
             description=(
                 f"PostgreSQL warehouse replica of {table.name}: table {schema}.{name} (live rows in the view "
-                f"{schema}.{name}_live, i.e. WHERE _is_deleted = 0); the asset checks prove it matches the source."
+                f"{schema}.{name}_live, i.e. WHERE {LIVE_ROWS}); the asset checks prove it matches the source."
             ),
             group_name=f"{self.pipeline.name}_sink",
             kinds={"postgres"},

@@ -23,17 +23,13 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from cdc_pipeline.contract import DELETED, IS_DELETED, LIVE_ROWS, META_NAMES, SOURCE_TS, VERSION, WAREHOUSE_META_COLUMNS
 from cdc_pipeline.streaming.evolution import Action, SchemaEvolution, normalize_type, split_nullable
-from cdc_pipeline.streaming.sink import META_NAMES, ReplicaTable, normalize_key
+from cdc_pipeline.streaming.sink import ReplicaTable, normalize_key
 from cdc_pipeline.streaming.types import ColumnSpec
 
 log = logging.getLogger(__name__)
 
-WAREHOUSE_META_COLUMNS = (
-    ("_version", "numeric(39,0) NOT NULL"),
-    ("_is_deleted", "smallint NOT NULL DEFAULT 0"),
-    ("_source_ts", "timestamptz"),
-)
 # PostgreSQL error classes that mean "this row's content" (dead-letter it), not "try again later":
 # 22 data exception (invalid text, out of range, NUL byte, ...), 23 integrity constraint violation.
 CONTENT_ERROR_CLASSES = ("22", "23")
@@ -314,7 +310,7 @@ class WarehouseSink:
         log.warning("warehouse %s: re-snapshot requested (signal %s)", self._key(table), signal)
 
     def _live_view(self, table: ReplicaTable) -> sql.Composable:
-        return sql.SQL("CREATE OR REPLACE VIEW {} AS SELECT * FROM {} WHERE _is_deleted = 0").format(
+        return sql.SQL(f"CREATE OR REPLACE VIEW {{}} AS SELECT * FROM {{}} WHERE {LIVE_ROWS}").format(
             sql.Identifier(table.database, f"{table.name}_live"), self._ident(table)
         )
 
@@ -346,9 +342,16 @@ class WarehouseSink:
             cur.execute(
                 sql.SQL(
                     "INSERT INTO {target} AS t ({columns}) "
-                    "SELECT DISTINCT ON ({keys}) {columns} FROM {stage} ORDER BY {keys}, _version DESC "
-                    "ON CONFLICT ({keys}) DO UPDATE SET {set_clause} WHERE t._version < EXCLUDED._version"
-                ).format(target=self._ident(table), columns=columns, keys=keys, stage=stage, set_clause=set_clause)
+                    "SELECT DISTINCT ON ({keys}) {columns} FROM {stage} ORDER BY {keys}, {version} DESC "
+                    "ON CONFLICT ({keys}) DO UPDATE SET {set_clause} WHERE t.{version} < EXCLUDED.{version}"
+                ).format(
+                    target=self._ident(table),
+                    columns=columns,
+                    keys=keys,
+                    stage=stage,
+                    set_clause=set_clause,
+                    version=sql.Identifier(VERSION),
+                )
             )
             return len(rows)
 
@@ -370,10 +373,14 @@ class WarehouseSink:
             if cur.fetchone()[0] is None:
                 return False
             cur.execute(
-                sql.SQL("UPDATE {} SET _is_deleted = 1, _version = %s, _source_ts = %s WHERE _version < %s").format(
-                    self._ident(table)
+                sql.SQL("UPDATE {} SET {} = %s, {} = %s, {} = %s WHERE {} < %s").format(
+                    self._ident(table),
+                    sql.Identifier(IS_DELETED),
+                    sql.Identifier(VERSION),
+                    sql.Identifier(SOURCE_TS),
+                    sql.Identifier(VERSION),
                 ),
-                (row_version, source_ts, row_version),
+                (DELETED, row_version, source_ts, row_version),
             )
             return True
 
@@ -389,7 +396,7 @@ class WarehouseSink:
         selected = sql.SQL(", ").join(map(sql.Identifier, [*table.key_columns, *columns]))
 
         one = sql.SQL("({})").format(sql.SQL(", ").join(sql.Placeholder() for _ in table.key_columns))
-        query = sql.SQL("SELECT {} FROM {} WHERE ({}) IN (VALUES {}) AND _is_deleted = 0").format(
+        query = sql.SQL(f"SELECT {{}} FROM {{}} WHERE ({{}}) IN (VALUES {{}}) AND {LIVE_ROWS}").format(
             selected, self._ident(table), key_list, sql.SQL(", ").join(one for _ in keys)
         )
 
