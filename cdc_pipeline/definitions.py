@@ -18,6 +18,7 @@ from dagster import (
 from dagster._utils.schedules import is_valid_cron_string
 
 from cdc_pipeline.config import PipelineConfig, default_config_path, load_pipeline_config
+from cdc_pipeline.defs.aggregates import build_aggregate_definitions
 from cdc_pipeline.defs.assets import build_assets, build_checks
 from cdc_pipeline.defs.health import check_services
 from cdc_pipeline.defs.jobs import build_jobs
@@ -105,6 +106,7 @@ def build_definitions(
     # Resolved now (Dagster caches it), inside one narrow filter: Dagster 1.13 copies a sensor that targets a
     # job (checkpoint_health -> restart_stream) passing `owners=[]`, which warns that the beta `owners`
     # parameter is used although no owners are set. Every other warning stays visible.
+    definitions = Definitions.merge(definitions, build_aggregate_definitions(pipeline, translator))  # aggregates
     with warnings.catch_warnings():
         warnings.filterwarnings(
             "ignore", message=r"Parameter `owners` of initializer `SensorDefinition.__init__`", category=BetaWarning

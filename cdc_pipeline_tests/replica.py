@@ -127,13 +127,14 @@ def write_schema_pipeline(
     stream: dict[str, Any] | None = None,
     table_options: dict[str, dict[str, Any]] | None = None,
     clickhouse: dict[str, Any] | None = None,
+    aggregates: list[dict[str, Any]] | None = None,
     **source: Any,
 ) -> tuple[PipelineConfig, Path]:
     """A pipeline over the tables of PostgreSQL schema `schema` (pipeline.yaml syntax; default `name`),
     replicated to ClickHouse database `name`, written to `work_dir/<name>.yaml`. A table given by name is
     replicated under its own name (with `table_options[name]` added to its entry); a dict is a whole
     `tables` entry (an unqualified name means `schema`). `source` adds source settings, `stream` stream
-    settings, `clickhouse` sink.clickhouse keys."""
+    settings, `clickhouse` sink.clickhouse keys, `aggregates` the aggregates section."""
     schema = schema or name
     raw = {
         "name": name,
@@ -153,6 +154,8 @@ def write_schema_pipeline(
         "sink": {"clickhouse": {"database": name, **(clickhouse or {})}},
         "stream": {"trigger_interval": trigger, "max_offsets_per_trigger": 2000, **(stream or {})},
     }
+    if aggregates:
+        raw["aggregates"] = aggregates
     config = parse_pipeline_config(raw, source=f"{name}.yaml")
     config_path = work_dir / f"{name}.yaml"
     config_path.write_text(yaml.safe_dump(raw))

@@ -12,9 +12,19 @@ from pathlib import Path
 import psycopg
 import pytest
 from clickhouse_connect.driver.client import Client
+from dagster import DagsterInstance
 
+from cdc_pipeline.definitions import build_definitions
+from cdc_pipeline.resources import (
+    ClickHouseResource,
+    KafkaConnectResource,
+    KafkaResource,
+    MonitorResource,
+    PipelineResource,
+    PostgresResource,
+)
 from cdc_pipeline.settings import Settings
-from cdc_pipeline_tests.replica import pipeline_for_schema
+from cdc_pipeline_tests.replica import RunningPipeline, pipeline_for_schema
 
 pytestmark = pytest.mark.integration
 
@@ -50,6 +60,25 @@ def changes(conn: psycopg.Connection, schema: str, rng: random.Random, n: int) -
                     conn.execute(f'UPDATE "{schema}".notes SET n = n + 1 WHERE id = %s', (key,))
                 else:
                     conn.execute(f'DELETE FROM "{schema}".notes WHERE id = %s', (key,))
+
+
+def control_resources(settings: Settings, running: RunningPipeline) -> dict:
+    secret = settings.warehouse_password.get_secret_value() if settings.warehouse_password else None
+    return {
+        "postgres": PostgresResource(dsn=settings.postgres_dsn, password=settings.postgres_password.get_secret_value()),
+        "warehouse": PostgresResource(dsn=settings.warehouse_dsn, password=secret),
+        "kafka": KafkaResource(bootstrap_servers=settings.kafka_bootstrap_servers),
+        "kafka_connect": KafkaConnectResource(url=settings.connect_url),
+        "clickhouse": ClickHouseResource(
+            url=settings.clickhouse_endpoint, password=settings.clickhouse_password.get_secret_value(),
+            database=running.database,
+        ),
+        "pipeline": PipelineResource(
+            config_path=str(running.config_path), stack_dir=str(running.config_path.parent),
+            control_dir=str(running.config_path.parent / "control"), checkpoint_location=running.checkpoint,
+        ),
+        "monitor": MonitorResource(check_wait_s=60),
+    }  # fmt: skip
 
 
 def test_warehouse_replicas_equal_the_source_after_changes_a_kill_and_a_truncate(
@@ -96,6 +125,36 @@ def test_warehouse_replicas_equal_the_source_after_changes_a_kill_and_a_truncate
             ).fetchone()
             assert old_labels == (0,)  # every row read 'plain', rows written before the column too
             assert running.stream_alive(), running.log_tail()
+
+            # The control plane sees the warehouse tables: the four checks pass; reconcile finds a row deleted
+            # behind the pipeline's back and repairs it (backfill of its key).
+            defs = build_definitions(running.config, running.config_path, control_resources(settings, running))
+            instance = DagsterInstance.ephemeral()
+            checks = defs.resolve_job_def("check_replicas").execute_in_process(instance=instance)
+            evaluations = {
+                (e.asset_key.path[-2], e.asset_key.path[-1], e.check_name): e
+                for e in checks.get_asset_check_evaluations()
+            }
+            assert len(evaluations) == 12, sorted(evaluations)  # accounts twice, notes once
+            assert all(e.passed for e in evaluations.values()), {k: e.metadata for k, e in evaluations.items()}
+            deleted = warehouse.execute(
+                f'DELETE FROM "{unique_name}".notes WHERE _is_deleted = 0 AND id = '
+                f'(SELECT min(id) FROM "{unique_name}".notes WHERE _is_deleted = 0) RETURNING id'
+            ).fetchone()
+            assert deleted is not None
+            failed = defs.resolve_job_def("reconcile_tables").execute_in_process(
+                run_config={"ops": {"reconcile_op": {"config": {"settle_s": 30}}}},
+                instance=instance,
+                raise_on_error=False,
+            )
+            assert not failed.success
+            repaired = defs.resolve_job_def("reconcile_tables").execute_in_process(
+                run_config={"ops": {"reconcile_op": {"config": {"settle_s": 30, "backfill_differences": True}}}},
+                instance=instance,
+            )
+            report = repaired.output_for_node("reconcile_op")
+            after = report[f"{schema}.notes (warehouse)"]["after_backfill"]
+            assert after == {"missing": 0, "extra": 0, "different": 0}, report
     finally:
         source.execute(f'DROP SCHEMA "{schema}" CASCADE')
         warehouse.execute(f'DROP SCHEMA IF EXISTS "{unique_name}" CASCADE')
