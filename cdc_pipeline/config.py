@@ -34,6 +34,7 @@ DEFAULT_CONFIG_FILE = Path("pipeline.yaml")
 PgIdentifier = Annotated[str, StringConstraints(pattern=r"^[a-z_][a-z0-9_]*$", max_length=63)]
 PipelineName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*$", max_length=48)]
 SlotName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,63}$")]
+SinkName = Literal["clickhouse", "warehouse"]  # where a table's replica goes
 _CLICKHOUSE_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 ClickHouseIdentifier = Annotated[str, StringConstraints(pattern=_CLICKHOUSE_NAME, max_length=200)]
 TopicName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]+$", max_length=200)]
@@ -274,8 +275,8 @@ class TableConfig(_Model):
         "(clamp, text or dlq); default: `sink.clickhouse.out_of_range`.",
     )
 
-    sinks: list[Literal["clickhouse", "warehouse"]] = Field(
-        default_factory=lambda: ["clickhouse"],
+    sinks: list[SinkName] = Field(
+        default_factory=lambda: list[SinkName](["clickhouse"]),
         min_length=1,
         description="Where the replica goes: `clickhouse`, `warehouse` (the PostgreSQL warehouse of "
         "CDC_WAREHOUSE_DSN) or both; default: clickhouse.",

@@ -12,6 +12,7 @@ from clickhouse_connect.driver.binding import quote_identifier
 from clickhouse_connect.driver.client import Client
 from psycopg import sql
 
+from cdc_pipeline.clickhouse import command_int
 from cdc_pipeline.contract import DELETED, IS_DELETED, LIVE_ROWS, META_NAMES, SOURCE_TS, VERSION
 
 
@@ -26,8 +27,10 @@ class Replica(Protocol):
     def columns(self) -> list[str]: ...
     def ddl(self) -> str: ...
     def rows(self, columns: list[str], binary: set[str]) -> list[tuple[Any, ...]]: ...
-    def live_versions(self, key: list[str], keys: list[tuple]) -> dict[tuple, tuple[tuple, int]]: ...
-    def mark_deleted(self, key: list[str], stale: dict[tuple, tuple[tuple, int]]) -> None: ...
+    def live_versions(
+        self, key: list[str], keys: list[tuple[Any, ...]]
+    ) -> dict[tuple[Any, ...], tuple[tuple[Any, ...], int]]: ...
+    def mark_deleted(self, key: list[str], stale: dict[tuple[Any, ...], tuple[tuple[Any, ...], int]]) -> None: ...
 
 
 def _normalized(values: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -44,10 +47,10 @@ class ClickHouseReplica:
         self.qualified = f"{quote_identifier(database)}.{quote_identifier(table)}"
 
     def exists(self) -> bool:
-        return bool(int(self.client.command(f"EXISTS TABLE {self.qualified}")))
+        return bool(command_int(self.client, f"EXISTS TABLE {self.qualified}"))
 
     def live_count(self) -> int:
-        return int(self.client.command(f"SELECT count() FROM {self.qualified} FINAL WHERE {LIVE_ROWS}"))
+        return command_int(self.client, f"SELECT count() FROM {self.qualified} FINAL WHERE {LIVE_ROWS}")
 
     def duplicate_keys(self, keys: list[str], limit: int = 20) -> list[tuple[Any, ...]]:
         key_list = ", ".join(quote_identifier(k) for k in keys)
@@ -79,7 +82,9 @@ class ClickHouseReplica:
         )
         return [tuple(r) for r in result.result_rows]
 
-    def live_versions(self, key: list[str], keys: list[tuple]) -> dict[tuple, tuple[tuple, int]]:
+    def live_versions(
+        self, key: list[str], keys: list[tuple[Any, ...]]
+    ) -> dict[tuple[Any, ...], tuple[tuple[Any, ...], int]]:
         """For each of `keys` (normalized, as a diff has them) with a live row: the key as the replica
         returns it (to write it back) and the row's `_version`."""
         key_sql = ", ".join(quote_identifier(k) for k in key)
@@ -93,7 +98,7 @@ class ClickHouseReplica:
                 found[compared] = (tuple(row[:-1]), row[-1])
         return found
 
-    def mark_deleted(self, key: list[str], stale: dict[tuple, tuple[tuple, int]]) -> None:
+    def mark_deleted(self, key: list[str], stale: dict[tuple[Any, ...], tuple[tuple[Any, ...], int]]) -> None:
         """A delete marker one version above each stale row: any later real change has a higher version."""
         markers = [[*raw, version + 1, DELETED, datetime.now(UTC)] for raw, version in stale.values()]
         self.client.insert(self.qualified, markers, column_names=[*key, *META_NAMES])
@@ -107,7 +112,7 @@ class WarehouseReplica:
         self.ident = sql.Identifier(schema, table)
         self.qualified = f"{schema}.{table} (PostgreSQL warehouse)"
 
-    def _one(self, query: sql.Composable, params: tuple[Any, ...] = ()) -> Any:
+    def _one(self, query: sql.SQL | sql.Composed, params: tuple[Any, ...] = ()) -> Any:
         row = self.conn.execute(query, params).fetchone()
         return row[0] if row else None
 
@@ -162,7 +167,9 @@ class WarehouseReplica:
             ).fetchall()
         ]
 
-    def live_versions(self, key: list[str], keys: list[tuple]) -> dict[tuple, tuple[tuple, int]]:
+    def live_versions(
+        self, key: list[str], keys: list[tuple[Any, ...]]
+    ) -> dict[tuple[Any, ...], tuple[tuple[Any, ...], int]]:
         wanted = set(keys)
         found = {}
         query = sql.SQL(f"SELECT {{}}, {{}} FROM {{}} WHERE {LIVE_ROWS}").format(
@@ -174,7 +181,7 @@ class WarehouseReplica:
                 found[compared] = (tuple(row[:-1]), int(row[-1]))
         return found
 
-    def mark_deleted(self, key: list[str], stale: dict[tuple, tuple[tuple, int]]) -> None:
+    def mark_deleted(self, key: list[str], stale: dict[tuple[Any, ...], tuple[tuple[Any, ...], int]]) -> None:
         """Tombstone each stale row one version above its own (unless a newer change arrived meanwhile)."""
         condition = sql.SQL(" AND ").join(sql.SQL("{} = %s").format(sql.Identifier(k)) for k in key)
         deleted, version_column, source_ts = map(sql.Identifier, (IS_DELETED, VERSION, SOURCE_TS))

@@ -43,6 +43,7 @@ from typing import Any
 from clickhouse_connect.driver.binding import format_query_value, quote_identifier
 from clickhouse_connect.driver.client import Client
 
+from cdc_pipeline.clickhouse import command_int
 from cdc_pipeline.config import AggregateConfig, MeasureConfig, PipelineConfig, duration_us
 from cdc_pipeline.contract import CLICKHOUSE_ENGINE, DELETED, IS_DELETED, LIVE, LIVE_ROWS, VERSION
 
@@ -294,7 +295,7 @@ class StreamAggregates:
         for aggregate in self.pipeline.aggregates:
             # A new aggregate (or one whose table was dropped to change its definition) over an existing
             # replica: every window is computed once from the replica; the stream keeps it current from then on.
-            exists = int(self.client.command(f"EXISTS TABLE {self._db(_q(aggregate.sink_table))}"))
+            exists = command_int(self.client, f"EXISTS TABLE {self._db(_q(aggregate.sink_table))}")
             if not exists and recompute(self.client, self.pipeline, self.database, aggregate):
                 log.info("aggregate %s: built from the replica of %s", aggregate.name, aggregate.table)
         pending = self.client.query(
@@ -328,13 +329,15 @@ class StreamAggregates:
         seen = self._watermarks.get(aggregate.name)
         return None if seen is None else seen - duration_us(aggregate.watermark_delay)
 
-    def _rows(self, table: Any, keys: Sequence[tuple[Any, ...]], aggregates: list[AggregateConfig]) -> list[tuple]:
+    def _rows(
+        self, table: Any, keys: Sequence[tuple[Any, ...]], aggregates: list[AggregateConfig]
+    ) -> list[tuple[Any, ...]]:
         """(key, version, {event_time column: µs}) of the live replica rows with these keys."""
         columns = list(dict.fromkeys(a.event_time for a in aggregates))
         key_columns = list(table.key_columns)
         key_expr = f"({', '.join(_q(k) for k in key_columns)})" if len(key_columns) > 1 else _q(key_columns[0])
         selected = ", ".join([*(_q(k) for k in key_columns), VERSION, *(event_micros_sql(c) for c in columns)])
-        found: list[tuple] = []
+        found: list[tuple[Any, ...]] = []
         for i in range(0, len(keys), CHUNK):
             wanted = ", ".join(
                 str(format_query_value(tuple(k) if len(key_columns) > 1 else k[0])) for k in keys[i : i + CHUNK]
@@ -349,7 +352,7 @@ class StreamAggregates:
         return found
 
     def _late(
-        self, aggregate: AggregateConfig, rows: list[tuple], position: str, now: datetime
+        self, aggregate: AggregateConfig, rows: list[tuple[Any, ...]], position: str, now: datetime
     ) -> tuple[set[int], list[list[Any]]]:
         """The windows of `rows` for `aggregate`, and a late record per (row, closed window)."""
         watermark = self._watermark(aggregate)
@@ -362,7 +365,7 @@ class StreamAggregates:
                 continue
             for start in window_starts(int(event), size, slide):
                 windows.add(start)
-                if is_closed(start, size, watermark):
+                if watermark is not None and is_closed(start, size, watermark):
                     late.append(
                         [
                             aggregate.name, from_micros(start), from_micros(start + size),
@@ -532,7 +535,7 @@ def _same(a: Any, b: Any) -> bool:
 
 def watermark_of(client: Client, database: str, aggregate: AggregateConfig) -> datetime | None:
     """The aggregate's watermark as the stream last recorded it (None before its first change)."""
-    if not int(client.command(f"EXISTS TABLE {_q(database)}.{PROGRESS_TABLE}")):
+    if not command_int(client, f"EXISTS TABLE {_q(database)}.{PROGRESS_TABLE}"):
         return None
     micros = client.query(
         f"SELECT toUnixTimestamp64Micro(max(max_event_time)) FROM {_q(database)}.{PROGRESS_TABLE} "
@@ -570,7 +573,7 @@ def compare(
     )
     width = 2 + len(aggregate.group_by)
 
-    def keyed(rows: list[Sequence[Any]]) -> dict[tuple, tuple]:
+    def keyed(rows: Sequence[Sequence[Any]]) -> dict[tuple[Any, ...], tuple[Any, ...]]:
         return {tuple(row[:width]): tuple(row[width:]) for row in rows}
 
     expected, actual = keyed(fresh.result_rows), keyed(stored.result_rows)

@@ -30,6 +30,14 @@ from cdc_pipeline.streaming.types import ColumnSpec
 
 log = logging.getLogger(__name__)
 
+
+def _first(row: tuple[Any, ...] | None) -> Any:
+    """The first value of a row the query always returns."""
+    if row is None:
+        raise RuntimeError("the query returned no row")
+    return row[0]
+
+
 # PostgreSQL error classes that mean "this row's content" (dead-letter it), not "try again later":
 # 22 data exception (invalid text, out of range, NUL byte, ...), 23 integrity constraint violation.
 CONTENT_ERROR_CLASSES = ("22", "23")
@@ -212,7 +220,7 @@ class WarehouseSink:
         if known is not None and all(known.get(n) == t for n, t in wanted.items()):
             return []
         existing = self.existing_column_types(table)
-        statements: list[sql.Composable] = []
+        statements: list[sql.Composed] = []
         if not existing:
             missing = [k for k in table.key_columns if k not in wanted]
             if missing:
@@ -295,7 +303,7 @@ class WarehouseSink:
         log.warning("warehouse: column %s: %s; the table is re-read (incremental snapshot)", table_source, plan.reason)
         self._pending_resnapshot = True
 
-    def _add_column(self, table: ReplicaTable, spec: ColumnSpec, pg_type: str, plan: Any) -> sql.Composable:
+    def _add_column(self, table: ReplicaTable, spec: ColumnSpec, pg_type: str, plan: Any) -> sql.Composed:
         return sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {}").format(
             self._ident(table), self._column_sql(spec, pg_type, plan)
         )
@@ -304,12 +312,12 @@ class WarehouseSink:
         """Re-read a table whose new column PostgreSQL filled without change events. A table that also goes
         to ClickHouse gets its re-snapshot from the ClickHouse sink's schema evolution (one signal, not two)."""
         config = self.evolution.pipeline.table(table.source) if self.evolution and table.source else None
-        if config is None or "clickhouse" in config.sinks or self.evolution.catalog is None:
+        if config is None or self.evolution is None or "clickhouse" in config.sinks or self.evolution.catalog is None:
             return
         signal = self.evolution.catalog.request_resnapshot(config)
         log.warning("warehouse %s: re-snapshot requested (signal %s)", self._key(table), signal)
 
-    def _live_view(self, table: ReplicaTable) -> sql.Composable:
+    def _live_view(self, table: ReplicaTable) -> sql.Composed:
         return sql.SQL(f"CREATE OR REPLACE VIEW {{}} AS SELECT * FROM {{}} WHERE {LIVE_ROWS}").format(
             sql.Identifier(table.database, f"{table.name}_live"), self._ident(table)
         )
@@ -370,7 +378,7 @@ class WarehouseSink:
 
         def work(cur: psycopg.Cursor) -> bool:
             cur.execute("SELECT to_regclass(%s)", (self._ident(table).as_string(cur),))
-            if cur.fetchone()[0] is None:
+            if _first(cur.fetchone()) is None:
                 return False
             cur.execute(
                 sql.SQL("UPDATE {} SET {} = %s, {} = %s, {} = %s WHERE {} < %s").format(
