@@ -18,8 +18,8 @@ from dagster import (
 from dagster._utils.schedules import is_valid_cron_string
 
 from cdc_pipeline.config import PipelineConfig, default_config_path, load_pipeline_config
-from cdc_pipeline.defs.aggregates import build_aggregate_definitions
-from cdc_pipeline.defs.assets import build_assets, build_checks
+from cdc_pipeline.defs.aggregates import aggregate_key, build_aggregate_definitions
+from cdc_pipeline.defs.assets import build_assets, build_checks, checks_automation
 from cdc_pipeline.defs.health import check_services
 from cdc_pipeline.defs.jobs import build_jobs
 from cdc_pipeline.defs.resources import build_resources
@@ -77,11 +77,12 @@ def build_definitions(
     sink_keys = [k for t in pipeline.tables for k in translator.replica_keys(t)]
     automation = AutomationConditionSensorDefinition(
         "replica_checks_automation",
-        target=AssetSelection.checks_for_assets(*sink_keys),
+        target=AssetSelection.checks_for_assets(*sink_keys)
+        | AssetSelection.checks_for_assets(*(aggregate_key(pipeline, a) for a in pipeline.aggregates)),
         default_status=DefaultSensorStatus.RUNNING,
         minimum_interval_seconds=30,
-        description=f"Runs the replica checks at every tick of {checks_cron} (UTC; CDC_CHECKS_CRON), one run at a "
-        "time; a failed ERROR check is alerted by alert_on_check_failure.",
+        description=f"Runs the replica and aggregate checks at every tick of {checks_cron} (UTC; CDC_CHECKS_CRON), "
+        "one run at a time; a failed ERROR check is alerted by alert_on_check_failure.",
     )
     observe_schedule = ScheduleDefinition(
         name="observe_source_tables_schedule",
@@ -106,7 +107,9 @@ def build_definitions(
     # Resolved now (Dagster caches it), inside one narrow filter: Dagster 1.13 copies a sensor that targets a
     # job (checkpoint_health -> restart_stream) passing `owners=[]`, which warns that the beta `owners`
     # parameter is used although no owners are set. Every other warning stays visible.
-    definitions = Definitions.merge(definitions, build_aggregate_definitions(pipeline, translator))  # aggregates
+    definitions = Definitions.merge(
+        definitions, build_aggregate_definitions(pipeline, translator, checks_automation(checks_cron))
+    )  # aggregates
     with warnings.catch_warnings():
         warnings.filterwarnings(
             "ignore", message=r"Parameter `owners` of initializer `SensorDefinition.__init__`", category=BetaWarning

@@ -44,7 +44,7 @@ def test_checks_and_observations_run_by_themselves() -> None:
     automation = repository.get_sensor_def("replica_checks_automation")
     assert automation.default_status == DefaultSensorStatus.RUNNING
     checks = {key for key in repository.asset_graph.asset_check_keys if isinstance(key, AssetCheckKey)}
-    assert {key.name for key in checks} == set(CHECKS)
+    assert {key.name for key in checks} == {*CHECKS, "matches_replica"}  # the replicas' and the aggregates' checks
     for key in checks:
         condition = repository.asset_graph.get(key).automation_condition
         assert condition is not None and "cron" in (condition.get_label() or ""), key
@@ -74,8 +74,9 @@ def test_the_checks_are_requested_at_each_cron_tick() -> None:
             )
         cursor = result.cursor
         requested.append(result.total_requested)
-    # Every check of every table at the 00:10 and 00:20 ticks, nothing in between.
-    assert requested == [0, 0, 0, 4 * len(CHECKS), 0, 4 * len(CHECKS)], requested
+    # Every check of every table and aggregate at the 00:10 and 00:20 ticks, nothing in between.
+    every = 4 * len(CHECKS) + len(load_pipeline_config(config_path).aggregates)
+    assert requested == [0, 0, 0, every, 0, every], requested
 
 
 def test_dagster_dev_serves_the_ui_with_the_code_location(dagster_dev: str, tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from dagster import (
     AssetObservation,
     AssetSelection,
     AssetSpec,
+    AutomationCondition,
     DefaultSensorStatus,
     Definitions,
     Failure,
@@ -185,8 +186,11 @@ def metric_observations(
     return events, newest
 
 
-def build_aggregate_definitions(pipeline: PipelineConfig, translator: CdcTranslator) -> Definitions:
-    """Assets, checks, jobs and the metrics sensor of the pipeline's aggregates (empty without any)."""
+def build_aggregate_definitions(
+    pipeline: PipelineConfig, translator: CdcTranslator, condition: AutomationCondition | None = None
+) -> Definitions:
+    """Assets, checks, jobs and the metrics sensor of the pipeline's aggregates (empty without any); with
+    `condition`, the checks run by themselves like the replica checks."""
     if not pipeline.aggregates:
         return Definitions()
     prefix = pipeline.name
@@ -227,7 +231,10 @@ def build_aggregate_definitions(pipeline: PipelineConfig, translator: CdcTransla
             @multi_asset_check(
                 specs=[
                     AssetCheckSpec(
-                        CHECK, asset=key, description="closed windows equal a recomputation from the replica"
+                        CHECK,
+                        asset=key,
+                        description="closed windows equal a recomputation from the replica",
+                        automation_condition=condition,
                     )
                 ],
                 name=f"{prefix}_{aggregate.name}_aggregate_checks",

@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -268,12 +269,14 @@ def run_backfill(
                 raise Failure(str(exc)) from None
             context.log.info(f"signal {signal_id}: incremental snapshot of {expected} rows of {table.name} requested")
 
+            requested = time.monotonic()
+
             def report(progress: SnapshotProgress) -> None:
                 chunk = f", chunk {progress.chunk[0]} of {progress.chunk[1]}" if progress.chunk else ""
                 done = ", complete" if progress.completed else ""
                 context.log.info(
                     f"backfill {table.name}: {progress.seen} of {progress.expected} rows snapshotted "
-                    f"({progress.fraction:.0%}{chunk}{done})"
+                    f"({progress.fraction:.0%}{chunk}{done}) after {time.monotonic() - requested:.0f} s"
                 )
 
             try:
@@ -359,6 +362,9 @@ class ReplayConfig(Config):
     timeout_s: float = Field(default=3600, description="Stop the Spark job and fail if it has not finished by then.")
 
 
+REPLAY_NOTE_S = 30.0  # a replay logs that it is still at work this often
+
+
 def _offset_for_time(consumer: Any, topic: str, partition: int, when: str, default: int) -> int:
     moment = datetime.fromisoformat(when)
     if moment.tzinfo is None:
@@ -411,32 +417,48 @@ def build_replay_job(translator: CdcTranslator) -> JobDefinition:
             "--ending-offsets", json.dumps({topic: {"0": end}}),
             name=f"{pipeline_config.query_name}_replay",
         )  # fmt: skip
-        context.log.info(f"replaying {topic} offsets [{start}, {end}) with spark-submit on {spark.master}")
-        # In its own process group, so a timeout stops spark-submit's JVM and its Python driver together.
-        process = subprocess.Popen(
-            argv, env=submit_env(stream_env(kafka, clickhouse, pipeline), master=spark.master), stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        )  # fmt: skip
-        try:
-            output, _ = process.communicate(timeout=config.timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            output, _ = process.communicate()
-            raise Failure(
-                f"replay of {topic} [{start}, {end}) did not finish in {config.timeout_s:.0f} s and was stopped; "
-                "nothing is lost (a replay only re-applies), run it again with a larger timeout_s or a smaller range:\n"
-                + "\n".join(output.splitlines()[-20:])
-            ) from None
-        finally:
-            if process.poll() is None:  # the run was terminated while the replay ran: stop it too
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        context.log.info(
+            f"replaying {topic} offsets [{start}, {end}) ({end - start} records) with spark-submit on {spark.master}"
+        )
+        # In its own process group, so a timeout stops spark-submit's JVM and its Python driver together. Output
+        # goes to a file (no pipe to fill); a log line every REPLAY_NOTE_S says the replay is still at work.
+        started = time.monotonic()
+        with tempfile.TemporaryFile("w+", errors="replace") as out:
+            process = subprocess.Popen(
+                argv, env=submit_env(stream_env(kafka, clickhouse, pipeline), master=spark.master), stdout=out,
+                stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            )  # fmt: skip
+            try:
+                next_note = started + REPLAY_NOTE_S
+                while process.poll() is None:
+                    elapsed = time.monotonic() - started
+                    if elapsed > config.timeout_s:
+                        os.killpg(process.pid, signal.SIGKILL)
+                        process.wait()
+                        out.seek(0)
+                        raise Failure(
+                            f"replay of {topic} [{start}, {end}) did not finish in {config.timeout_s:.0f} s and "
+                            "was stopped; nothing is lost (a replay only re-applies), run it again with a larger "
+                            "timeout_s or a smaller range:\n" + "\n".join(out.read().splitlines()[-20:])
+                        )
+                    if time.monotonic() >= next_note:
+                        context.log.info(
+                            f"replay of {topic} [{start}, {end}): {end - start} records, running for {elapsed:.0f} s"
+                        )
+                        next_note += REPLAY_NOTE_S
+                    time.sleep(0.5)
+            finally:
+                if process.poll() is None:  # the run was terminated while the replay ran: stop it too
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+            out.seek(0)
+            output = out.read()
         lines = output.splitlines()
         result_lines = [line for line in lines if line.startswith(replay_app.RESULT_PREFIX)]
         if process.returncode != 0 or not result_lines:
             raise Failure(f"replay of {topic} failed (exit {process.returncode}):\n" + "\n".join(lines[-40:]))
         summary = json.loads(result_lines[-1].removeprefix(replay_app.RESULT_PREFIX))
-        summary.update(topic=topic, start_offset=start, end_offset=end)
+        summary.update(topic=topic, start_offset=start, end_offset=end, seconds=round(time.monotonic() - started, 1))
         context.log.info(f"replayed: {summary}")
         for key in translator.replica_keys(table):
             context.log_event(AssetObservation(asset_key=key, metadata={"replay": summary}))
