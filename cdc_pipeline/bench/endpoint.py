@@ -35,9 +35,10 @@ import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
 from cdc_pipeline.bench.env import free_ports
+from cdc_pipeline.contract import CLICKHOUSE_ENGINE, IS_DELETED, VERSION
 
 _PASSWORD_ENV = "CDC_ENDPOINT_BENCH_PASSWORD"
-_COLUMNS = ["id", "customer_id", "quantity", "amount", "note", "created_at", "_version", "_is_deleted"]
+_COLUMNS = ["id", "customer_id", "quantity", "amount", "note", "created_at", VERSION, IS_DELETED]
 _READ_SQL = "SELECT count(), sum(amount), max(created_at) FROM bench.orders FINAL"
 
 
@@ -147,8 +148,8 @@ def measure(rows: int, insert_rows: int, rounds: int, writers: int, readers: int
         admin.command("CREATE DATABASE bench")
         admin.command(
             "CREATE TABLE bench.orders (id Int64, customer_id Int32, quantity Int32, amount Decimal(12, 2), "
-            "note String, created_at DateTime64(6, 'UTC'), _version UInt128, _is_deleted UInt8) "
-            "ENGINE = ReplacingMergeTree(_version, _is_deleted) ORDER BY id"
+            f"note String, created_at DateTime64(6, 'UTC'), {VERSION} UInt128, {IS_DELETED} UInt8) "
+            f"ENGINE = {CLICKHOUSE_ENGINE} ORDER BY id"
         )
         admin.command(
             "INSERT INTO bench.orders SELECT number, number % 977, number % 7, toDecimal64(number % 100000, 2) / 100, "

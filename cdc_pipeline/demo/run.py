@@ -26,6 +26,7 @@ from rich.table import Table
 from cdc_pipeline.bench.env import free_ports
 from cdc_pipeline.clickhouse import connect_clickhouse
 from cdc_pipeline.config import PipelineConfig, parse_pipeline_config
+from cdc_pipeline.contract import LIVE_ROWS
 from cdc_pipeline.control.reconcile import primary_key, reconcile
 from cdc_pipeline.control.replicas import ClickHouseReplica
 from cdc_pipeline.demo.dagster import DagsterProcess, start_dagster
@@ -287,7 +288,7 @@ class Demo:
                 counts[table] = int(
                     client.command(
                         f"SELECT count() FROM {quote_identifier(self.database)}.{quote_identifier(table)} FINAL "
-                        "WHERE _is_deleted = 0"
+                        f"WHERE {LIVE_ROWS}"
                     )
                 )
             except Exception:  # not created yet: the stream creates it with its first batch
@@ -481,8 +482,8 @@ class Demo:
         ).format(sql.Identifier(schema, "orders"), sql.Identifier(schema, "payments"))
         pg = conn.execute(query).fetchone()
         ch = client.query(
-            f"SELECT (SELECT sum(total) FROM {db}.orders FINAL WHERE _is_deleted = 0 AND status != 'cancelled'), "
-            f"(SELECT sum(amount) FROM {db}.payments FINAL WHERE _is_deleted = 0 AND status = 'captured')"
+            f"SELECT (SELECT sum(total) FROM {db}.orders FINAL WHERE {LIVE_ROWS} AND status != 'cancelled'), "
+            f"(SELECT sum(amount) FROM {db}.payments FINAL WHERE {LIVE_ROWS} AND status = 'captured')"
         ).result_rows[0]
         same = [a == b for a, b in zip(pg, ch, strict=True)]
         text = (

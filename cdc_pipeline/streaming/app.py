@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from confluent_kafka import KafkaException
 from pyspark.sql import SparkSession
@@ -112,10 +113,11 @@ def trigger_limit(spark: SparkSession, pipeline: PipelineConfig, settings: Setti
     """The offsets per trigger that keep a batch within the heap (cdc_pipeline/streaming/limits.py): from this
     JVM's heap (and an executor's with a cluster master) and the record size at the end of the topics."""
     context = spark.sparkContext
-    driver_heap = int(context._jvm.java.lang.Runtime.getRuntime().maxMemory())  # noqa: SLF001 - py4j gateway
+    jvm: Any = context._jvm  # noqa: SLF001 - py4j gateway
+    driver_heap = int(jvm.java.lang.Runtime.getRuntime().maxMemory())
     heap = batch_heap_bytes(
         driver_heap,
-        local_master=is_local_master(context.master),
+        local_master=is_local_master(str(context.master)),
         executor_memory=context.getConf().get("spark.executor.memory", None),
     )
     try:

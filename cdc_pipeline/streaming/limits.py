@@ -207,16 +207,17 @@ def sample_record_bytes(
             message = consumer.poll(1.0)
             if message is None:
                 continue
-            key = (message.topic(), message.partition())
-            if message.error() is not None:
-                if message.error().code() == KafkaError._PARTITION_EOF:  # noqa: SLF001 - librdkafka's name
+            key = (str(message.topic()), int(message.partition() or 0))
+            error = message.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:  # noqa: SLF001 - librdkafka's name
                     remaining.pop(key, None)
                 continue
             size = len(message.key() or b"") + len(message.value() or b"")
-            count_and_bytes = totals.setdefault(message.topic(), [0, 0])
+            count_and_bytes = totals.setdefault(key[0], [0, 0])
             count_and_bytes[0] += 1
             count_and_bytes[1] += size
-            if message.offset() + 1 >= remaining.get(key, 0):
+            if int(message.offset() or 0) + 1 >= remaining.get(key, 0):
                 remaining.pop(key, None)
         return {topic: total / count for topic, (count, total) in totals.items() if count}
     finally:
