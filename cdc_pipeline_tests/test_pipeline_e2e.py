@@ -23,7 +23,7 @@ from cdc_pipeline.config import PipelineConfig
 from cdc_pipeline.process import port_open
 from cdc_pipeline.resources import KafkaResource
 from cdc_pipeline.settings import Settings
-from cdc_pipeline.stack.stack import LocalStack
+from cdc_pipeline.stack.lifecycle import LocalStack
 from cdc_pipeline.workload.ecommerce import TABLES, Workload, create_schema
 from cdc_pipeline_tests.conftest import free_ports, stop_process_group
 from cdc_pipeline_tests.replica import RunningPipeline, pipeline_for_schema
