@@ -122,7 +122,7 @@ def location_definitions(pipelines: Sequence[Definitions], shared_resources: Map
         warnings.filterwarnings(
             "ignore", message=r"Parameter `owners` of initializer `SensorDefinition.__init__`", category=BetaWarning
         )
-        definitions.get_repository_def()
+        definitions.get_repository_def().get_all_jobs()  # jobs too: an op or graph named twice fails here
     return definitions
 
 
