@@ -114,6 +114,12 @@ def _run_both(defs: Definitions, first: str, second: str) -> None:
         assert materialization.asset_key.path[0] == name
         databases[name] = materialization.metadata["config"].value["database.dbname"]
     assert databases == {first: "shop", second: second}, databases
+    # And the observation job (a generator body): each counts the rows of its own source table.
+    for name in (first, second):
+        result = defs.resolve_job_def(f"{name}_observe_source_tables").execute_in_process(instance=instance)
+        (observation,) = [e.event_specific_data.asset_observation for e in result.all_events if e.is_asset_observation]
+        assert observation.asset_key.path == [name, "postgres", name, "items"], observation
+        assert observation.metadata["row_count"].value == 3, observation.metadata
 
     # A sensor of each: the replication sensor reads its own slot and connector, and records to its own asset.
     for name in (first, second):
