@@ -21,7 +21,6 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import dagster as dg
 from pydantic import Field
@@ -118,28 +117,20 @@ def _claims(pipeline: LoadedPipeline) -> list[tuple[str, str]]:
 
 
 def location(
-    pipelines: list[LoadedPipeline],
-    checks_cron: str | None = None,
-    observe_cron: str | None = None,
-    resources: Mapping[str, Mapping[str, Any]] | None = None,
+    pipelines: list[LoadedPipeline], checks_cron: str | None = None, observe_cron: str | None = None
 ) -> dg.Definitions:
-    """The code location of `pipelines`; `resources` overrides resources by pipeline name and plain key (and
-    the location's shared ones under the key ''), e.g. in tests."""
+    """The code location of `pipelines`, each with its resources from the environment (and its `env`)."""
     settings = Settings()
-    overrides = resources or {}
     parts = []
     for pipeline in pipelines:
-        bound = {
-            **build_resources(config_path=str(pipeline.path), env=pipeline.env),
-            **overrides.get(pipeline.config.name, {}),
-        }
+        bound = build_resources(config_path=str(pipeline.path), env=pipeline.env)
         translator = CdcTranslator.from_settings(pipeline.config, pipeline.settings(), prefix=pipeline.prefix)
         parts.append(
             pipeline_definitions(
                 translator, bound, checks_cron or settings.checks_cron, observe_cron or settings.observe_cron
             )
         )
-    return location_definitions(parts, {**build_resources(), **overrides.get("", {})})
+    return location_definitions(parts, build_resources())
 
 
 class CdcPipelinesComponent(dg.Component, dg.Model, dg.Resolvable):
