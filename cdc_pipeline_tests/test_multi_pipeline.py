@@ -20,7 +20,7 @@ from psycopg import sql
 from cdc_pipeline.config import PipelineConfig
 from cdc_pipeline.defs.component import CdcPipelinesComponent, PipelineFile, load_pipelines
 from cdc_pipeline.settings import Settings
-from cdc_pipeline.stack.stack import LocalStack
+from cdc_pipeline.stack.lifecycle import LocalStack
 from cdc_pipeline_tests.replica import remove_pipeline, write_schema_pipeline
 
 SECOND_DSN = "MULTI_TEST_POSTGRES_DSN"
