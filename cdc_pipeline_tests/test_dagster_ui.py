@@ -24,7 +24,7 @@ from playwright.sync_api import Page, sync_playwright
 
 from cdc_pipeline.demo.run import MATCH_LINE
 from cdc_pipeline.process import port_open
-from cdc_pipeline.stack.stack import LocalStack
+from cdc_pipeline.stack.lifecycle import LocalStack
 from cdc_pipeline_tests.conftest import dagster_dev_server, demo_argv, free_ports, stop_process_group, wait_for
 
 pytestmark = pytest.mark.integration

@@ -17,7 +17,7 @@ from psycopg import sql
 from cdc_pipeline.control.stream import StreamController
 from cdc_pipeline.demo.run import MATCH_LINE
 from cdc_pipeline.settings import Settings
-from cdc_pipeline.stack.stack import LocalStack
+from cdc_pipeline.stack.lifecycle import LocalStack
 from cdc_pipeline_tests.conftest import demo_argv, stop_process_group, wait_for
 
 pytestmark = pytest.mark.integration

@@ -9,13 +9,19 @@ from pathlib import Path
 import pytest
 from pyspark.sql import SparkSession
 
-from cdc_pipeline.streaming.envelope import decode_envelope, latest_changes, version
+from cdc_pipeline.streaming.envelope import anchor_positions, batch_summary, decode_envelope, latest_changes, version
 
 TOPIC = "shop.public.customers"
 
 
-def envelope(op: str | None, key: int | None, name: str | None, commit: int, change: int) -> tuple[bytes | None, bytes]:
-    source = {"lsn": change, "sequence": json.dumps([str(commit), str(change)]), "ts_ms": 1_700_000_000_000 + change}
+def envelope(
+    op: str | None, key: int | None, name: str | None, commit: int | None, change: int, snapshot: str | None = None
+) -> tuple[bytes | None, bytes]:
+    """A Debezium record; `commit` None: the first transaction after a connector start (no previous commit)."""
+    first = None if commit is None else str(commit)
+    source = {"lsn": change, "sequence": json.dumps([first, str(change)]), "ts_ms": 1_700_000_000_000 + change}
+    if snapshot is not None:
+        source["snapshot"] = snapshot
     after = None if op in ("d", "t") else {"id": key, "name": name}
     value = {"schema": {}, "payload": {"op": op, "before": None, "after": after, "source": source}}
     key_bytes = None if key is None else json.dumps({"schema": {}, "payload": {"id": key}}).encode()
@@ -118,3 +124,44 @@ def test_real_snapshot_rows_lose_to_any_streamed_change(spark: SparkSession) -> 
 def test_real_truncate_has_no_key_and_is_valid(spark: SparkSession) -> None:
     rows = decode_envelope(captured(spark, "truncate.json")).filter("op = 't'").collect()
     assert len(rows) == 1 and rows[0].error is None and rows[0].key_json is None
+
+
+def test_a_transaction_that_straddles_the_snapshot_point_wins_over_the_snapshot_row(spark: SparkSession) -> None:
+    # It wrote at LSN 90, before the snapshot point 100 (so the snapshot did not see it), and committed
+    # after it: the first transaction streamed, with no previous commit position.
+    records = [
+        envelope("r", 1, "snapshot", 100, 100, snapshot="first"),
+        envelope("r", 2, "snapshot", 100, 100, snapshot="last"),
+        envelope("u", 1, "straddling", None, 90),
+        envelope("c", 3, "straddling", None, 95),
+        envelope("u", 2, "next", 150, 160),
+    ]
+    decoded = decode_envelope(kafka_rows(spark, records))
+    summary = batch_summary(decoded).collect()
+    snapshots = [(r.topic, r.partition, r.first_offset, r.snapshot_lsn) for r in summary if r.snapshot_lsn]
+    assert snapshots == [(TOPIC, 0, 0, 100)]
+    assert [r.topic for r in summary if r.unanchored] == [TOPIC]
+
+    unanchored = {row.key_json: row for row in latest_changes(decoded).collect()}
+    assert json.loads(unanchored['{"id":1}'].after_json)["name"] == "snapshot"  # the lost update, unanchored
+
+    anchored = anchor_positions(decoded, {(TOPIC, 0): [(0, 100)]})
+    latest = {row.key_json: row for row in latest_changes(anchored).collect()}
+    assert json.loads(latest['{"id":1}'].after_json)["name"] == "straddling"
+    assert (latest['{"id":1}'].commit_lsn, latest['{"id":1}'].change_lsn) == (100, 90)
+    assert json.loads(latest['{"id":2}'].after_json)["name"] == "next"
+    # Anchored changes keep their order among themselves and stay before the next transaction.
+    positions = [(r.commit_lsn, r.change_lsn) for r in anchored.orderBy("offset").collect()[2:]]
+    assert positions == sorted(positions) == [(100, 90), (100, 95), (150, 160)]
+
+
+def test_anchoring_uses_only_the_snapshots_before_the_change(spark: SparkSession) -> None:
+    # A replay of an old range: a later re-snapshot (LSN 500, from offset 10) must not lift a change at offset 3.
+    records = [envelope("r", 1, "snapshot", 100, 100, snapshot="true"), envelope("u", 1, "first", None, 300)]
+    decoded = decode_envelope(kafka_rows(spark, records))
+    points = {(TOPIC, 0): [(0, 100), (10, 500)], ("other.topic", 0): [(0, 900)]}
+    rows = anchor_positions(decoded, points).orderBy("offset").collect()
+    assert [(r.commit_lsn, r.change_lsn) for r in rows] == [(100, 0), (300, 300)]
+    # Nothing recorded for the topic: positions as decoded.
+    same = anchor_positions(decoded, {("other.topic", 0): [(0, 900)]}).orderBy("offset").collect()
+    assert [(r.commit_lsn, r.change_lsn) for r in same] == [(100, 0), (300, 300)]

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -413,19 +414,24 @@ def build_replay_job(translator: CdcTranslator) -> JobDefinition:
         if end <= start:
             context.log.info(f"{topic}: empty range [{start}, {end}), nothing to replay")
             return
-        argv = spark.submit().argv(
-            replay_app.__file__, "--config", str(pipeline.resolved_config_path),
-            "--starting-offsets", json.dumps({topic: {"0": start}}),
-            "--ending-offsets", json.dumps({topic: {"0": end}}),
-            name=f"{pipeline_config.query_name}_replay",
-        )  # fmt: skip
         context.log.info(
             f"replaying {topic} offsets [{start}, {end}) ({end - start} records) with spark-submit on {spark.master}"
         )
         # In its own process group, so a timeout stops spark-submit's JVM and its Python driver together. Output
         # goes to a file (no pipe to fill); a log line every REPLAY_NOTE_S says the replay is still at work.
         started = time.monotonic()
-        with tempfile.TemporaryFile("w+", errors="replace") as out:
+        with (
+            tempfile.TemporaryDirectory(prefix="cdc-replay-") as workdir,
+            open(Path(workdir) / "output.log", "w+", errors="replace") as out,
+        ):
+            result_file = Path(workdir) / "result.json"
+            argv = spark.submit().argv(
+                replay_app.__file__, "--config", str(pipeline.resolved_config_path),
+                "--starting-offsets", json.dumps({topic: {"0": start}}),
+                "--ending-offsets", json.dumps({topic: {"0": end}}),
+                "--result-file", str(result_file),
+                name=f"{pipeline_config.query_name}_replay",
+            )  # fmt: skip
             process = subprocess.Popen(
                 argv, env=submit_env(stream_env(kafka, clickhouse, pipeline), master=spark.master), stdout=out,
                 stderr=subprocess.STDOUT, text=True, start_new_session=True,
@@ -454,12 +460,10 @@ def build_replay_job(translator: CdcTranslator) -> JobDefinition:
                     os.killpg(process.pid, signal.SIGKILL)
                     process.wait()
             out.seek(0)
-            output = out.read()
-        lines = output.splitlines()
-        result_lines = [line for line in lines if line.startswith(replay_app.RESULT_PREFIX)]
-        if process.returncode != 0 or not result_lines:
+            lines = out.read().splitlines()
+            summary = replay_app.read_result(result_file)
+        if process.returncode != 0 or summary is None:
             raise Failure(f"replay of {topic} failed (exit {process.returncode}):\n" + "\n".join(lines[-40:]))
-        summary = json.loads(result_lines[-1].removeprefix(replay_app.RESULT_PREFIX))
         summary.update(topic=topic, start_offset=start, end_offset=end, seconds=round(time.monotonic() - started, 1))
         context.log.info(f"replayed: {summary}")
         for key in translator.replica_keys(table):

@@ -38,15 +38,17 @@ from cdc_pipeline.config import PipelineConfig, TableConfig
 from cdc_pipeline.streaming.aggregates import StreamAggregates
 from cdc_pipeline.streaming.dlq import DeadLetters
 from cdc_pipeline.streaming.envelope import (
+    anchor_positions,
+    batch_summary,
     decode_envelope,
     latest_changes,
     newest_first,
     row_changes,
     schema_texts,
-    truncate_positions,
     version,
 )
 from cdc_pipeline.streaming.sink import ClickHouseSink, ReplicaTable, ReplicaTableMissingError, normalize_key
+from cdc_pipeline.streaming.snapshots import SnapshotPointLog
 from cdc_pipeline.streaming.types import ColumnSpec, OutOfRange, UnsupportedTypeError, columns_from_schema
 
 if TYPE_CHECKING:
@@ -199,18 +201,23 @@ class ChangeApplier:
         self._clamp_context = ""
         # Aggregates hook (streaming/aggregates.py): no cost for tables without aggregates.
         self.aggregates = StreamAggregates(pipeline, database, sink.client, self._retrying)
+        self.snapshot_points = SnapshotPointLog(sink.client, database)
 
     def __call__(self, batch: DataFrame, batch_id: int) -> None:
         stats = self._stats = BatchStats(batch_id)
         batch.persist()
         try:
             decoded = decode_envelope(batch).persist()
+            positioned = decoded
             try:
                 self._dead_letter_invalid(decoded, stats)
-                self._apply(decoded, stats)
+                positioned, truncates = self._positions(decoded)
+                self._apply(positioned, truncates, stats)
                 # Dead letters must be durable before Spark commits the batch.
                 self.dead_letters.flush()
             finally:
+                if positioned is not decoded:
+                    positioned.unpersist()
                 decoded.unpersist()
         finally:
             batch.unpersist()
@@ -306,12 +313,33 @@ class ChangeApplier:
         if self._stats.clamped_values <= 20:
             log.warning("clamped out-of-range value %r of column %r (%s)", value, column, self._clamp_context)
 
-    def _apply(self, decoded: DataFrame, stats: BatchStats) -> None:
+    def _positions(self, decoded: DataFrame) -> tuple[DataFrame, dict[str, int]]:
+        """Record the batch's snapshot points, anchor its unanchored changes (see envelope.py) and return
+        the batch with final positions and, per topic, the version of its last truncate."""
+        summary = batch_summary(decoded).collect()
+        snapshots = [
+            (row.topic, row.partition, row.first_offset, row.snapshot_lsn)
+            for row in summary
+            if row.snapshot_lsn is not None
+        ]
+        if snapshots:
+            self._retrying(lambda: self.snapshot_points.record(snapshots), "recording snapshot points")
+        unanchored = sorted({row.topic for row in summary if row.unanchored})
+        if unanchored:
+            points = self._retrying(lambda: self.snapshot_points.read(unanchored), "reading snapshot points")
+            if points:
+                log.info("anchoring the first transaction after a connector start in %s to %s", unanchored, points)
+                decoded = anchor_positions(decoded, points).persist()
+                summary = batch_summary(decoded).collect()  # a truncate may have moved
+        truncates: dict[str, int] = {}
+        for row in summary:
+            if row.last_truncate is not None:
+                position = version(row.last_truncate.commit_lsn, row.last_truncate.change_lsn)
+                truncates[row.topic] = max(truncates.get(row.topic, position), position)
+        return decoded, truncates
+
+    def _apply(self, decoded: DataFrame, truncates: dict[str, int], stats: BatchStats) -> None:
         schemas = self._schemas(decoded)
-        truncates = {
-            row.topic: version(row.trunc_commit_lsn, row.trunc_change_lsn)
-            for row in truncate_positions(decoded).collect()
-        }
         changes: dict[str, list[Any]] = defaultdict(list)
         for row in latest_changes(decoded).toLocalIterator():
             changes[row.topic].append(row)

@@ -13,9 +13,15 @@ transaction, where the second grows. Special cases:
   newer than every change committed before that point (a re-snapshot repairs a stale replica row)
   and older than every change streamed after it (those have a commit position at or past the
   snapshot LSN and a change LSN above 0);
-- the first transaction after the connector starts has no previous commit (null first element): it
-  uses its change LSN, which is past the commit of any earlier change to the same row (row locks
-  make a later change to a row start after the earlier one committed).
+- the first transaction after the connector starts has no previous commit (null first element, an
+  "unanchored" change): it uses its change LSN, which is past the commit of any earlier streamed
+  change to the same row (row locks make a later change to a row start after the earlier one
+  committed). That LSN can be older than a snapshot the connector took just before: a transaction
+  that wrote before the snapshot point and committed after it is invisible to the snapshot yet
+  streamed after it. Every streamed transaction committed after the snapshots that precede it in
+  its topic, so an unanchored change's commit part is raised to the newest snapshot LSN before it
+  in the topic (`anchor_positions`, with the snapshot points the stream records in ClickHouse, see
+  streaming/snapshots.py); without that, the snapshot row would win and the update be lost.
 Incremental-snapshot rows carry the connector's current position, so they are newer than anything
 streamed before them (Debezium drops snapshot rows changed inside the snapshot window).
 """
@@ -89,6 +95,8 @@ def decode_envelope(raw: DataFrame) -> DataFrame:
         F.xxhash64(value_schema).alias("value_schema_id"),
         F.xxhash64(key_schema).alias("key_schema_id"),
         _json(value, "$.payload.source.ts_ms").cast("long").alias("source_ts_ms"),
+        F.when(snapshot_row, lsn).alias("snapshot_lsn"),
+        (~snapshot_row & sequence.getItem(0).isNull()).alias("unanchored"),
         error.alias("error"),
     )
 
@@ -109,6 +117,40 @@ def truncate_positions(decoded: DataFrame) -> DataFrame:
             "topic", F.col("t.commit_lsn").alias("trunc_commit_lsn"), F.col("t.change_lsn").alias("trunc_change_lsn")
         )
     )
+
+
+def batch_summary(decoded: DataFrame) -> DataFrame:
+    """One small aggregate of the batch's valid changes, grouped by (topic, partition, snapshot_lsn):
+    `first_offset` (where a snapshot's rows start; snapshot_lsn null for streamed changes), `unanchored`
+    (the group holds a change without a previous commit position) and `last_truncate` (the newest
+    truncate's (commit_lsn, change_lsn) struct, or null)."""
+    truncate = F.when(F.col("op") == TRUNCATE, F.struct("commit_lsn", "change_lsn"))
+    return (
+        valid_changes(decoded)
+        .groupBy("topic", "partition", "snapshot_lsn")
+        .agg(
+            F.min("offset").alias("first_offset"),
+            F.max(F.col("unanchored").cast("int")).alias("unanchored"),
+            F.max(truncate).alias("last_truncate"),
+        )
+    )
+
+
+SnapshotPoints = dict[tuple[str, int], list[tuple[int, int]]]
+
+
+def anchor_positions(decoded: DataFrame, points: SnapshotPoints) -> DataFrame:
+    """Raise each unanchored change's commit part to the newest snapshot LSN that precedes it in its
+    topic partition. `points`: (topic, partition) -> [(first offset of a snapshot's rows, its LSN)]."""
+    floor = F.lit(None).cast("long")
+    for (topic, partition), found in sorted(points.items()):
+        newest = 0
+        for first_offset, lsn in sorted(found):
+            newest = max(newest, lsn)
+            here = (F.col("topic") == topic) & (F.col("partition") == partition) & (F.col("offset") > first_offset)
+            floor = F.when(here, F.lit(newest).cast("long")).otherwise(floor)
+    anchored = F.when(F.col("unanchored") & floor.isNotNull(), F.greatest(F.col("commit_lsn"), floor))
+    return decoded.withColumn("commit_lsn", anchored.otherwise(F.col("commit_lsn")))
 
 
 def schema_texts(decoded: DataFrame) -> DataFrame:
