@@ -135,3 +135,17 @@ def test_the_demos_dagster_gets_the_control_plane_settings(tmp_path: Path, monke
             monkeypatch.setenv(key, value)
     child = Settings(_env_file=None)
     assert (child.checks_cron, child.observe_cron, child.lag_threshold) == ("* * * * *", "*/2 * * * *", 7)
+
+
+def test_stopping_the_demos_dagster_leaves_nothing_of_its_group(tmp_path: Path) -> None:
+    """A member of Dagster's process group that outlives `dg dev` (as a code server once did) is killed."""
+    from cdc_pipeline.demo.dagster import DagsterProcess, _group_alive
+
+    ready = tmp_path / "ignoring-sigterm"
+    process = subprocess.Popen(
+        ["bash", "-c", f"(trap '' TERM; touch {ready}; exec sleep 300) & wait"], start_new_session=True,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    wait_for(ready.exists, 30, "the member that ignores SIGTERM")
+    DagsterProcess(process, "http://127.0.0.1:1", tmp_path / "log").stop(timeout=10)
+    wait_for(lambda: not _group_alive(process.pid), 30, "every member of the group to end")

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,17 +47,33 @@ class DagsterProcess:
             return "(no log)"
 
     def stop(self, timeout: float = 60) -> None:
-        """SIGTERM to the group (webserver, daemon, code server, runs), SIGKILL after `timeout`."""
-        if self.process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        """SIGTERM to the group (webserver, daemon, code server, runs), SIGKILL after `timeout`; then
+        whatever of the group outlived `dg dev` (a code server was once seen to) is given 10 s and killed."""
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        deadline = time.monotonic() + 10
+        while _group_alive(self.process.pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if _group_alive(self.process.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def dagster_command(workspace: Path, host: str, port: int) -> list[str]:
