@@ -103,10 +103,11 @@ def build_assets(pipeline: PipelineConfig, translator: CdcTranslator) -> list[An
             "ignore", message=r".*`multi_observable_source_asset` is currently in beta", category=BetaWarning
         )
         observe_source_tables = multi_observable_source_asset(
-            specs=list(source_specs.values()), name=f"{prefix}_observe_source_tables"
-        )(observe_source_tables)
+            specs=list(source_specs.values()), name=f"{prefix}_observe_sources"
+        )(translator.with_resource_keys(observe_source_tables))
 
     @multi_asset(specs=[translator.connector_spec()], name=f"{prefix}_provision_connector")
+    @translator.with_resource_keys
     def provision(
         context: AssetExecutionContext,
         pipeline: PipelineResource,
@@ -331,17 +332,19 @@ def build_checks(pipeline: PipelineConfig, translator: CdcTranslator, cron: str 
     for table in pipeline.tables:
         for sink in table.sinks:
             key = translator.sink_key(table) if sink == "clickhouse" else translator.warehouse_key(table)
-            checks.append(_replica_check(pipeline, table, sink, key, condition))
+            checks.append(_replica_check(translator, table, sink, key, condition))
     return checks
 
 
 def _replica_check(
-    pipeline: PipelineConfig, table: TableConfig, sink: str, key: Any, condition: AutomationCondition | None
+    translator: CdcTranslator, table: TableConfig, sink: str, key: Any, condition: AutomationCondition | None
 ) -> Any:
+    pipeline = translator.pipeline
     specs = [AssetCheckSpec(name, asset=key, automation_condition=condition) for name in CHECKS]
     suffix = "" if sink == "clickhouse" else f"_{sink}"
 
     @multi_asset_check(specs=specs, name=f"{pipeline.name}_{pipeline.sink_table(table)}{suffix}_checks")
+    @translator.with_resource_keys
     def check_replica(
         context: AssetCheckExecutionContext,
         pipeline: PipelineResource,

@@ -47,6 +47,7 @@ from cdc_pipeline.streaming.envelope import (
     schema_texts,
     version,
 )
+from cdc_pipeline.streaming.evolution import TypeConversionError
 from cdc_pipeline.streaming.sink import ClickHouseSink, ReplicaTable, ReplicaTableMissingError, normalize_key
 from cdc_pipeline.streaming.snapshots import SnapshotPointLog
 from cdc_pipeline.streaming.types import ColumnSpec, OutOfRange, UnsupportedTypeError, columns_from_schema
@@ -248,7 +249,10 @@ class ChangeApplier:
             )
 
         retrying = Retrying(
-            retry=retry_if_exception(lambda exc: not is_content_error(exc)),
+            # A conversion ClickHouse cannot do fails the same way every time: its rows are refused at once.
+            retry=retry_if_exception(
+                lambda exc: not is_content_error(exc) and not isinstance(exc, TypeConversionError)
+            ),
             wait=wait_exponential(multiplier=0.5, max=15),
             stop=stop_after_delay(self.retry_seconds),
             before_sleep=before_sleep,
@@ -365,11 +369,18 @@ class ChangeApplier:
             table = ReplicaTable(self.database, sink_name, keys, table_config.partition_by, table_config.name)
             if columns and keys:
                 partial = topic_schemas.partial_columns()
-                self._retrying(
-                    lambda t=table, c=columns, p=partial: self.sink.ensure_table(t, c, p),
-                    f"creating {table.qualified}",
-                    table,
-                )
+                try:
+                    self._retrying(
+                        lambda t=table, c=columns, p=partial: self.sink.ensure_table(t, c, p),
+                        f"creating {table.qualified}",
+                        table,
+                    )
+                except TypeConversionError as exc:
+                    # The column keeps its type: the batch's changes of this table are refused (dead letters
+                    # naming the fix) rather than written in the old type; other tables go on.
+                    log.error("%s", exc)
+                    for row in changes.pop(topic, []):
+                        self._dead_letter(row, str(exc), stats)
             if topic in truncates:
                 self.aggregates.before_truncate(table)  # aggregates hook
                 done = self._retrying(

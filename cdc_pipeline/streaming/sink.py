@@ -23,9 +23,9 @@ from cdc_pipeline.streaming.evolution import (
     Action,
     ChangeRecord,
     ColumnPlan,
-    SchemaChangeError,
     SchemaEvolution,
     TypeChange,
+    TypeConversionError,
     plan_new_column,
     plan_type_change,
 )
@@ -284,6 +284,16 @@ class ClickHouseSink:
         ).result_rows
         if keys and keys[0][0]:
             return self._rebuild(table, change)
+        if change.new_type.startswith("Nullable("):
+            # ClickHouse turns a value it cannot parse into NULL when the new type is Nullable: a conversion
+            # that would empty live values is refused rather than lose them silently.
+            column = quote_identifier(change.column)
+            lost = self.client.command(
+                f"SELECT count() FROM {table.qualified} FINAL WHERE {LIVE_ROWS} AND {column} IS NOT NULL "
+                f"AND CAST({column}, {format_query_value(change.new_type)}) IS NULL"
+            )
+            if lost:
+                raise self._conversion_failed(table, change, ValueError(f"{lost} live value(s) would become NULL"))
         ddl = f"ALTER TABLE {table.qualified} MODIFY COLUMN {quote_identifier(change.column)} {change.new_type}"
         try:
             self.client.command(ddl, settings={"mutations_sync": 2})
@@ -343,11 +353,12 @@ class ClickHouseSink:
         log.warning("rebuilt %s with key column %s as %s", table.qualified, change.column, change.new_type)
         return ddl
 
-    def _conversion_failed(self, table: ReplicaTable, change: TypeChange, exc: Exception) -> SchemaChangeError:
-        return SchemaChangeError(
+    def _conversion_failed(self, table: ReplicaTable, change: TypeChange, exc: Exception) -> TypeConversionError:
+        return TypeConversionError(
             f"{table.qualified}: column {change.column!r} changed type in {table.source or 'the source'} from "
             f"{change.old_type} to {change.new_type}, and ClickHouse cannot convert the replica's values "
-            f"({str(exc).splitlines()[0][:300]}). The stream stops rather than write wrong values. To fix: drop "
+            f"({str(exc).splitlines()[0][:300]}); the column keeps its type, and rows that need the new one are "
+            "dead-lettered rather than written in the old type. To fix: drop "
             f"the replica table (DROP TABLE {table.qualified}) and restart the stream; "
             + (
                 "a re-snapshot of the table has been requested and re-reads every row (if it already passed, "
