@@ -240,7 +240,7 @@ SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "demo-asset-graph
 # The demo's Dagster runs the checks and observes the sources every minute (its settings reach Dagster),
 # so the test sees them evaluated by the daemon without launching anything.
 AUTOMATION_ENV = {"CDC_CHECKS_CRON": "* * * * *", "CDC_OBSERVE_CRON": "* * * * *"}
-CHECKS_SENSOR = "replica_checks_automation"
+CHECKS_SENSOR = "replica_checks_automation"  # prefixed with the pipeline when a location holds several
 # Numeric metadata of the stream's observations: the stream_metrics and consumer_lag sensors' ones.
 STREAM_PLOTS = ("applied_rows", "num_input_rows", "total_lag")
 
@@ -299,7 +299,8 @@ def automated_check_results(url: str, checks: dict[tuple[str, ...], list[str]]) 
             status = "missing"
             for execution in executions["assetCheckExecutions"]:
                 tags = {t["key"]: t["value"] for t in (execution["run"] or {}).get("tags", [])}
-                if tags.get("dagster/sensor_name") == CHECKS_SENSOR and execution["status"] != "IN_PROGRESS":
+                sensor = tags.get("dagster/sensor_name", "")
+                if sensor.endswith(CHECKS_SENSOR) and execution["status"] != "IN_PROGRESS":
                     status = execution["status"]
                     break
             results[f"{'/'.join(path)}:{name}"] = status
