@@ -4,7 +4,6 @@ need it while the rest applies. Real Spark and the test stack's ClickHouse."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
@@ -13,6 +12,7 @@ from clickhouse_connect.driver.client import Client
 from cdc_pipeline.config import parse_pipeline_config
 from cdc_pipeline.streaming.apply import ChangeApplier
 from cdc_pipeline.streaming.sink import ClickHouseSink
+from cdc_pipeline_tests.test_exactness import control_envelope
 
 pytestmark = pytest.mark.integration
 
@@ -28,10 +28,6 @@ class RecordingDeadLetters:
 
     def flush(self, timeout: float = 60.0) -> None:
         pass
-
-
-def compact(message: Any) -> bytes:
-    return json.dumps(message, separators=(",", ":")).encode()
 
 
 @pytest.fixture
@@ -60,19 +56,7 @@ def qty_change(key: int, qty: str, lsn: int, numeric: bool, optional: bool = Tru
         {"type": "int64", "optional": False, "field": "id"},
         {"type": "string", "optional": optional, "parameters": params, "field": "qty"},
     ]
-    schema = {
-        "type": "struct",
-        "fields": [
-            {"type": "struct", "fields": fields, "optional": True, "field": "before"},
-            {"type": "struct", "fields": fields, "optional": True, "field": "after"},
-            {"type": "struct", "fields": [], "optional": False, "field": "source"},
-            {"type": "string", "optional": False, "field": "op"},
-        ],
-    }
-    source = {"lsn": lsn, "sequence": json.dumps([str(lsn), str(lsn)]), "ts_ms": 1_700_000_000_000}
-    payload = {"op": "c", "before": None, "after": {"id": key, "qty": qty}, "source": source}
-    key_schema = {"type": "struct", "fields": [{"type": "int64", "optional": False, "field": "id"}]}
-    return compact({"schema": key_schema, "payload": {"id": key}}), compact({"schema": schema, "payload": payload})
+    return control_envelope(fields, {"id": key, "qty": qty}, lsn)
 
 
 def quantities(clickhouse: Client, database: str) -> tuple[str, dict[int, Any]]:

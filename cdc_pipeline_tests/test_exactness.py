@@ -316,12 +316,8 @@ class RecordingDeadLetters:
         pass
 
 
-def control_record(key: int, name: str, lsn: int) -> tuple[bytes, bytes]:
-    """A valid change of `public.control` (id bigint, name text)."""
-    fields = [
-        {"type": "int64", "optional": False, "field": "id"},
-        {"type": "string", "optional": True, "field": "name"},
-    ]
+def control_envelope(fields: list[dict[str, Any]], after: dict[str, Any], lsn: int) -> tuple[bytes, bytes]:
+    """A create of `public.control` (key `id` bigint) with these value fields and after image."""
     schema = {
         "type": "struct",
         "fields": [
@@ -332,11 +328,20 @@ def control_record(key: int, name: str, lsn: int) -> tuple[bytes, bytes]:
         ],
     }
     source = {"lsn": lsn, "sequence": json.dumps([str(lsn), str(lsn)]), "ts_ms": 1_700_000_000_000}
-    payload = {"op": "c", "before": None, "after": {"id": key, "name": name}, "source": source}
+    payload = {"op": "c", "before": None, "after": after, "source": source}
     key_schema = {"type": "struct", "fields": [{"type": "int64", "optional": False, "field": "id"}]}
-    return json.dumps({"schema": key_schema, "payload": {"id": key}}).encode(), json.dumps(
+    return json.dumps({"schema": key_schema, "payload": {"id": after["id"]}}).encode(), json.dumps(
         {"schema": schema, "payload": payload}
     ).encode()
+
+
+def control_record(key: int, name: str, lsn: int) -> tuple[bytes, bytes]:
+    """A valid change of `public.control` (id bigint, name text)."""
+    fields = [
+        {"type": "int64", "optional": False, "field": "id"},
+        {"type": "string", "optional": True, "field": "name"},
+    ]
+    return control_envelope(fields, {"id": key, "name": name}, lsn)
 
 
 def json_paths(node: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
