@@ -27,13 +27,21 @@ from pydantic import Field
 
 from cdc_pipeline.config import PipelineConfig, TableConfig
 from cdc_pipeline.connector import connector_name
-from cdc_pipeline.control.backfill import SnapshotFailed, SnapshotProgress, end_offsets, follow_snapshot
+from cdc_pipeline.control.backfill import (
+    NotApplied,
+    SnapshotFailed,
+    SnapshotProgress,
+    end_offsets,
+    follow_snapshot,
+    wait_until_applied,
+)
 from cdc_pipeline.control.reconcile import Differences, normalize, reconcile
 from cdc_pipeline.control.replay_runner import ReplayTimeout, replay_arguments, run_replay
 from cdc_pipeline.control.replicas import ClickHouseReplica, Replica, WarehouseReplica
 from cdc_pipeline.control.rules import connector_running, connector_states
 from cdc_pipeline.control.source import (
     SignalLock,
+    SignalLockTimeout,
     UnsupportedSnapshotName,
     exact_count,
     primary_key,
@@ -252,17 +260,6 @@ def _notification_topic(connect: KafkaConnectResource, config: PipelineConfig) -
     return topic
 
 
-class BackfillLock(SignalLock):
-    """The pipeline's signal lock (control/source.py), failing the run after `timeout`."""
-
-    def acquire(self, timeout: float, log: Any) -> None:
-        note = lambda: log.info("waiting until Debezium has taken the signal of another backfill of this pipeline")  # noqa: E731
-        if not self.wait(timeout, note):
-            raise Failure(
-                f"another backfill's signal was not taken by Debezium in {timeout:.0f} s: is the connector running?"
-            )
-
-
 def run_backfill(
     context: OpExecutionContext,
     config: PipelineConfig,
@@ -290,8 +287,16 @@ def run_backfill(
         # The signal connection holds the pipeline's backfill lock until Debezium acknowledged the signal:
         # two signals it takes in at once would be reported under one id only (see control/backfill.py).
         with postgres.connect(autocommit=True) as conn:
-            lock = BackfillLock(conn, config.name)
-            lock.acquire(timeout, context.log)
+            lock = SignalLock(conn, config.name)
+            try:
+                lock.acquire(
+                    timeout,
+                    lambda: context.log.info(
+                        "waiting until Debezium has taken the signal of another backfill of this pipeline"
+                    ),
+                )
+            except SignalLockTimeout as exc:
+                raise Failure(str(exc)) from None
             start = end_offsets(consumer, topic)
             notification_start = end_offsets(consumer, notification_topic)
             expected = exact_count(conn, table, condition)
@@ -324,22 +329,12 @@ def run_backfill(
         consumer.close()
     applied_lag = None
     if wait_applied:
-        deadline = time.monotonic() + timeout
-        while True:
-            lag = stream_lag(kafka, config)
-            behind = [
-                p for p in lag.partitions
-                if p.topic == topic and (p.committed or 0) < progress.end_offsets.get(p.partition, 0)
-            ]  # fmt: skip
-            if not behind:
-                applied_lag = lag.total
-                break
-            if time.monotonic() > deadline:
-                raise Failure(
-                    f"the snapshot of {table.name} is in Kafka but the stream has not applied it after "
-                    f"{timeout:.0f} s (lag {lag.total}): is the stream running? (stream_status job)"
-                )
-            time.sleep(3)
+        try:
+            applied_lag = wait_until_applied(
+                lambda: stream_lag(kafka, config), topic, progress.end_offsets, timeout
+            ).total
+        except NotApplied as exc:
+            raise Failure(f"the snapshot of {table.name} is in Kafka but {exc}") from None
         context.log.info(f"backfill {table.name}: applied by the stream")
     return {
         "table": table.name, "signal_id": signal_id, "condition": condition or "", "expected_rows": expected,
