@@ -39,6 +39,7 @@ from cdc_pipeline.control.lag import LagSnapshot
 from cdc_pipeline.control.rules import (
     CheckOutcome,
     Verdict,
+    connector_failures,
     connector_missing,
     connector_paused,
     failed_error_check,
@@ -523,15 +524,8 @@ def build_sensors(translator: CdcTranslator, restart_stream_job: JobDefinition) 
             )
         failed: list[dict[str, Any]] = []
         if status is not None:
-            if status["connector"]["state"] == "FAILED":
-                failed.append({"id": "connector", **status["connector"]})
-            failed += [t for t in status.get("tasks", []) if t["state"] == "FAILED"]
-            if failed:
-                problem = "; ".join(
-                    f"{'task ' + str(t['id']) if t['id'] != 'connector' else 'connector'} FAILED on "
-                    f"{t.get('worker_id', '?')}: {(t.get('trace') or 'no trace').splitlines()[0][:300]}"
-                    for t in failed
-                )
+            failed, summary = connector_failures(status)
+            problem = summary
         backoff = RestartBackoff(state.get("restart"))
         now = time.time()
         if failed and monitor.restart_connector_tasks and backoff.due(now):
