@@ -6,6 +6,7 @@ from __future__ import annotations
 from cdc_pipeline.control.rules import (
     CheckOutcome,
     SlotObservation,
+    connector_failures,
     connector_missing,
     connector_paused,
     connector_running,
@@ -110,3 +111,22 @@ def test_connector_running_needs_the_connector_and_every_task_running() -> None:
     assert not connector_running(connect_status("RUNNING", "RUNNING", "FAILED"))
     assert connector_state(connect_status("RUNNING", "RUNNING", "FAILED")) == "FAILED"
     assert connector_state(connect_status("PAUSED", "UNASSIGNED")) == "PAUSED/UNASSIGNED"
+
+
+def test_connector_failures_name_each_failed_part_with_its_worker_and_trace() -> None:
+    running = {"connector": {"state": "RUNNING"}, "tasks": [{"id": 0, "state": "RUNNING", "worker_id": "w1"}]}
+    assert connector_failures(running) == ([], "")
+    status = {
+        "connector": {"state": "FAILED", "worker_id": "w1", "trace": "org.Boom: bad credentials\n\tat x"},
+        "tasks": [
+            {"id": 0, "state": "RUNNING", "worker_id": "w1"},
+            {"id": 1, "state": "FAILED", "worker_id": "w2", "trace": "slot in use\n\tat y"},
+            {"id": 2, "state": "FAILED"},
+        ],
+    }
+    failed, summary = connector_failures(status)
+    assert [f["id"] for f in failed] == ["connector", 1, 2]
+    assert summary == (
+        "connector FAILED on w1: org.Boom: bad credentials; task 1 FAILED on w2: slot in use; "
+        "task 2 FAILED on ?: no trace"
+    )

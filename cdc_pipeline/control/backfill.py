@@ -19,11 +19,13 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
+
+from cdc_pipeline.control.lag import LagSnapshot, PartitionLag
 
 INCREMENTAL = "Incremental Snapshot"
 SCAN_OK = ("SUCCEEDED", "EMPTY")  # EMPTY: the filter matched no row
@@ -198,3 +200,42 @@ def follow_snapshot(
     if on_progress:
         on_progress(progress)
     return progress
+
+
+class NotApplied(TimeoutError):
+    """The snapshot is in Kafka but the stream has not applied it in time; `lag` is the newest reading."""
+
+    def __init__(self, message: str, lag: LagSnapshot) -> None:
+        super().__init__(message)
+        self.lag = lag
+
+
+def partitions_behind(lag: LagSnapshot, topic: str, end_offsets: Mapping[int, int]) -> list[PartitionLag]:
+    """The partitions of `topic` whose committed offset has not reached the snapshot's end offset."""
+    return [p for p in lag.partitions if p.topic == topic and (p.committed or 0) < end_offsets.get(p.partition, 0)]
+
+
+def wait_until_applied(
+    read_lag: Callable[[], LagSnapshot],
+    topic: str,
+    end_offsets: Mapping[int, int],
+    timeout: float,
+    poll_s: float = 3.0,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> LagSnapshot:
+    """Read the stream's lag (`read_lag()`) until its committed offsets on `topic` reach `end_offsets` (a
+    snapshot's, `SnapshotProgress.end_offsets`): the stream applied everything up to there. Returns that
+    reading; NotApplied after `timeout` seconds."""
+    deadline = clock() + timeout
+    while True:
+        lag = read_lag()
+        if not partitions_behind(lag, topic, end_offsets):
+            return lag
+        if clock() > deadline:
+            raise NotApplied(
+                f"the stream has not applied it after {timeout:.0f} s (lag {lag.total}): is the stream running? "
+                "(stream_status job)",
+                lag,
+            )
+        sleep(poll_s)

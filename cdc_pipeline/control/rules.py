@@ -11,7 +11,8 @@ Rules:
   retains WAL);
 - missing connector: the pipeline's connector is not in Kafka Connect, for longer than `grace_s`;
 - failed check: the newest evaluation of an ERROR-severity asset check failed;
-- connector running: the connector and every one of its tasks (at least one) are RUNNING.
+- connector running: the connector and every one of its tasks (at least one) are RUNNING;
+- connector failures: the connector or a task is FAILED (the connector_status sensor's incident).
 """
 
 from __future__ import annotations
@@ -195,3 +196,18 @@ def connector_state(status: Mapping[str, Any]) -> str:
     if connector_running(status):
         return RUNNING
     return "/".join(sorted(set(connector_states(status)) - {RUNNING})) or "without tasks"
+
+
+def connector_failures(status: Mapping[str, Any]) -> tuple[list[dict[str, Any]], str]:
+    """(the FAILED parts of a Kafka Connect status answer: the connector as id `connector`, then its tasks;
+    a summary naming each with its worker and the first line of its trace, "" when nothing failed)."""
+    failed: list[dict[str, Any]] = []
+    if status["connector"]["state"] == "FAILED":
+        failed.append({"id": "connector", **status["connector"]})
+    failed += [dict(t) for t in status.get("tasks", []) if t["state"] == "FAILED"]
+    summary = "; ".join(
+        f"{'task ' + str(t['id']) if t['id'] != 'connector' else 'connector'} FAILED on "
+        f"{t.get('worker_id', '?')}: {(t.get('trace') or 'no trace').splitlines()[0][:300]}"
+        for t in failed
+    )
+    return failed, summary

@@ -368,6 +368,10 @@ def snapshot_collection(table: TableConfig) -> tuple[str, str]:
     return quoted, CASE_SENSITIVE + regex_literal(quoted)
 
 
+class SignalLockTimeout(TimeoutError):
+    """Another backfill of the pipeline held the signal lock for longer than the wait allowed."""
+
+
 class SignalLock:
     """A PostgreSQL session advisory lock per pipeline around inserting a snapshot signal (released
     when its connection ends, also if the process dies). Debezium reports two signals it takes in at
@@ -394,6 +398,13 @@ class SignalLock:
                 next_note = time.monotonic() + note_every
             time.sleep(1)
         return True
+
+    def acquire(self, timeout: float, on_wait: Any = None) -> None:
+        """`wait`, raising SignalLockTimeout when the lock is not had in `timeout` seconds."""
+        if not self.wait(timeout, on_wait):
+            raise SignalLockTimeout(
+                f"another backfill's signal was not taken by Debezium in {timeout:.0f} s: is the connector running?"
+            )
 
     def release(self) -> None:
         if self.held:

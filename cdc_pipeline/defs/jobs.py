@@ -2,15 +2,10 @@
 pause/resume, backfill, replay and reconcile. Provisioning and checks are asset jobs (definitions.py)."""
 
 import json
-import os
-import signal
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -32,12 +27,21 @@ from pydantic import Field
 
 from cdc_pipeline.config import PipelineConfig, TableConfig
 from cdc_pipeline.connector import connector_name
-from cdc_pipeline.control.backfill import SnapshotFailed, SnapshotProgress, end_offsets, follow_snapshot
+from cdc_pipeline.control.backfill import (
+    NotApplied,
+    SnapshotFailed,
+    SnapshotProgress,
+    end_offsets,
+    follow_snapshot,
+    wait_until_applied,
+)
 from cdc_pipeline.control.reconcile import Differences, normalize, reconcile
+from cdc_pipeline.control.replay_runner import ReplayTimeout, replay_arguments, run_replay
 from cdc_pipeline.control.replicas import ClickHouseReplica, Replica, WarehouseReplica
 from cdc_pipeline.control.rules import connector_running, connector_states
 from cdc_pipeline.control.source import (
     SignalLock,
+    SignalLockTimeout,
     UnsupportedSnapshotName,
     exact_count,
     primary_key,
@@ -256,17 +260,6 @@ def _notification_topic(connect: KafkaConnectResource, config: PipelineConfig) -
     return topic
 
 
-class BackfillLock(SignalLock):
-    """The pipeline's signal lock (control/source.py), failing the run after `timeout`."""
-
-    def acquire(self, timeout: float, log: Any) -> None:
-        note = lambda: log.info("waiting until Debezium has taken the signal of another backfill of this pipeline")  # noqa: E731
-        if not self.wait(timeout, note):
-            raise Failure(
-                f"another backfill's signal was not taken by Debezium in {timeout:.0f} s: is the connector running?"
-            )
-
-
 def run_backfill(
     context: OpExecutionContext,
     config: PipelineConfig,
@@ -294,8 +287,16 @@ def run_backfill(
         # The signal connection holds the pipeline's backfill lock until Debezium acknowledged the signal:
         # two signals it takes in at once would be reported under one id only (see control/backfill.py).
         with postgres.connect(autocommit=True) as conn:
-            lock = BackfillLock(conn, config.name)
-            lock.acquire(timeout, context.log)
+            lock = SignalLock(conn, config.name)
+            try:
+                lock.acquire(
+                    timeout,
+                    lambda: context.log.info(
+                        "waiting until Debezium has taken the signal of another backfill of this pipeline"
+                    ),
+                )
+            except SignalLockTimeout as exc:
+                raise Failure(str(exc)) from None
             start = end_offsets(consumer, topic)
             notification_start = end_offsets(consumer, notification_topic)
             expected = exact_count(conn, table, condition)
@@ -328,22 +329,12 @@ def run_backfill(
         consumer.close()
     applied_lag = None
     if wait_applied:
-        deadline = time.monotonic() + timeout
-        while True:
-            lag = stream_lag(kafka, config)
-            behind = [
-                p for p in lag.partitions
-                if p.topic == topic and (p.committed or 0) < progress.end_offsets.get(p.partition, 0)
-            ]  # fmt: skip
-            if not behind:
-                applied_lag = lag.total
-                break
-            if time.monotonic() > deadline:
-                raise Failure(
-                    f"the snapshot of {table.name} is in Kafka but the stream has not applied it after "
-                    f"{timeout:.0f} s (lag {lag.total}): is the stream running? (stream_status job)"
-                )
-            time.sleep(3)
+        try:
+            applied_lag = wait_until_applied(
+                lambda: stream_lag(kafka, config), topic, progress.end_offsets, timeout
+            ).total
+        except NotApplied as exc:
+            raise Failure(f"the snapshot of {table.name} is in Kafka but {exc}") from None
         context.log.info(f"backfill {table.name}: applied by the stream")
     return {
         "table": table.name, "signal_id": signal_id, "condition": condition or "", "expected_rows": expected,
@@ -463,53 +454,31 @@ def build_replay_job(translator: CdcTranslator) -> JobDefinition:
         context.log.info(
             f"replaying {topic} offsets [{start}, {end}) ({end - start} records) with spark-submit on {spark.master}"
         )
-        # In its own process group, so a timeout stops spark-submit's JVM and its Python driver together. Output
-        # goes to a file (no pipe to fill); a log line every REPLAY_NOTE_S says the replay is still at work.
+        # spark-submit in its own process group, stopped on timeout (control/replay_runner.py).
         started = time.monotonic()
-        with (
-            tempfile.TemporaryDirectory(prefix="cdc-replay-") as workdir,
-            open(Path(workdir) / "output.log", "w+", errors="replace") as out,
-        ):
-            result_file = Path(workdir) / "result.json"
-            argv = spark.submit().argv(
-                replay_app.__file__, "--config", str(pipeline.resolved_config_path),
-                "--starting-offsets", json.dumps({topic: {"0": start}}),
-                "--ending-offsets", json.dumps({topic: {"0": end}}),
-                "--result-file", str(result_file),
-                name=f"{pipeline_config.query_name}_replay",
-            )  # fmt: skip
-            process = subprocess.Popen(
-                argv, env=submit_env(stream_env(kafka, clickhouse, pipeline), master=spark.master), stdout=out,
-                stderr=subprocess.STDOUT, text=True, start_new_session=True,
-            )  # fmt: skip
-            try:
-                next_note = started + REPLAY_NOTE_S
-                while process.poll() is None:
-                    elapsed = time.monotonic() - started
-                    if elapsed > config.timeout_s:
-                        os.killpg(process.pid, signal.SIGKILL)
-                        process.wait()
-                        out.seek(0)
-                        raise Failure(
-                            f"replay of {topic} [{start}, {end}) did not finish in {config.timeout_s:.0f} s and "
-                            "was stopped; nothing is lost (a replay only re-applies), run it again with a larger "
-                            "timeout_s or a smaller range:\n" + "\n".join(out.read().splitlines()[-20:])
-                        )
-                    if time.monotonic() >= next_note:
-                        context.log.info(
-                            f"replay of {topic} [{start}, {end}): {end - start} records, running for {elapsed:.0f} s"
-                        )
-                        next_note += REPLAY_NOTE_S
-                    time.sleep(0.5)
-            finally:
-                if process.poll() is None:  # the run was terminated while the replay ran: stop it too
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait()
-            out.seek(0)
-            lines = out.read().splitlines()
-            summary = replay_app.read_result(result_file)
-        if process.returncode != 0 or summary is None:
-            raise Failure(f"replay of {topic} failed (exit {process.returncode}):\n" + "\n".join(lines[-40:]))
+        try:
+            outcome = run_replay(
+                lambda result_file: spark.submit().argv(
+                    replay_app.__file__,
+                    *replay_arguments(pipeline.resolved_config_path, topic, start, end, result_file),
+                    name=f"{pipeline_config.query_name}_replay",
+                ),
+                env=submit_env(stream_env(kafka, clickhouse, pipeline), master=spark.master),
+                timeout_s=config.timeout_s,
+                on_progress=lambda elapsed: context.log.info(
+                    f"replay of {topic} [{start}, {end}): {end - start} records, running for {elapsed:.0f} s"
+                ),
+                note_every_s=REPLAY_NOTE_S,
+            )
+        except ReplayTimeout as exc:
+            raise Failure(
+                f"replay of {topic} [{start}, {end}) did not finish in {config.timeout_s:.0f} s and "
+                "was stopped; nothing is lost (a replay only re-applies), run it again with a larger "
+                "timeout_s or a smaller range:\n" + "\n".join(exc.tail)
+            ) from None
+        summary = outcome.result
+        if outcome.returncode != 0 or summary is None:
+            raise Failure(f"replay of {topic} failed (exit {outcome.returncode}):\n" + "\n".join(outcome.output[-40:]))
         summary.update(topic=topic, start_offset=start, end_offset=end, seconds=round(time.monotonic() - started, 1))
         context.log.info(f"replayed: {summary}")
         for key in translator.replica_keys(table):

@@ -35,16 +35,24 @@ from cdc_pipeline.connector import connector_name
 from cdc_pipeline.control.alerts import Alert, Incidents
 from cdc_pipeline.control.backoff import RestartBackoff
 from cdc_pipeline.control.checkpoint import UnsupportedCheckpoint, inspect_checkpoint
-from cdc_pipeline.control.lag import LagSnapshot, evaluate_window
+from cdc_pipeline.control.lag import LagSnapshot
 from cdc_pipeline.control.rules import (
     CheckOutcome,
     Verdict,
+    connector_failures,
     connector_missing,
     connector_paused,
     failed_error_check,
     slot_retention,
 )
 from cdc_pipeline.control.source import slot_observation
+from cdc_pipeline.control.stream_rules import (
+    CheckpointCursor,
+    LagCursor,
+    StreamObservation,
+    lag_rule,
+    stream_health,
+)
 from cdc_pipeline.defs.common import AUTOMATIC_TAG, progress_rows, stream_lag
 from cdc_pipeline.defs.translator import CdcTranslator
 from cdc_pipeline.resources import (
@@ -336,17 +344,16 @@ def build_sensors(translator: CdcTranslator, restart_stream_job: JobDefinition) 
         monitor: MonitorResource,
     ) -> SensorResult:
         config = pipeline.load()
-        state = _cursor(context)
-        incidents = Incidents(state.get("incidents"))
+        cursor = LagCursor.parse(context.cursor)
+        incidents = Incidents(cursor.incidents)
         try:
             snapshot = stream_lag(kafka, config)
         except Exception as exc:  # an unreachable Kafka is an incident, not a silent sensor error
             error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}" if str(exc) else type(exc).__name__
             _update(context, incidents, notifier, f"kafka:{config.name}", True, _kafka_alert(config, kafka, error))
-            return SensorResult(cursor=json.dumps({**state, "incidents": incidents.state}))
+            return SensorResult(cursor=LagCursor(cursor.window, incidents.state).serialize())
         _update(context, incidents, notifier, f"kafka:{config.name}", False, _kafka_alert(config, kafka, ""))
-        window = [*state.get("window", []), snapshot.to_json()][-monitor.lag_window :]
-        verdict = evaluate_window(window, monitor.lag_threshold, monitor.lag_window)
+        verdict, window = lag_rule(cursor.window, snapshot, monitor.lag_threshold, monitor.lag_window)
         worst = sorted(snapshot.partitions, key=lambda p: -p.lag)[:3]
 
         def make(resolved: bool) -> Alert:
@@ -373,7 +380,7 @@ def build_sensors(translator: CdcTranslator, restart_stream_job: JobDefinition) 
         _update(context, incidents, notifier, f"lag:{config.name}", not verdict.ok, make)
         return SensorResult(
             asset_events=_lag_observations(translator, config, snapshot),
-            cursor=json.dumps({"window": window, "incidents": incidents.state}),
+            cursor=LagCursor(window, incidents.state).serialize(),
         )
 
     @sensor(
@@ -393,12 +400,10 @@ def build_sensors(translator: CdcTranslator, restart_stream_job: JobDefinition) 
         monitor: MonitorResource,
     ) -> SensorResult:
         config = pipeline.load()
-        state = _cursor(context)
-        controller = pipeline.controller(config)
-        status = controller.status()
+        cursor = CheckpointCursor.parse(context.cursor)
+        status = pipeline.controller(config).status()
         location = pipeline.checkpoint(config)
         now = time.time()
-        problems: dict[str, str] = {}
         try:
             checkpoint = inspect_checkpoint(location)
         except UnsupportedCheckpoint as exc:
@@ -408,41 +413,22 @@ def build_sensors(translator: CdcTranslator, restart_stream_job: JobDefinition) 
             _active_runs(context, job, START_GRACE_S)
             for job in (translator.name("start_stream"), restart_stream_job.name)
         )
-        if status.desired == "running" and not status.running and not starting:
-            problems["dead"] = f"the stream (pid {status.pid or '-'}) is not running though it should"
-        if checkpoint is not None and checkpoint.exists and not checkpoint.readable:
-            problems["unreadable"] = f"checkpoint {location} is unreadable: {checkpoint.error}"
-        wanted = status.desired == "running"
-        # A restarted query re-runs its unfinished batch from the old offsets file and commits nothing
-        # before its first batch: ages count from the stream's start at the earliest.
-        started = _started_at(status.started_at)
-        pending = checkpoint.pending_batch if checkpoint is not None else None
-        if wanted and pending is not None and checkpoint.pending_since is not None:
-            age = now - max(checkpoint.pending_since, started)
-            if age > monitor.stall_after_s:
-                problems["stalled"] = f"batch {pending} started {age:.0f} s ago and never committed"
         try:
             lag = stream_lag(kafka, config)
         except Exception as exc:  # the lag sensor alerts on Kafka itself; the other rules still apply
             context.log.warning(f"no lag reading: {exc}")
             lag = None
         committed = lag.committed_total if lag is not None else None
-        # No progress: messages wait, the committed offsets did not move since the last evaluation, and the
-        # newest commit is older than stall_after_s (a first write after an idle hour is not a stall).
-        if (
-            status.running and lag is not None and lag.total and committed == state.get("committed")
-            and checkpoint is not None and checkpoint.last_commit_at is not None and "stalled" not in problems
-        ):  # fmt: skip
-            idle = now - max(checkpoint.last_commit_at, started)
-            if idle > monitor.stall_after_s:
-                problems["no_progress"] = f"no batch committed for {idle:.0f} s while {lag.total} messages wait"
-
-        incidents = Incidents(state.get("incidents"))
-        backoff = RestartBackoff(state.get("restart"))
-        will_restart = (
-            monitor.restart_stream and ("dead" in problems or "stalled" in problems or "no_progress" in problems)
-            and "unreadable" not in problems and status.desired == "running" and backoff.due(now)
+        observation = StreamObservation(
+            now=now, desired=status.desired, running=status.running, pid=status.pid,
+            started_at=_started_at(status.started_at), starting=starting, location=location,
+            checkpoint=checkpoint, lag_total=lag.total if lag is not None else None, committed=committed,
         )  # fmt: skip
+        health = stream_health(observation, cursor.committed, monitor.stall_after_s, monitor.restart_stream)
+        problems, settling = health.problems, health.settling
+        incidents = Incidents(cursor.incidents)
+        backoff = RestartBackoff(cursor.restart)
+        will_restart = health.restart and backoff.due(now)
 
         def make(resolved: bool) -> Alert:
             summary = "the stream runs and commits batches again" if resolved else "; ".join(problems.values())
@@ -468,9 +454,7 @@ def build_sensors(translator: CdcTranslator, restart_stream_job: JobDefinition) 
                 resolved=resolved,
             )  # fmt: skip
 
-        # While a start/restart run brings the stream up, its state is neither a failure nor a recovery:
-        # the incident and the backoff stay as they are until the run is done.
-        settling = starting and status.desired == "running" and not status.running
+        # While a start/restart run brings the stream up, the incident and the backoff stay as they are.
         if not settling:
             _update(context, incidents, notifier, f"checkpoint:{config.name}", bool(problems), make)
         run_requests = []
@@ -498,7 +482,7 @@ def build_sensors(translator: CdcTranslator, restart_stream_job: JobDefinition) 
         return SensorResult(
             run_requests=run_requests,
             asset_events=[AssetObservation(asset_key=translator.stream_key(), metadata=metadata)],
-            cursor=json.dumps({"incidents": incidents.state, "restart": backoff.state, "committed": committed}),
+            cursor=CheckpointCursor(incidents.state, backoff.state, committed).serialize(),
         )
 
     @sensor(
@@ -540,15 +524,8 @@ def build_sensors(translator: CdcTranslator, restart_stream_job: JobDefinition) 
             )
         failed: list[dict[str, Any]] = []
         if status is not None:
-            if status["connector"]["state"] == "FAILED":
-                failed.append({"id": "connector", **status["connector"]})
-            failed += [t for t in status.get("tasks", []) if t["state"] == "FAILED"]
-            if failed:
-                problem = "; ".join(
-                    f"{'task ' + str(t['id']) if t['id'] != 'connector' else 'connector'} FAILED on "
-                    f"{t.get('worker_id', '?')}: {(t.get('trace') or 'no trace').splitlines()[0][:300]}"
-                    for t in failed
-                )
+            failed, summary = connector_failures(status)
+            problem = summary
         backoff = RestartBackoff(state.get("restart"))
         now = time.time()
         if failed and monitor.restart_connector_tasks and backoff.due(now):

@@ -20,12 +20,12 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
 from pyspark.sql import SparkSession
 
 from cdc_pipeline.clickhouse import connect_clickhouse
 from cdc_pipeline.config import load_pipeline_config
+from cdc_pipeline.control.replay_runner import read_result as read_result  # the reader's side, kept here too
 from cdc_pipeline.settings import Settings
 from cdc_pipeline.streaming.app import KAFKA_OFFSET_FETCH, bind_to_jvm
 from cdc_pipeline.streaming.apply import BatchStats, ChangeApplier
@@ -100,15 +100,6 @@ def main(argv: list[str] | None = None) -> int:
     print(RESULT_PREFIX + json.dumps(summary), flush=True)
     spark.stop()
     return 0
-
-
-def read_result(path: Path) -> dict[str, Any] | None:
-    """The counts a replay wrote with `--result-file`, or None when it wrote none (it failed first)."""
-    try:
-        result: dict[str, Any] = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    return result
 
 
 if __name__ == "__main__":
