@@ -23,6 +23,7 @@ import base64
 import json
 import logging
 import struct
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -112,6 +113,15 @@ class BatchStats:
     sink_retries: int = 0
     latest_source_ts_ms: int | None = None
     tables: dict[str, int] = field(default_factory=dict)
+    # Where the batch's time went, in seconds: decode (the Spark job and the Arrow transfer), schemas,
+    # convert (Python), sink (ClickHouse writes, retries included), dead_letters.
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def timed(self, phase: str, started: float) -> float:
+        """Add the time since `started` to `phase`; returns now."""
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - started
+        return now
 
     def saw_source_ts(self, ts_ms: int | None) -> None:
         # A source timestamp is epoch milliseconds; anything else (a mangled record) is not a timestamp.
@@ -213,14 +223,28 @@ class ChangeApplier:
         again only for the first record of a schema not seen before and for dead letters' raw bytes."""
         stats = self._stats = BatchStats(batch_id)
         self._dead = []
+        started = now = time.perf_counter()
         decoded = decode_envelope(batch).filter(F.col("op").isNotNull() | F.col("error").isNotNull())
         found = DecodedBatch.of(decoded.toArrow())
+        now = stats.timed("decode", now)
         for record in found.errors:
             self._dead_letter(record, record.error or "invalid record", stats)
         self._apply(batch, found, stats)
+        now = time.perf_counter()
         self._send_dead_letters(batch)
         # Dead letters must be durable before Spark commits the batch.
         self.dead_letters.flush()
+        stats.timed("dead_letters", now)
+        log.info(
+            "batch %s: %s record(s), %s applied, %s deleted, %s dead-lettered in %.3fs (%s)",
+            batch_id,
+            found.records,
+            stats.applied_rows,
+            stats.deleted_rows,
+            stats.dlq_count,
+            time.perf_counter() - started,
+            ", ".join(f"{phase} {seconds:.3f}s" for phase, seconds in stats.seconds.items()),
+        )
         if stats.clamped_values:
             log.warning("batch %s: %s out-of-range value(s) clamped", batch_id, stats.clamped_values)
         if self.on_batch:
@@ -356,7 +380,9 @@ class ChangeApplier:
             )
 
     def _apply(self, batch: DataFrame, found: DecodedBatch, stats: BatchStats) -> None:
+        now = time.perf_counter()
         schemas = self._schemas(batch, found)
+        stats.timed("schemas", now)
         truncates = {topic: version(*position) for topic, position in found.truncates.items()}
         changes = found.latest_by_topic()
 
@@ -406,6 +432,7 @@ class ChangeApplier:
         rows: list[Any],
         stats: BatchStats,
     ) -> None:
+        started = time.perf_counter()
         converted: list[_Converted] = []
         retry_keys: dict[str, set[int]] = {}  # key_json -> offsets already dead-lettered
         for row in rows:
@@ -414,6 +441,7 @@ class ChangeApplier:
             except RowError as exc:
                 self._dead_letter(row, str(exc), stats)
                 retry_keys[row.key_json] = {row.offset}
+        stats.timed("convert", started)
 
         pending = [c for c in converted if c.missing]
         history: dict[str, list[Any]] = {}
@@ -577,8 +605,12 @@ class ChangeApplier:
             return 0
 
         def attempt() -> int:
-            self.sink.ensure_table(table, columns)  # cached: no round trip unless the table changed or vanished
-            return write([values for _, values in group])
+            started = time.perf_counter()
+            try:
+                self.sink.ensure_table(table, columns)  # cached: no round trip unless the table changed or vanished
+                return write([values for _, values in group])
+            finally:
+                stats.timed("sink", started)
 
         try:
             return self._retrying(attempt, f"writing {len(group)} row(s) to {table.qualified}", table)

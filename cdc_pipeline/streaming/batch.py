@@ -65,12 +65,13 @@ def changes(table: pa.Table) -> list[Change]:
 
 @dataclass
 class DecodedBatch:
-    """The decoded batch, split once: `errors` (records to dead-letter with `error` as the reason),
-    `truncates` (per topic, the position of its last truncate), `schema_uses` (of every valid row
-    change), `rows` (valid row changes that no later truncate of the batch wipes out, sorted by topic
-    and key, newest first) and `latest` (the first change of each key in `rows`: the last one by
-    source position)."""
+    """The decoded batch (`records`: how many, tombstones left out), split once: `errors` (records to
+    dead-letter with `error` as the reason), `truncates` (per topic, the position of its last truncate),
+    `schema_uses` (of every valid row change), `rows` (valid row changes that no later truncate of the
+    batch wipes out, sorted by topic and key, newest first) and `latest` (the first change of each key
+    in `rows`: the last one by source position)."""
 
+    records: int
     errors: list[Change]
     truncates: dict[str, tuple[int, int]]
     schema_uses: list[SchemaUse]
@@ -116,7 +117,7 @@ class DecodedBatch:
             ],
         )
         rows = rows.take(order)
-        return cls(errors, truncates, uses, rows, rows.filter(_group_starts(rows)))
+        return cls(table.num_rows, errors, truncates, uses, rows, rows.filter(_group_starts(rows)))
 
     def latest_by_topic(self) -> dict[str, list[Change]]:
         found: dict[str, list[Change]] = {}
