@@ -44,7 +44,7 @@ state_dir_option = click.option(
 @state_dir_option
 def up(state_dir: Path | None) -> None:
     """Start every service that is not running and wait until all answer (idempotent)."""
-    from cdc_pipeline.stack.jvm import ArtifactError
+    from cdc_pipeline.jvm import ArtifactError
     from cdc_pipeline.stack.services import StackError
     from cdc_pipeline.stack.stack import LocalStack
 
@@ -179,7 +179,7 @@ def stream_run(
     import subprocess
 
     from cdc_pipeline.config import default_config_path
-    from cdc_pipeline.stack.jvm import ArtifactError
+    from cdc_pipeline.jvm import ArtifactError
     from cdc_pipeline.streaming.launch import SparkSubmit, submit_env
 
     settings = _settings(None)

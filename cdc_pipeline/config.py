@@ -273,6 +273,20 @@ class TableConfig(_Model):
         "(clamp, text or dlq); default: `sink.clickhouse.out_of_range`.",
     )
 
+    sinks: list[Literal["clickhouse", "warehouse"]] = Field(
+        default_factory=lambda: ["clickhouse"],
+        min_length=1,
+        description="Where the replica goes: `clickhouse`, `warehouse` (the PostgreSQL warehouse of "
+        "CDC_WAREHOUSE_DSN) or both; default: clickhouse.",
+    )
+
+    @field_validator("sinks")
+    @classmethod
+    def _distinct_sinks(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"each sink once: {value}")
+        return value
+
     @field_validator("partition_by")
     @classmethod
     def _one_expression(cls, value: str | None) -> str | None:
@@ -403,6 +417,119 @@ class StreamConfig(_Model):
         return trigger_interval_ms(self.trigger_interval)
 
 
+# --- aggregates (windowed aggregations, see cdc_pipeline/streaming/aggregates.py) --------------------------
+
+_DURATION = re.compile(r"^(\d+)\s*(seconds?|minutes?|hours?|days?)$")
+_DURATION_US = {"second": 1_000_000, "minute": 60_000_000, "hour": 3_600_000_000, "day": 86_400_000_000}
+AggregateFunction = Literal["count", "sum", "avg", "min", "max", "approx_count_distinct"]
+# Columns every aggregate table has besides its group and measure columns.
+AGGREGATE_RESERVED = ("window_start", "window_end", "_version", "_is_deleted")
+
+
+def duration_us(text: str) -> int:
+    """A duration such as `5 minutes` in microseconds; ValueError when unparsable."""
+    match = _DURATION.match(text.strip()) if isinstance(text, str) else None
+    if not match:
+        raise ValueError(f"{text!r} is not '<N> seconds|minutes|hours|days'")
+    return int(match[1]) * _DURATION_US[match[2].removesuffix("s")]
+
+
+def _duration(text: str) -> str:
+    duration_us(text)
+    return text
+
+
+Duration = Annotated[str, AfterValidator(_duration)]
+
+
+class WindowConfig(_Model):
+    """A tumbling window (`size` only) or a sliding one (`size` and `slide`), aligned to the Unix epoch."""
+
+    size: Duration = Field(description="Window length, e.g. `1 minute`, `5 minutes`, `1 hour`.")
+    slide: Duration | None = Field(
+        None, description="Sliding windows: a new window starts every `slide` (must divide `size`); null: tumbling."
+    )
+
+    @model_validator(mode="after")
+    def _sizes(self) -> WindowConfig:
+        if duration_us(self.size) == 0:
+            raise ValueError("size must be positive")
+        if self.slide is not None:
+            size, slide = duration_us(self.size), duration_us(self.slide)
+            if slide == 0 or slide > size or size % slide:
+                raise ValueError(f"slide ({self.slide}) must be positive and divide size ({self.size})")
+        return self
+
+    @property
+    def size_us(self) -> int:
+        return duration_us(self.size)
+
+    @property
+    def slide_us(self) -> int:
+        return duration_us(self.slide) if self.slide is not None else self.size_us
+
+
+class MeasureConfig(_Model):
+    """One output column of an aggregate: `function` of `column` per window and group."""
+
+    name: ClickHouseIdentifier = Field(description="Output column name in the aggregate table.")
+    function: AggregateFunction = Field(
+        description="count (rows, or non-NULL values of `column`), sum, avg, min, max, or approx_count_distinct "
+        "(ClickHouse uniq: approximate, exact for small counts)."
+    )
+    column: ColumnName | None = Field(None, description="Source column; required except for count.")
+
+    @model_validator(mode="after")
+    def _column(self) -> MeasureConfig:
+        if self.column is None and self.function != "count":
+            raise ValueError(f"function {self.function} needs a column")
+        return self
+
+
+class AggregateConfig(_Model):
+    """A windowed aggregation over the current state of a captured table's rows (see README, Aggregates)."""
+
+    name: PgIdentifier = Field(description="Aggregate name ([a-z_][a-z0-9_]*); asset key and default table name.")
+    table: TableName = Field(description="The captured source table (as in `tables`).")
+    event_time: ColumnName = Field(description="Column that places a row in windows (timestamp, timestamptz, date).")
+    window: WindowConfig = Field(description="Tumbling (`size`) or sliding (`size`, `slide`) windows.")
+    watermark_delay: Duration = Field(
+        "0 seconds",
+        description="Windows ending before (max event time seen - delay) are closed; changes to them are late.",
+    )
+    group_by: list[ColumnName] = Field(default_factory=list, description="Group columns (source names).")
+    measures: list[MeasureConfig] = Field(min_length=1, description="Output measures.")
+    filter: str | None = Field(
+        None, min_length=1, description="Boolean ClickHouse expression on the replica's columns, e.g. status = 'paid'."
+    )
+    clickhouse_table: ClickHouseIdentifier | None = Field(None, description="Aggregate table; default `agg_<name>`.")
+
+    @field_validator("filter")
+    @classmethod
+    def _one_expression(cls, value: str | None) -> str | None:
+        return None if value is None else check_expression(value, "filter", "clickhouse", CLICKHOUSE_CLAUSES)
+
+    @model_validator(mode="after")
+    def _names(self) -> AggregateConfig:
+        seen: dict[str, str] = {}
+        for what, name in [*(("group_by", g) for g in self.group_by), *(("measures", m.name) for m in self.measures)]:
+            if name in AGGREGATE_RESERVED:
+                raise ValueError(f"{what}: {name!r} is reserved in aggregate tables ({', '.join(AGGREGATE_RESERVED)})")
+            if name in seen:
+                raise ValueError(f"{what}: {name!r} repeats a name of {seen[name]} (output columns must differ)")
+            seen[name] = what
+        return self
+
+    @property
+    def sink_table(self) -> str:
+        return self.clickhouse_table or f"agg_{self.name}"
+
+    def columns(self) -> list[str]:
+        """Source columns the aggregate reads (besides those its filter names)."""
+        used = [self.event_time, *self.group_by, *(m.column for m in self.measures if m.column)]
+        return list(dict.fromkeys(used))
+
+
 class PipelineConfig(_Model):
     """A whole pipeline: source, captured tables, sink and stream. Derived names are properties."""
 
@@ -411,6 +538,9 @@ class PipelineConfig(_Model):
     tables: list[TableConfig] = Field(min_length=1, description="Captured tables.")
     sink: SinkConfig = Field(default_factory=SinkConfig, description="Sink systems.")
     stream: StreamConfig = Field(default_factory=StreamConfig, description="Streaming query.")
+    aggregates: list[AggregateConfig] = Field(
+        default_factory=list, description="Windowed aggregations over the replicas (see README, Aggregates)."
+    )
 
     @model_validator(mode="after")
     def _cross_checks(self) -> PipelineConfig:
@@ -478,9 +608,53 @@ class PipelineConfig(_Model):
                 dropped = [c for c in table.primary_key if not table.columns.captures(c)]
                 if dropped:
                     errors.append(_detail(("tables", i, "primary_key"), f"{dropped} are filtered out by 'columns'"))
+        errors += self._aggregate_errors(seen_sinks)
         if errors:
             raise ValidationError.from_exception_data(type(self).__name__, errors)
         return self
+
+    def _aggregate_errors(self, replica_tables: dict[str, int]) -> list[InitErrorDetails]:
+        errors: list[InitErrorDetails] = []
+        names: dict[str, int] = {}
+        tables: dict[str, int] = {}
+        for i, aggregate in enumerate(self.aggregates):
+            if aggregate.name in names:
+                errors.append(
+                    _detail(("aggregates", i, "name"), f"{aggregate.name} repeats aggregates[{names[aggregate.name]}]")
+                )
+            names.setdefault(aggregate.name, i)
+            sink = aggregate.sink_table
+            if sink in replica_tables or sink in tables:
+                other = f"tables[{replica_tables[sink]}]" if sink in replica_tables else f"aggregates[{tables[sink]}]"
+                errors.append(_detail(("aggregates", i, "clickhouse_table"), f"{sink} is already the table of {other}"))
+            tables.setdefault(sink, i)
+            try:
+                table = self.table(aggregate.table)
+            except KeyError:
+                errors.append(
+                    _detail(("aggregates", i, "table"), f"{aggregate.table} is not a captured table (add it to tables)")
+                )
+                continue
+            aggregate.table = table.name
+            if "clickhouse" not in table.sinks:
+                errors.append(
+                    _detail(
+                        ("aggregates", i, "table"),
+                        f"{table.name} has no ClickHouse replica (its sinks are {table.sinks}); aggregates are "
+                        "computed from it: add clickhouse to its sinks",
+                    )
+                )
+            if table.columns is not None:
+                dropped = [quote_name(c) for c in aggregate.columns() if not table.columns.captures(c)]
+                if dropped:
+                    errors.append(
+                        _detail(("aggregates", i), f"columns {dropped} are filtered out by {table.name}'s 'columns'")
+                    )
+        return errors
+
+    def aggregates_of(self, table: TableConfig) -> list[AggregateConfig]:
+        """The aggregates computed from `table`'s replica."""
+        return [a for a in self.aggregates if a.table == table.name]
 
     @property
     def topic_prefix(self) -> str:

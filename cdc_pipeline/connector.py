@@ -12,9 +12,9 @@ import psycopg
 from psycopg import sql
 
 from cdc_pipeline.config import PipelineConfig, TableConfig, display_name
+from cdc_pipeline.jvm import DEBEZIUM_CONNECTOR_CLASS
 from cdc_pipeline.resources.connect import ConnectError, KafkaConnectResource
 from cdc_pipeline.settings import ENV_PREFIX, Settings
-from cdc_pipeline.stack.jvm import DEBEZIUM_CONNECTOR_CLASS
 from cdc_pipeline.topics import ensure_topics
 
 log = logging.getLogger(__name__)

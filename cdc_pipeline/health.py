@@ -13,7 +13,7 @@ import psycopg
 import requests
 
 from cdc_pipeline.clickhouse import connect_clickhouse
-from cdc_pipeline.stack.jvm import DEBEZIUM_CONNECTOR_CLASS
+from cdc_pipeline.jvm import DEBEZIUM_CONNECTOR_CLASS
 
 
 @dataclass(frozen=True)

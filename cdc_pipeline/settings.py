@@ -24,6 +24,12 @@ class Settings(BaseSettings):
     postgres_dsn: str = "postgresql://cdc@127.0.0.1:5432/shop"
     postgres_password: SecretStr | None = None
 
+    # PostgreSQL warehouse (optional second sink, see pipeline.yaml `tables[].sinks`): a database that is
+    # not the source. Unset: no table may name the warehouse sink. The local stack creates this role and
+    # database in its PostgreSQL server when the DSN points at it.
+    warehouse_dsn: str | None = None
+    warehouse_password: SecretStr | None = None
+
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     connect_url: str = "http://127.0.0.1:8083"
 
@@ -51,6 +57,14 @@ class Settings(BaseSettings):
     # restart failed connector tasks.
     auto_restart_stream: bool = False
     auto_restart_connector: bool = False
+    # When Dagster runs the replica checks and observes the source tables by itself (cron, UTC).
+    checks_cron: str = "*/15 * * * *"
+    observe_cron: str = "*/5 * * * *"
+    # Replication sensor: alert when the slot retains more WAL than this, or has not advanced for this
+    # long while WAL waits behind it, or the connector has been PAUSED this long.
+    slot_max_retained_bytes: int = Field(default=1 << 30, gt=0)
+    slot_max_retention_age_s: float = Field(default=3600, gt=0)
+    connector_max_paused_s: float = Field(default=1800, ge=0)
 
     # Local stack only.
     stack_dir: Path = Path(".stack")
@@ -59,7 +73,9 @@ class Settings(BaseSettings):
     kafka_controller_port: int = 9093
     clickhouse_local_port: int = 8123
 
-    @field_validator("postgres_password", "clickhouse_password", "alert_webhook_url", mode="before")
+    @field_validator(
+        "postgres_password", "clickhouse_password", "warehouse_password", "alert_webhook_url", mode="before"
+    )
     @classmethod
     def _empty_secret_is_unset(cls, value: object) -> object:
         return None if value == "" else value
@@ -72,13 +88,20 @@ class Settings(BaseSettings):
             raise ValueError(f"CDC_CLICKHOUSE_DATABASE: use letters, digits and _, not a digit first: {value!r}")
         return value
 
-    @field_validator("postgres_dsn")
+    @field_validator("warehouse_dsn", mode="before")
     @classmethod
-    def _dsn_parses(cls, value: str) -> str:
+    def _empty_dsn_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("postgres_dsn", "warehouse_dsn")
+    @classmethod
+    def _dsn_parses(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         try:
             conninfo_to_dict(value)
         except Exception as exc:  # psycopg raises ProgrammingError with the parse detail
-            raise ValueError(f"CDC_POSTGRES_DSN is not a valid libpq connection string: {exc}") from exc
+            raise ValueError(f"not a valid libpq connection string: {exc}") from exc
         return value
 
     @cached_property
@@ -95,6 +118,28 @@ class Settings(BaseSettings):
         password = self.postgres_password.get_secret_value() if self.postgres_password else None
         original = conninfo_to_dict(self.postgres_dsn)
         return make_conninfo(self.postgres_dsn, password=password or original.get("password"))
+
+    @cached_property
+    def warehouse_params(self) -> dict[str, str]:
+        """The warehouse DSN's parts, without any password (empty when no warehouse is configured)."""
+        if self.warehouse_dsn is None:
+            return {}
+        params = {k: str(v) for k, v in conninfo_to_dict(self.warehouse_dsn).items()}
+        params.pop("password", None)
+        params.setdefault("host", "127.0.0.1")
+        params.setdefault("port", "5432")
+        return params
+
+    def warehouse_conninfo(self) -> str:
+        """The warehouse DSN with its password added: for connecting, never for printing."""
+        if self.warehouse_dsn is None:
+            raise ValueError(
+                "no PostgreSQL warehouse is configured: set CDC_WAREHOUSE_DSN and CDC_WAREHOUSE_PASSWORD "
+                "(or remove `warehouse` from the tables' sinks in pipeline.yaml)"
+            )
+        password = self.warehouse_password.get_secret_value() if self.warehouse_password else None
+        original = conninfo_to_dict(self.warehouse_dsn)
+        return make_conninfo(self.warehouse_dsn, password=password or original.get("password"))
 
     @property
     def kafka_host_port(self) -> tuple[str, int]:

@@ -29,6 +29,7 @@ from cdc_pipeline.stack.stack import LocalStack
 REPO_ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 DAGSTER = str(Path(sys.executable).with_name("dagster"))
+DG = str(Path(sys.executable).with_name("dg"))
 
 
 def _interrupt(signum: int, _frame: object) -> None:
@@ -65,9 +66,9 @@ def wait_for(probe: Callable[[], T | None], timeout: float, what: str, interval:
 
 @contextmanager
 def dagster_dev_server(tmp_path: Path) -> Iterator[str]:
-    """`dagster dev` on a free port with the repo's workspace.yaml and the current os.environ; yields its URL.
+    """`dg dev` on a free port with the repo's workspace.yaml and the current os.environ; yields its URL.
 
-    DAGSTER_HOME and the working directory are `tmp_path/dagster_home`, not the repo: `dagster dev`
+    DAGSTER_HOME and the working directory are `tmp_path/dagster_home`, not the repo: `dg dev -w`
     loads `.env` from its working directory over the environment, and a developer's (or CI's, written
     by scripts/setup.sh) `.env` would point the code location away from the test stack. The pipeline
     definition is the repo's `pipeline.yaml` unless CDC_PIPELINE_CONFIG says otherwise. Output goes to
@@ -79,7 +80,7 @@ def dagster_dev_server(tmp_path: Path) -> Iterator[str]:
     (port,) = free_ports(1)
     log = open(tmp_path / "dagster-dev.log", "wb")  # noqa: SIM115 - closed in the finally below
     process = subprocess.Popen(
-        [DAGSTER, "dev", "-w", str(REPO_ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
+        [DG, "dev", "-w", str(REPO_ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
         cwd=home,
         env=env,
         stdout=log,
@@ -117,6 +118,8 @@ def stack_env() -> Iterator[dict[str, str]]:
         "CDC_CLICKHOUSE_LOCAL_PORT": str(clickhouse),
         "CDC_CLICKHOUSE_PASSWORD": secrets.token_urlsafe(16),
         "CDC_CLICKHOUSE_DATABASE": "cdc",
+        "CDC_WAREHOUSE_DSN": f"postgresql://cdc_warehouse@127.0.0.1:{pg}/warehouse",
+        "CDC_WAREHOUSE_PASSWORD": secrets.token_urlsafe(16),
         "CDC_SPARK_MASTER": "local[2]",
     }
     saved = {k: os.environ.get(k) for k in [*env, "CDC_CLICKHOUSE_URL"]}
@@ -157,6 +160,13 @@ def clickhouse_url(local_stack: LocalStack) -> str:
 def source(settings: Settings, local_stack: LocalStack) -> Iterator[psycopg.Connection]:
     """An autocommit connection to the test stack's PostgreSQL."""
     with psycopg.connect(settings.postgres_conninfo(), autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def warehouse(settings: Settings, local_stack: LocalStack) -> Iterator[psycopg.Connection]:
+    """An autocommit connection to the test stack's PostgreSQL warehouse (a second database and role)."""
+    with psycopg.connect(settings.warehouse_conninfo(), autocommit=True) as conn:
         yield conn
 
 

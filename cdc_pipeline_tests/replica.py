@@ -21,6 +21,7 @@ from psycopg import sql
 from cdc_pipeline.config import PipelineConfig, TableConfig, parse_pipeline_config
 from cdc_pipeline.connector import connector_name, prepare_source, provision_connector
 from cdc_pipeline.control.reconcile import diff, primary_key, replica_rows, source_columns, source_rows
+from cdc_pipeline.control.replicas import ClickHouseReplica, WarehouseReplica
 from cdc_pipeline.resources import KafkaConnectResource
 from cdc_pipeline.settings import Settings
 from cdc_pipeline.streaming.launch import SparkSubmit, launch
@@ -69,13 +70,21 @@ class RunningPipeline:
         key = table.primary_key or primary_key(conn, table.schema_name, table.table_name)
         return table, columns, key
 
-    def mismatches(self, conn: psycopg.Connection, client: Client, tables: list[str]) -> list[str]:
+    def mismatches(
+        self, conn: psycopg.Connection, client: Client, tables: list[str], warehouse: psycopg.Connection | None = None
+    ) -> list[str]:
+        """Differences of each table's ClickHouse replica (or with `warehouse`, its warehouse table)."""
         problems = []
         for name in tables:
             table, columns, key = self.compared(conn, name)
             sink_table = self.config.sink_table(table)
+            target = (
+                WarehouseReplica(warehouse, self.database, sink_table)
+                if warehouse is not None
+                else ClickHouseReplica(client, self.database, sink_table)
+            )
             try:
-                replica = replica_rows(client, self.database, sink_table, columns, key)
+                replica = replica_rows(target, columns, key)
             except Exception as exc:  # table not created yet, column not added yet
                 problems.append(f"{name}: {str(exc).splitlines()[0][:200]}")
                 continue
@@ -84,13 +93,19 @@ class RunningPipeline:
         return problems
 
     def wait_until_replica_matches(
-        self, conn: psycopg.Connection, client: Client, tables: list[str], timeout: float = 300
+        self,
+        conn: psycopg.Connection,
+        client: Client,
+        tables: list[str],
+        timeout: float = 300,
+        warehouse: psycopg.Connection | None = None,
     ) -> int:
-        """Wait until every table's replica equals its source; returns how many rows were compared."""
+        """Wait until every table's replica (ClickHouse, or with `warehouse` the warehouse table) equals its
+        source; returns how many rows were compared."""
         deadline = time.monotonic() + timeout
         problems: list[str] = ["not checked yet"]
         while time.monotonic() < deadline:
-            problems = self.mismatches(conn, client, tables)
+            problems = self.mismatches(conn, client, tables, warehouse)
             if not problems:
                 return sum(
                     len(source_rows(conn, t.schema_name, t.table_name, columns, key))
@@ -112,13 +127,14 @@ def write_schema_pipeline(
     stream: dict[str, Any] | None = None,
     table_options: dict[str, dict[str, Any]] | None = None,
     clickhouse: dict[str, Any] | None = None,
+    aggregates: list[dict[str, Any]] | None = None,
     **source: Any,
 ) -> tuple[PipelineConfig, Path]:
     """A pipeline over the tables of PostgreSQL schema `schema` (pipeline.yaml syntax; default `name`),
     replicated to ClickHouse database `name`, written to `work_dir/<name>.yaml`. A table given by name is
     replicated under its own name (with `table_options[name]` added to its entry); a dict is a whole
     `tables` entry (an unqualified name means `schema`). `source` adds source settings, `stream` stream
-    settings, `clickhouse` sink.clickhouse keys."""
+    settings, `clickhouse` sink.clickhouse keys, `aggregates` the aggregates section."""
     schema = schema or name
     raw = {
         "name": name,
@@ -138,6 +154,8 @@ def write_schema_pipeline(
         "sink": {"clickhouse": {"database": name, **(clickhouse or {})}},
         "stream": {"trigger_interval": trigger, "max_offsets_per_trigger": 2000, **(stream or {})},
     }
+    if aggregates:
+        raw["aggregates"] = aggregates
     config = parse_pipeline_config(raw, source=f"{name}.yaml")
     config_path = work_dir / f"{name}.yaml"
     config_path.write_text(yaml.safe_dump(raw))

@@ -14,12 +14,17 @@ from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 from psycopg import sql
 
 from cdc_pipeline.config import PipelineConfig, load_pipeline_config, parse_pipeline_config
-from cdc_pipeline.connector import connector_config, connector_name, prepare_source, provision_connector
+from cdc_pipeline.connector import (
+    DEBEZIUM_CONNECTOR_CLASS,
+    connector_config,
+    connector_name,
+    prepare_source,
+    provision_connector,
+)
 from cdc_pipeline.control.source import UnsupportedSnapshotName, snapshot_collection
 from cdc_pipeline.resources import KafkaConnectResource, KafkaResource
 from cdc_pipeline.resources.connect import ConnectError
 from cdc_pipeline.settings import Settings
-from cdc_pipeline.stack.jvm import DEBEZIUM_CONNECTOR_CLASS
 from cdc_pipeline.stack.stack import LocalStack
 from cdc_pipeline_tests.conftest import REPO_ROOT
 from cdc_pipeline_tests.test_stack_services import wait_for

@@ -47,6 +47,7 @@ from cdc_pipeline.resources import (
     PostgresResource,
     SparkResource,
 )
+from cdc_pipeline.resources.connect import ConnectError
 from cdc_pipeline.settings import Settings
 from cdc_pipeline.stack.stack import LocalStack
 from cdc_pipeline_tests.conftest import free_ports, wait_for
@@ -139,7 +140,7 @@ class ControlPlane:
             instance=self.instance, cursor=self.cursors.get(key), resources={**self.resources, **resources},
             definitions=definitions, sensor_name=sensor,
         )  # fmt: skip
-        result = definitions.get_sensor_def(sensor)(context)
+        result = definitions.resolve_sensor_def(sensor)(context)
         if isinstance(result, SensorResult) and result.cursor is not None:
             self.cursors[key] = result.cursor
         return result
@@ -380,11 +381,19 @@ def test_connector_sensor_alerts_on_a_failed_task_and_restarts_it(control: Contr
 def test_truncated_replica_fails_the_count_check_and_backfill_restores_it(control: ControlPlane) -> None:
     impatient = replace(control.resources["monitor"], **{"check_wait_s": 5})
     defs = control.with_resources(monitor=impatient)
+    control.evaluate("alert_on_check_failure")  # every check passed so far: nothing to say
+    assert control.webhook.texts("check:") == []
     control.clickhouse.command(f"TRUNCATE TABLE `{control.schema}`.`accounts`")
     checks = _checks(control.run("check_replicas", defs=defs))
     count = checks["accounts.row_count_matches_source"]
     assert not count.passed and count.metadata["replica_rows"].value == 0
     assert count.metadata["source_rows"].value == 61
+    # The failed ERROR check is alerted like a failed run (the run itself succeeded), once.
+    control.evaluate("alert_on_check_failure")
+    control.evaluate("alert_on_check_failure")
+    alerts = control.webhook.texts("check:")
+    assert len(alerts) == 1 and "row_count_matches_source failed" in alerts[0] and "accounts" in alerts[0], alerts
+    assert "source_rows=61" in alerts[0] and "replica_rows=0" in alerts[0], alerts
 
     result = control.run(
         "backfill_table", {"ops": {"backfill_table_op": {"config": {"table": f"{control.schema}.accounts"}}}}
@@ -399,6 +408,10 @@ def test_truncated_replica_fails_the_count_check_and_backfill_restores_it(contro
     assert backfill["scan_status"] == "SUCCEEDED" and backfill["debezium_rows_scanned"] == 61, backfill
     checks = _checks(control.run("check_replicas"))
     assert all(c.passed for c in checks.values()), {k: c.metadata for k, c in checks.items() if not c.passed}
+    control.evaluate("alert_on_check_failure")
+    control.evaluate("alert_on_check_failure")
+    alerts = control.webhook.texts("check:")
+    assert len(alerts) == 2 and alerts[1].startswith("[RESOLVED]") and "passes again" in alerts[1], alerts
     control.wait_until_replica_matches()
 
 
@@ -507,3 +520,80 @@ def test_pause_and_resume_the_connector(control: ControlPlane) -> None:
     wait_for(lambda: state("RUNNING"), 120, "the connector to resume")
     control.conn.execute(f"UPDATE {control.schema}.accounts SET name = 'after resume' WHERE id = 8")
     control.wait_until_replica_matches()
+
+
+def _connector_state(control: ControlPlane) -> str | None:
+    try:
+        return control.resources["kafka_connect"].connector_status(connector_name(control.config))["connector"]["state"]
+    except ConnectError as exc:
+        if str(exc).startswith("404 "):
+            return None
+        raise
+
+
+def test_replication_sensor_alerts_on_slot_retention_and_a_long_pause(control: ControlPlane) -> None:
+    # Tight limits: 512 KiB of retained WAL, a slot that has not advanced for 20 s, a pause of 5 s.
+    strict = replace(
+        control.resources["monitor"],
+        **{"slot_max_retained_bytes": 512 * 1024, "slot_max_retention_age_s": 20, "connector_max_paused_s": 5},
+    )
+    defs = control.with_resources(monitor=strict)
+    incidents = ("slot_retention_bytes:", "slot_retention_age:", "connector_paused:")
+
+    def evaluate() -> None:
+        control.evaluate("replication_health", defs=defs, cursor_key="replication-strict", monitor=strict)
+
+    def opened() -> bool:
+        evaluate()
+        return all(len(control.webhook.texts(prefix)) == 1 for prefix in incidents)
+
+    def resolved() -> bool:
+        evaluate()
+        return all(len(control.webhook.texts(prefix)) == 2 for prefix in incidents)
+
+    control.run("pause_connector")
+    wait_for(lambda: _connector_state(control) == "PAUSED", 120, "the connector to pause")
+    # About 1.5 MB of WAL the paused connector cannot confirm.
+    control.conn.execute(
+        f"INSERT INTO {control.schema}.events (account_id, kind) "
+        "SELECT 1, repeat('w', 200) FROM generate_series(1, 5000)"
+    )
+    wait_for(opened, 180, "the retention and pause alerts", interval=2)
+    texts = {prefix: control.webhook.texts(prefix) for prefix in incidents}
+    assert (
+        "retains" in texts["slot_retention_bytes:"][0] and control.config.slot_name in texts["slot_retention_bytes:"][0]
+    )
+    assert "has not advanced" in texts["slot_retention_age:"][0], texts
+    assert "PAUSED" in texts["connector_paused:"][0] and "resume_connector" in texts["connector_paused:"][0], texts
+    evaluate()  # still paused: no second alert
+    assert all(len(control.webhook.texts(prefix)) == 1 for prefix in incidents)
+
+    control.run("resume_connector")
+    wait_for(resolved, 300, "the slot to advance and the incidents to clear", interval=2)
+    for prefix in incidents:
+        assert control.webhook.texts(prefix)[1].startswith("[RESOLVED]"), control.webhook.texts(prefix)
+    control.wait_until_replica_matches()
+
+
+def test_replication_sensor_alerts_on_a_missing_connector(control: ControlPlane) -> None:
+    watch = replace(control.resources["monitor"], **{"connector_missing_grace_s": 0})
+    defs = control.with_resources(monitor=watch)
+
+    def evaluate() -> None:
+        control.evaluate("replication_health", defs=defs, cursor_key="replication-missing", monitor=watch)
+
+    evaluate()
+    assert control.webhook.texts("connector_missing:") == []
+    control.resources["kafka_connect"].delete(connector_name(control.config))
+    wait_for(lambda: _connector_state(control) is None, 120, "the connector to be deleted")
+    control.conn.execute(f"UPDATE {control.schema}.accounts SET name = 'while missing' WHERE id = 9")
+    evaluate()
+    evaluate()
+    alerts = control.webhook.texts("connector_missing:")
+    assert len(alerts) == 1 and "is missing" in alerts[0] and "provision" in alerts[0], alerts
+
+    control.run("provision")  # re-created: it resumes from its stored offsets and slot
+    evaluate()
+    alerts = control.webhook.texts("connector_missing:")
+    assert len(alerts) == 2 and alerts[1].startswith("[RESOLVED]"), alerts
+    control.wait_until_replica_matches()  # the change made while it was missing arrives

@@ -163,8 +163,8 @@ def test_schedules_produce_valid_run_config() -> None:
 
     path = REPO_ROOT / "pipeline.yaml"
     defs = build_definitions(load_pipeline_config(path), path)
-    for name in ("nightly_reconcile", "weekly_backfill_example"):
-        schedule = defs.get_schedule_def(name)
+    for name in ("nightly_reconcile", "weekly_backfill_example", "observe_source_tables_schedule"):
+        schedule = defs.resolve_schedule_def(name)
         when = datetime(2026, 11, 22, 4, tzinfo=UTC)
         requests = schedule.evaluate_tick(build_schedule_context(scheduled_execution_time=when)).run_requests
         assert len(requests) == 1

@@ -18,9 +18,9 @@ import pytest
 from clickhouse_connect.driver.client import Client
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
+from cdc_pipeline.process import port_open
 from cdc_pipeline.resources import KafkaResource
 from cdc_pipeline.settings import Settings
-from cdc_pipeline.stack.process import port_open
 from cdc_pipeline.stack.stack import LocalStack
 from cdc_pipeline.workload.ecommerce import TABLES, Workload, create_schema
 from cdc_pipeline_tests.conftest import free_ports, stop_process_group

@@ -22,6 +22,7 @@ from cdc_pipeline.clickhouse import connect_clickhouse
 from cdc_pipeline.config import PipelineConfig, TableConfig, parse_pipeline_config
 from cdc_pipeline.control.backfill import SnapshotProgress, end_offsets, follow_snapshot
 from cdc_pipeline.control.reconcile import reconcile
+from cdc_pipeline.control.replicas import ClickHouseReplica
 from cdc_pipeline.control.source import (
     check_source,
     exact_count,
@@ -253,10 +254,8 @@ def test_quoted_tables_replicate_exactly(settings: Settings, quoted_source: tupl
                 for table in config.tables:
                     key = primary_key(conn, table)
                     captured = source_columns(conn, table)
-                    diff = reconcile(
-                        conn, client, table.schema_name, table.table_name, name, config.sink_table(table), key,
-                        captured,
-                    )  # fmt: skip
+                    replica = ClickHouseReplica(client, name, config.sink_table(table))
+                    diff = reconcile(conn, replica, table.schema_name, table.table_name, key, captured)
                     assert diff.total == 0 and diff.source_rows > 0, (table.name, diff)
                 assert running.stream_alive(), running.log_tail()
     finally:

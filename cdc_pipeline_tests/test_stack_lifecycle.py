@@ -15,8 +15,8 @@ from confluent_kafka import Consumer, Producer
 from psycopg import sql
 
 from cdc_pipeline.clickhouse import connect_clickhouse
+from cdc_pipeline.process import port_open
 from cdc_pipeline.settings import Settings
-from cdc_pipeline.stack.process import port_open
 from cdc_pipeline.stack.stack import LocalStack
 
 pytestmark = pytest.mark.integration

@@ -14,6 +14,7 @@ from psycopg import sql
 
 from cdc_pipeline.defs.health import check_services
 from cdc_pipeline.defs.resources import build_resources
+from cdc_pipeline.jvm import DEBEZIUM_CONNECTOR_CLASS
 from cdc_pipeline.resources import (
     ClickHouseResource,
     KafkaConnectResource,
@@ -22,7 +23,6 @@ from cdc_pipeline.resources import (
     SparkResource,
 )
 from cdc_pipeline.settings import Settings
-from cdc_pipeline.stack.jvm import DEBEZIUM_CONNECTOR_CLASS
 from cdc_pipeline.stack.stack import LocalStack
 from cdc_pipeline_tests.conftest import wait_for
 

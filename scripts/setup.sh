@@ -48,12 +48,12 @@ say "Installing the project into .venv"
 
 new_password() { .venv/bin/python -c 'import secrets; print(secrets.token_hex(16))'; }
 if [ ! -f .env ]; then
-  say "Writing .env from .env.example with generated CDC_POSTGRES_PASSWORD and CDC_CLICKHOUSE_PASSWORD"
+  say "Writing .env from .env.example with generated passwords"
   cp .env.example .env
 fi
 chmod 600 .env
 # Fill in a password that is missing or empty (also in a .env written by an older version), never replace one.
-for name in CDC_POSTGRES_PASSWORD CDC_CLICKHOUSE_PASSWORD; do
+for name in CDC_POSTGRES_PASSWORD CDC_CLICKHOUSE_PASSWORD CDC_WAREHOUSE_PASSWORD; do
   if ! grep -Eq "^${name}=.+" .env; then
     say "Generating ${name} into .env"
     password=$(new_password)

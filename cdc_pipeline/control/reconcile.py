@@ -16,9 +16,9 @@ from decimal import Decimal
 from typing import Any
 
 import psycopg
-from clickhouse_connect.driver.binding import quote_identifier
-from clickhouse_connect.driver.client import Client
 from psycopg import sql
+
+from cdc_pipeline.control.replicas import Replica
 
 
 class DuplicateKeyError(AssertionError):
@@ -190,24 +190,18 @@ def source_rows(
     return rows
 
 
-def replica_rows(
-    client: Client, database: str, table: str, columns: list[tuple[str, str]], key: list[str]
-) -> dict[tuple, dict[str, Any]]:
+def replica_rows(replica: Replica, columns: list[tuple[str, str]], key: list[str]) -> dict[tuple, dict[str, Any]]:
+    """The replica's live rows by key, canonical like `source_rows` (ClickHouse or warehouse alike)."""
     names = [c for c, _ in columns]
     types = dict(columns)
-    result = client.query(
-        f"SELECT {', '.join(quote_identifier(n) for n in names)} "
-        f"FROM {quote_identifier(database)}.{quote_identifier(table)} FINAL WHERE _is_deleted = 0",
-        column_formats={n: "bytes" for n in names if types[n] == "bytea"},
-    )
     rows = {}
-    for record in result.result_rows:
+    for record in replica.rows(names, {n for n in names if types[n] == "bytea"}):
         row = {}
         for name, value in zip(names, record, strict=True):
             row[name] = canonical(types[name], normalize(value))
         key_value = tuple(row[k] for k in key)
         if key_value in rows:
-            raise DuplicateKeyError(f"{database}.{table}: duplicate key {key_value} in the FINAL view")
+            raise DuplicateKeyError(f"{replica.qualified}: duplicate key {key_value} among the live rows")
         rows[key_value] = row
     return rows
 
@@ -262,34 +256,26 @@ def compare(source: dict[tuple, dict[str, Any]], replica: dict[tuple, dict[str, 
 
 def reconcile(
     conn: psycopg.Connection,
-    client: Client,
+    replica: Replica,
     schema: str,
     table: str,
-    database: str,
-    sink_table: str,
     key: list[str],
     captured: list[str] | None = None,
 ) -> Differences:
-    """Diff the source table with its replica (FINAL, live rows) on the captured columns the replica
-    has; a replica table that does not exist yet has every source row missing."""
+    """Diff the source table with its replica (live rows) on the captured columns the replica has; a
+    replica table that does not exist yet has every source row missing."""
     columns = source_columns(conn, schema, table)
     if captured is not None:
         columns = [(name, pg_type) for name, pg_type in columns if name in captured]
-    present = {
-        row[0]
-        for row in client.query(
-            "SELECT name FROM system.columns WHERE database = {db:String} AND table = {t:String}",
-            parameters={"db": database, "t": sink_table},
-        ).result_rows
-    }
+    present = set(replica.columns()) if replica.exists() else set()
     compared = [(name, pg_type) for name, pg_type in columns if name in present or not present]
     # One snapshot of the source; the replica is read after it, so in-flight changes show as differences
     # that a second pass (after the stream caught up) clears.
     with conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         source = source_rows(conn, schema, table, compared, key)
-    replica = replica_rows(client, database, sink_table, compared, key) if present else {}
-    result = compare(source, replica)
+    replica_values = replica_rows(replica, compared, key) if present else {}
+    result = compare(source, replica_values)
     result.replica_exists = bool(present)
     result.columns_not_in_replica = [name for name, _ in columns if present and name not in present]
     return result

@@ -15,6 +15,7 @@ from psycopg import sql
 
 from cdc_pipeline.config import PipelineConfig, TableConfig, display_name
 from cdc_pipeline.connector import CASE_SENSITIVE, regex_literal
+from cdc_pipeline.control.rules import SlotObservation
 
 
 @dataclass(frozen=True)
@@ -277,6 +278,21 @@ def wal_position(conn: psycopg.Connection, pipeline: PipelineConfig) -> dict[str
         "slot_confirmed_flush_lsn": slot[0] if slot else None,
         "slot_retained_wal_bytes": slot[1] if slot else None,
     }
+
+
+def slot_observation(conn: psycopg.Connection, pipeline: PipelineConfig) -> SlotObservation:
+    """The pipeline's replication slot as the retention rule sees it (`exists` False: no such slot)."""
+    row = conn.execute(
+        "SELECT active, confirmed_flush_lsn::text, "
+        "pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint "
+        "FROM pg_replication_slots WHERE slot_name = %s",
+        (pipeline.slot_name,),
+    ).fetchone()
+    if row is None:
+        return SlotObservation(pipeline.slot_name, exists=False)
+    return SlotObservation(
+        pipeline.slot_name, exists=True, active=bool(row[0]), confirmed_flush_lsn=row[1], retained_bytes=row[2]
+    )
 
 
 def exact_count(conn: psycopg.Connection, table: TableConfig, condition: str | None = None) -> int:

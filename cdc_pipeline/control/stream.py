@@ -23,7 +23,7 @@ from typing import Any
 
 import psutil
 
-from cdc_pipeline.stack.process import ManagedProcess, ProcessRecord, group_members
+from cdc_pipeline.process import ManagedProcess, ProcessRecord, group_members
 from cdc_pipeline.streaming.launch import APPLICATION, submit_env
 
 

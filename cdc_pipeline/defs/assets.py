@@ -2,9 +2,10 @@
 the Kafka topics, the streaming query and the ClickHouse replicas with their asset checks."""
 
 import time
+import warnings
+from contextlib import ExitStack
 from typing import Any
 
-from clickhouse_connect.driver.binding import quote_identifier
 from confluent_kafka import TopicPartition
 from dagster import (
     AssetCheckExecutionContext,
@@ -12,6 +13,8 @@ from dagster import (
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
+    AutomationCondition,
+    BetaWarning,
     Failure,
     MaterializeResult,
     MetadataValue,
@@ -24,6 +27,7 @@ from dagster import (
 from cdc_pipeline.config import PipelineConfig, TableConfig
 from cdc_pipeline.connector import connector_name, prepare_source, provision_connector
 from cdc_pipeline.control.lag import measure_lag
+from cdc_pipeline.control.replicas import ClickHouseReplica, Replica, WarehouseReplica
 from cdc_pipeline.control.source import (
     check_source,
     exact_count,
@@ -43,7 +47,6 @@ from cdc_pipeline.resources import (
     PostgresResource,
 )
 from cdc_pipeline.resources.connect import ConnectError
-from cdc_pipeline.streaming.sink import META_NAMES
 from cdc_pipeline.topics import TopicError, ensure_topics
 
 # Observations count rows exactly in tables below this size (a scan of at most this much); above it,
@@ -79,7 +82,6 @@ def build_assets(pipeline: PipelineConfig, translator: CdcTranslator) -> list[An
     prefix = pipeline.name
     source_specs = {t.name: translator.source_spec(t) for t in pipeline.tables}
 
-    @multi_observable_source_asset(specs=list(source_specs.values()), name=f"{prefix}_observe_source_tables")
     def observe_source_tables(pipeline: PipelineResource, postgres: PostgresResource):  # noqa: ANN202
         config = pipeline.load()
         with postgres.connect(autocommit=True) as conn:
@@ -91,6 +93,15 @@ def build_assets(pipeline: PipelineConfig, translator: CdcTranslator) -> list[An
                 if stats["exists"] and stats["total_bytes"] < EXACT_COUNT_BYTES:
                     stats["row_count"] = exact_count(conn, table)  # cheap enough to be exact
                 yield ObserveResult(asset_key=source_specs[table.name].key, metadata={**stats, **wal})
+
+    # Several observable source assets observed in one step: a beta API, used on purpose; its warning only.
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r".*`multi_observable_source_asset` is currently in beta", category=BetaWarning
+        )
+        observe_source_tables = multi_observable_source_asset(
+            specs=list(source_specs.values()), name=f"{prefix}_observe_source_tables"
+        )(observe_source_tables)
 
     @multi_asset(specs=[translator.connector_spec()], name=f"{prefix}_provision_connector")
     def provision(
@@ -141,16 +152,9 @@ def build_assets(pipeline: PipelineConfig, translator: CdcTranslator) -> list[An
     assets: list[Any] = [observe_source_tables, provision]
     assets += [translator.topic_spec(t) for t in pipeline.tables]
     assets.append(translator.stream_spec())
-    assets += [translator.sink_spec(t) for t in pipeline.tables]
+    assets += [translator.sink_spec(t) for t in pipeline.tables if "clickhouse" in t.sinks]
+    assets += [translator.warehouse_spec(t) for t in pipeline.tables if "warehouse" in t.sinks]
     return assets
-
-
-def _sink_columns(client: Any, database: str, table: str) -> list[str]:
-    rows = client.query(
-        "SELECT name FROM system.columns WHERE database = {db:String} AND table = {t:String} ORDER BY position",
-        parameters={"db": database, "t": table},
-    ).result_rows
-    return [r[0] for r in rows if r[0] not in META_NAMES]
 
 
 def _oldest_pending_ts(
@@ -187,157 +191,163 @@ def table_checks(
     postgres: PostgresResource,
     kafka: KafkaResource,
     kafka_connect: KafkaConnectResource,
-    clickhouse: ClickHouseResource,
+    replica: Replica,
     monitor: MonitorResource,
     key: Any,
     log: Any,
 ) -> list[AssetCheckResult]:
-    """The four checks of one replica table, with their numbers as metadata."""
-    database = database_of(config, clickhouse)
-    sink = config.sink_table(table)
-    qualified = f"{quote_identifier(database)}.{quote_identifier(sink)}"
+    """The four checks of one replica table (ClickHouse or warehouse), with their numbers as metadata."""
     topic = config.topic_for(table)
-    client = clickhouse.client()
     results: list[AssetCheckResult] = []
-    exists = 0
-    try:
-        with postgres.connect(autocommit=True) as conn:
-            keys = primary_key(conn, table)
-            columns = source_columns(conn, table)
+    exists = False
+    with postgres.connect(autocommit=True) as conn:
+        keys = primary_key(conn, table)
+        columns = source_columns(conn, table)
 
-            def measure() -> tuple[int, int, int]:
-                nonlocal exists
-                with group_consumer(kafka, config) as consumer:
-                    lag = measure_lag(consumer, [topic])
-                exists = int(client.command(f"EXISTS TABLE {qualified}"))
-                source_count = exact_count(conn, table)
-                sink_count = (
-                    int(client.command(f"SELECT count() FROM {qualified} FINAL WHERE _is_deleted = 0")) if exists else 0
-                )
-                return source_count, sink_count, lag.total
-
-            # Counts agree only when nothing is in flight: wait (bounded) for the stream to catch up.
-            deadline = time.monotonic() + monitor.check_wait_s
-            source_count, sink_count, lag = measure()
-            # With zero lag a change may still be between the WAL and Kafka: a short grace period only.
-            grace = time.monotonic() + min(15.0, monitor.check_wait_s)
-            while source_count != sink_count and time.monotonic() < (deadline if lag else grace):
-                time.sleep(3)
-                source_count, sink_count, lag = measure()
-            difference = source_count - sink_count
-            explained = lag > 0 and abs(difference) <= lag
-            passed = difference == 0 or explained
-            note = (
-                "equal" if difference == 0
-                else f"differs by {difference}, within the {lag} changes not applied yet" if explained
-                else f"differs by {difference} with {lag} changes in flight: rows were lost or changed behind the "
-                "pipeline's back; run the reconcile job (it can backfill the differences)"
-            )  # fmt: skip
-            results.append(
-                AssetCheckResult(
-                    asset_key=key, check_name="row_count_matches_source", passed=passed,
-                    severity=AssetCheckSeverity.ERROR,
-                    description=note,
-                    metadata={"source_rows": source_count, "replica_rows": sink_count, "difference": difference,
-                              "consumer_lag": lag, "explained_by_lag": explained and difference != 0},
-                )
-            )  # fmt: skip
-
-            if exists and keys:
-                key_list = ", ".join(quote_identifier(k) for k in keys)
-                duplicates = client.query(
-                    f"SELECT {key_list}, count() AS n FROM {qualified} FINAL WHERE _is_deleted = 0 "
-                    f"GROUP BY {key_list} HAVING n > 1 ORDER BY n DESC LIMIT 20"
-                ).result_rows
-            else:
-                duplicates = []
-            results.append(
-                AssetCheckResult(
-                    asset_key=key, check_name="no_duplicate_keys", passed=not duplicates,
-                    metadata={"duplicate_keys": len(duplicates), "key": ", ".join(keys),
-                              "examples": MetadataValue.json([list(map(str, d)) for d in duplicates])},
-                )
-            )  # fmt: skip
-
-            newest = client.command(f"SELECT max(_source_ts) FROM {qualified}") if exists else None
-            capture = _capture_state(kafka_connect, config)
+        def measure() -> tuple[int, int, int]:
+            nonlocal exists
             with group_consumer(kafka, config) as consumer:
-                lag_now = measure_lag(consumer, [topic])
-            pending = lag_now.total
-            committed = lag_now.partitions[0].committed if lag_now.partitions else None
-            oldest_pending = _oldest_pending_ts(kafka, config, topic, committed) if pending else None
-            age = (time.time() - oldest_pending) if oldest_pending else 0.0
-            newest_text = str(newest) if newest else "none"
-            wal = wal_position(conn, config)
-            fresh = age <= monitor.freshness_max_age_s and capture == "RUNNING"
-            if capture != "RUNNING":
-                description = f"the connector is {capture}: source changes are not being captured"
-            elif pending:
-                description = (
-                    f"{pending} changes wait, the oldest for {age:.0f} s "
-                    f"(limit {monitor.freshness_max_age_s:.0f} s): is the stream running?"
-                )
-            else:
-                description = "every captured change is applied"
-            results.append(
-                AssetCheckResult(
-                    asset_key=key, check_name="freshness", passed=fresh, severity=AssetCheckSeverity.WARN,
-                    description=description,
-                    metadata={"newest_applied_change": newest_text, "pending_changes": pending,
-                              "oldest_pending_age_s": round(age, 1), "max_age_s": monitor.freshness_max_age_s,
-                              "connector": capture, "slot_retained_wal_bytes": wal["slot_retained_wal_bytes"] or 0},
-                )
-            )  # fmt: skip
+                lag = measure_lag(consumer, [topic])
+            exists = replica.exists()
+            source_count = exact_count(conn, table)
+            sink_count = replica.live_count() if exists else 0
+            return source_count, sink_count, lag.total
 
-            sink_columns = _sink_columns(client, database, sink) if exists else []
-            missing = [c for c in columns if c not in sink_columns]
-            extra = [c for c in sink_columns if c not in columns]
-            ddl = client.command(f"SHOW CREATE TABLE {qualified}") if exists else "(not created yet)"
-            results.append(
-                AssetCheckResult(
-                    asset_key=key, check_name="no_schema_drift", passed=not missing,
-                    severity=AssetCheckSeverity.WARN,
-                    description=(
-                        "every captured source column is in the replica" if not missing
-                        else f"source columns {missing} are not in the replica yet: added columns appear with their "
-                        "first change; backfill the table to fill them now"
-                    ),
-                    metadata={"source_columns": len(columns), "replica_columns": len(sink_columns),
-                              "missing_in_replica": MetadataValue.json(missing),
-                              "only_in_replica": MetadataValue.json(extra),
-                              "ddl": MetadataValue.md(f"```sql\n{ddl}\n```")},
-                )
-            )  # fmt: skip
-    finally:
-        client.close()
+        # Counts agree only when nothing is in flight: wait (bounded) for the stream to catch up.
+        deadline = time.monotonic() + monitor.check_wait_s
+        source_count, sink_count, lag = measure()
+        # With zero lag a change may still be between the WAL and Kafka: a short grace period only.
+        grace = time.monotonic() + min(15.0, monitor.check_wait_s)
+        while source_count != sink_count and time.monotonic() < (deadline if lag else grace):
+            time.sleep(3)
+            source_count, sink_count, lag = measure()
+        difference = source_count - sink_count
+        explained = lag > 0 and abs(difference) <= lag
+        passed = difference == 0 or explained
+        note = (
+            "equal" if difference == 0
+            else f"differs by {difference}, within the {lag} changes not applied yet" if explained
+            else f"differs by {difference} with {lag} changes in flight: rows were lost or changed behind the "
+            "pipeline's back; run the reconcile job (it can backfill the differences)"
+        )  # fmt: skip
+        results.append(
+            AssetCheckResult(
+                asset_key=key, check_name="row_count_matches_source", passed=passed,
+                severity=AssetCheckSeverity.ERROR,
+                description=note,
+                metadata={"source_rows": source_count, "replica_rows": sink_count, "difference": difference,
+                          "consumer_lag": lag, "explained_by_lag": explained and difference != 0},
+            )
+        )  # fmt: skip
+
+        duplicates = replica.duplicate_keys(keys) if exists and keys else []
+        results.append(
+            AssetCheckResult(
+                asset_key=key, check_name="no_duplicate_keys", passed=not duplicates,
+                metadata={"duplicate_keys": len(duplicates), "key": ", ".join(keys),
+                          "examples": MetadataValue.json([list(map(str, d)) for d in duplicates])},
+            )
+        )  # fmt: skip
+
+        newest = replica.newest_source_ts() if exists else None
+        capture = _capture_state(kafka_connect, config)
+        with group_consumer(kafka, config) as consumer:
+            lag_now = measure_lag(consumer, [topic])
+        pending = lag_now.total
+        committed = lag_now.partitions[0].committed if lag_now.partitions else None
+        oldest_pending = _oldest_pending_ts(kafka, config, topic, committed) if pending else None
+        age = (time.time() - oldest_pending) if oldest_pending else 0.0
+        newest_text = str(newest) if newest else "none"
+        wal = wal_position(conn, config)
+        fresh = age <= monitor.freshness_max_age_s and capture == "RUNNING"
+        if capture != "RUNNING":
+            description = f"the connector is {capture}: source changes are not being captured"
+        elif pending:
+            description = (
+                f"{pending} changes wait, the oldest for {age:.0f} s "
+                f"(limit {monitor.freshness_max_age_s:.0f} s): is the stream running?"
+            )
+        else:
+            description = "every captured change is applied"
+        results.append(
+            AssetCheckResult(
+                asset_key=key, check_name="freshness", passed=fresh, severity=AssetCheckSeverity.WARN,
+                description=description,
+                metadata={"newest_applied_change": newest_text, "pending_changes": pending,
+                          "oldest_pending_age_s": round(age, 1), "max_age_s": monitor.freshness_max_age_s,
+                          "connector": capture, "slot_retained_wal_bytes": wal["slot_retained_wal_bytes"] or 0},
+            )
+        )  # fmt: skip
+
+        sink_columns = replica.columns() if exists else []
+        missing = [c for c in columns if c not in sink_columns]
+        extra = [c for c in sink_columns if c not in columns]
+        ddl = replica.ddl() if exists else "(not created yet)"
+        results.append(
+            AssetCheckResult(
+                asset_key=key, check_name="no_schema_drift", passed=not missing,
+                severity=AssetCheckSeverity.WARN,
+                description=(
+                    "every captured source column is in the replica" if not missing
+                    else f"source columns {missing} are not in the replica yet: added columns appear with their "
+                    "first change; backfill the table to fill them now"
+                ),
+                metadata={"source_columns": len(columns), "replica_columns": len(sink_columns),
+                          "missing_in_replica": MetadataValue.json(missing),
+                          "only_in_replica": MetadataValue.json(extra),
+                          "ddl": MetadataValue.md(f"```sql\n{ddl}\n```")},
+            )
+        )  # fmt: skip
     log.info("; ".join(f"{r.check_name}: {'passed' if r.passed else 'FAILED'}" for r in results))
     return results
 
 
-def build_checks(pipeline: PipelineConfig, translator: CdcTranslator) -> list[Any]:
+def checks_automation(cron: str) -> AutomationCondition:
+    """Run the checks at every tick of `cron` (UTC), unless a run of them is still in progress."""
+    return (
+        AutomationCondition.cron_tick_passed(cron, cron_timezone="UTC") & ~AutomationCondition.in_progress()
+    ).with_label(f"on cron {cron} (UTC)")
+
+
+def build_checks(pipeline: PipelineConfig, translator: CdcTranslator, cron: str | None = None) -> list[Any]:
+    """The four checks of each replica; with `cron`, Dagster runs them by itself at its ticks."""
+    condition = checks_automation(cron) if cron else None
     checks = []
     for table in pipeline.tables:
-        key = translator.sink_key(table)
-        specs = [AssetCheckSpec(name, asset=key) for name in CHECKS]
-
-        def make(table: TableConfig = table, key: Any = key, specs: list = specs) -> Any:
-            @multi_asset_check(specs=specs, name=f"{pipeline.name}_{pipeline.sink_table(table)}_checks")
-            def check_replica(
-                context: AssetCheckExecutionContext,
-                pipeline: PipelineResource,
-                postgres: PostgresResource,
-                kafka: KafkaResource,
-                kafka_connect: KafkaConnectResource,
-                clickhouse: ClickHouseResource,
-                monitor: MonitorResource,
-            ):  # noqa: ANN202
-                config = pipeline.load()
-                current = config.table(table.name)
-                yield from table_checks(
-                    current, config, postgres, kafka, kafka_connect, clickhouse, monitor, key, context.log
-                )
-
-            return check_replica
-
-        checks.append(make())
+        for sink in table.sinks:
+            key = translator.sink_key(table) if sink == "clickhouse" else translator.warehouse_key(table)
+            checks.append(_replica_check(pipeline, table, sink, key, condition))
     return checks
+
+
+def _replica_check(
+    pipeline: PipelineConfig, table: TableConfig, sink: str, key: Any, condition: AutomationCondition | None
+) -> Any:
+    specs = [AssetCheckSpec(name, asset=key, automation_condition=condition) for name in CHECKS]
+    suffix = "" if sink == "clickhouse" else f"_{sink}"
+
+    @multi_asset_check(specs=specs, name=f"{pipeline.name}_{pipeline.sink_table(table)}{suffix}_checks")
+    def check_replica(
+        context: AssetCheckExecutionContext,
+        pipeline: PipelineResource,
+        postgres: PostgresResource,
+        kafka: KafkaResource,
+        kafka_connect: KafkaConnectResource,
+        clickhouse: ClickHouseResource,
+        warehouse: PostgresResource,
+        monitor: MonitorResource,
+    ):  # noqa: ANN202
+        config = pipeline.load()
+        current = config.table(table.name)
+        name = config.sink_table(current)
+        database = database_of(config, clickhouse)
+        with ExitStack() as stack:
+            if sink == "clickhouse":
+                client = clickhouse.client()
+                stack.callback(client.close)
+                replica: Replica = ClickHouseReplica(client, database, name)
+            else:
+                replica = WarehouseReplica(stack.enter_context(warehouse.connect(autocommit=True)), database, name)
+            yield from table_checks(current, config, postgres, kafka, kafka_connect, replica, monitor, key, context.log)
+
+    return check_replica

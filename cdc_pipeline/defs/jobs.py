@@ -6,11 +6,12 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
-from clickhouse_connect.driver.binding import quote_identifier
 from confluent_kafka import TopicPartition
 from dagster import (
     AssetObservation,
@@ -29,6 +30,7 @@ from cdc_pipeline.config import PipelineConfig, TableConfig
 from cdc_pipeline.connector import connector_name
 from cdc_pipeline.control.backfill import SnapshotFailed, SnapshotProgress, end_offsets, follow_snapshot
 from cdc_pipeline.control.reconcile import Differences, normalize, reconcile
+from cdc_pipeline.control.replicas import ClickHouseReplica, Replica, WarehouseReplica
 from cdc_pipeline.control.source import (
     SignalLock,
     UnsupportedSnapshotName,
@@ -327,9 +329,8 @@ def backfill_table_op(
         context, pipeline_config, table, config.condition, postgres, kafka, kafka_connect, config.timeout_s,
         config.wait_applied,
     )  # fmt: skip
-    context.log_event(
-        AssetObservation(asset_key=CdcTranslator(pipeline_config).sink_key(table), metadata={"backfill": result})
-    )
+    for key in CdcTranslator(pipeline_config).replica_keys(table):
+        context.log_event(AssetObservation(asset_key=key, metadata={"backfill": result}))
     context.log.info(json.dumps(result))
 
 
@@ -429,9 +430,8 @@ def replay_op(
     summary = json.loads(result_lines[-1].removeprefix(replay_app.RESULT_PREFIX))
     summary.update(topic=topic, start_offset=start, end_offset=end)
     context.log.info(f"replayed: {summary}")
-    context.log_event(
-        AssetObservation(asset_key=CdcTranslator(pipeline_config).sink_key(table), metadata={"replay": summary})
-    )
+    for key in CdcTranslator(pipeline_config).replica_keys(table):
+        context.log_event(AssetObservation(asset_key=key, metadata={"replay": summary}))
 
 
 @job(description="Replay a topic range (offsets or a time window) into ClickHouse; idempotent.")
@@ -474,7 +474,26 @@ def _differences_md(diff: Differences, limit: int = 50) -> str:
     return "\n".join(lines)
 
 
-@op(description="Row-level diff by primary key between each source table and its replica.")
+@contextmanager
+def _replicas(
+    config: PipelineConfig, table: TableConfig, clickhouse: ClickHouseResource, warehouse: PostgresResource
+) -> Iterator[list[tuple[Replica, Any]]]:
+    """The replicas of `table` (ClickHouse, the warehouse or both, per its `sinks`) with their asset keys."""
+    translator = CdcTranslator(config)
+    sink, database = config.sink_table(table), database_of(config, clickhouse)
+    with ExitStack() as stack:
+        replicas: list[tuple[Replica, Any]] = []
+        if "clickhouse" in table.sinks:
+            client = clickhouse.client()
+            stack.callback(client.close)
+            replicas.append((ClickHouseReplica(client, database, sink), translator.sink_key(table)))
+        if "warehouse" in table.sinks:
+            conn = stack.enter_context(warehouse.connect(autocommit=True))
+            replicas.append((WarehouseReplica(conn, database, sink), translator.warehouse_key(table)))
+        yield replicas
+
+
+@op(description="Row-level diff by primary key between each source table and its replicas.")
 def reconcile_op(
     context: OpExecutionContext,
     config: ReconcileConfig,
@@ -482,6 +501,7 @@ def reconcile_op(
     postgres: PostgresResource,
     kafka: KafkaResource,
     clickhouse: ClickHouseResource,
+    warehouse: PostgresResource,
     kafka_connect: KafkaConnectResource,
 ) -> Output[dict]:
     pipeline_config = pipeline.load()
@@ -489,46 +509,43 @@ def reconcile_op(
         tables = [pipeline_config.table(name) for name in config.tables] or pipeline_config.tables
     except KeyError as exc:
         raise Failure(exc.args[0]) from None
-    database = database_of(pipeline_config, clickhouse)
-    translator = CdcTranslator(pipeline_config)
     report: dict[str, Any] = {}
     unresolved: list[str] = []
-    client = clickhouse.client()
-    try:
-        for table in tables:
-            diff = _reconcile_settled(context, pipeline_config, table, postgres, kafka, client, database, config)
-            summary = {
-                "source_rows": diff.source_rows, "replica_rows": diff.replica_rows, "missing": len(diff.missing),
-                "extra": len(diff.extra), "different": len(diff.different),
-                "missing_keys": [list(map(str, k)) for k in diff.missing[:100]],
-                "extra_keys": [list(map(str, k)) for k in diff.extra[:100]],
-                "different_keys": [list(map(str, k)) for k in list(diff.different)[:100]],
-                "columns_not_in_replica": diff.columns_not_in_replica, "replica_exists": diff.replica_exists,
-                "lag_at_compare": diff.unsettled_lag,
-            }  # fmt: skip
-            context.log.info(
-                f"{table.name}: {diff.source_rows} source rows, {diff.replica_rows} replica rows; "
-                f"missing {len(diff.missing)}, extra {len(diff.extra)}, different {len(diff.different)}"
-            )
-            if diff.total and config.backfill_differences:
-                summary["backfill"] = _repair(
-                    context, pipeline_config, table, diff, postgres, kafka, client, database, config, kafka_connect
+    for table in tables:
+        with _replicas(pipeline_config, table, clickhouse, warehouse) as replicas:
+            for replica, asset_key in replicas:
+                name = table.name if replica.kind == "clickhouse" else f"{table.name} ({replica.kind})"
+                diff = _reconcile_settled(context, pipeline_config, table, postgres, kafka, replica, config)
+                summary = {
+                    "sink": replica.kind, "source_rows": diff.source_rows, "replica_rows": diff.replica_rows,
+                    "missing": len(diff.missing), "extra": len(diff.extra), "different": len(diff.different),
+                    "missing_keys": [list(map(str, k)) for k in diff.missing[:100]],
+                    "extra_keys": [list(map(str, k)) for k in diff.extra[:100]],
+                    "different_keys": [list(map(str, k)) for k in list(diff.different)[:100]],
+                    "columns_not_in_replica": diff.columns_not_in_replica, "replica_exists": diff.replica_exists,
+                    "lag_at_compare": diff.unsettled_lag,
+                }  # fmt: skip
+                context.log.info(
+                    f"{name}: {diff.source_rows} source rows, {diff.replica_rows} replica rows; "
+                    f"missing {len(diff.missing)}, extra {len(diff.extra)}, different {len(diff.different)}"
                 )
-                diff = _reconcile_settled(context, pipeline_config, table, postgres, kafka, client, database, config)
-                summary["after_backfill"] = {"missing": len(diff.missing), "extra": len(diff.extra),
-                                             "different": len(diff.different)}  # fmt: skip
-            if diff.total:
-                unresolved.append(table.name)
-            report[table.name] = summary
-            context.log_event(
-                AssetObservation(
-                    asset_key=translator.sink_key(table),
-                    metadata={"reconcile": MetadataValue.json(summary),
-                              "differences": MetadataValue.md(_differences_md(diff))},
-                )
-            )  # fmt: skip
-    finally:
-        client.close()
+                if diff.total and config.backfill_differences:
+                    summary["backfill"] = _repair(
+                        context, pipeline_config, table, diff, postgres, kafka, replica, config, kafka_connect
+                    )
+                    diff = _reconcile_settled(context, pipeline_config, table, postgres, kafka, replica, config)
+                    summary["after_backfill"] = {"missing": len(diff.missing), "extra": len(diff.extra),
+                                                 "different": len(diff.different)}  # fmt: skip
+                if diff.total:
+                    unresolved.append(name)
+                report[name] = summary
+                context.log_event(
+                    AssetObservation(
+                        asset_key=asset_key,
+                        metadata={"reconcile": MetadataValue.json(summary),
+                                  "differences": MetadataValue.md(_differences_md(diff))},
+                    )
+                )  # fmt: skip
     if unresolved:
         raise Failure(
             description=f"replicas differ from their source: {unresolved} (run with backfill_differences: true)",
@@ -539,7 +556,7 @@ def reconcile_op(
 
 def _reconcile_settled(
     context: OpExecutionContext, config: PipelineConfig, table: TableConfig, postgres: PostgresResource,
-    kafka: KafkaResource, client: Any, database: str, options: ReconcileConfig,
+    kafka: KafkaResource, replica: Replica, options: ReconcileConfig,
 ) -> Differences:  # fmt: skip
     """Compare after the stream caught up; keys that differ are compared once more after a pause,
     so a change in flight at the first pass is not reported."""
@@ -554,11 +571,10 @@ def _reconcile_settled(
     with postgres.connect(autocommit=True) as conn:
         key = primary_key(conn, table)
         captured = source_columns(conn, table)
-        sink = config.sink_table(table)
-        diff = reconcile(conn, client, table.schema_name, table.table_name, database, sink, key, captured)
+        diff = reconcile(conn, replica, table.schema_name, table.table_name, key, captured)
         if diff.total:
             time.sleep(min(10.0, options.settle_s))
-            again = reconcile(conn, client, table.schema_name, table.table_name, database, sink, key, captured)
+            again = reconcile(conn, replica, table.schema_name, table.table_name, key, captured)
             still_missing, still_extra = set(again.missing), set(again.extra)
             diff.missing = [k for k in diff.missing if k in still_missing]
             diff.extra = [k for k in diff.extra if k in still_extra]
@@ -569,13 +585,12 @@ def _reconcile_settled(
 
 def _repair(
     context: OpExecutionContext, config: PipelineConfig, table: TableConfig, diff: Differences,
-    postgres: PostgresResource, kafka: KafkaResource, client: Any, database: str, options: ReconcileConfig,
+    postgres: PostgresResource, kafka: KafkaResource, replica: Replica, options: ReconcileConfig,
     connect: KafkaConnectResource,
 ) -> dict[str, Any]:  # fmt: skip
     """Backfill the missing and different keys; mark extra rows deleted (they are not in the source,
     so a snapshot cannot remove them)."""
     result: dict[str, Any] = {}
-    sink = f"{quote_identifier(database)}.{quote_identifier(config.sink_table(table))}"
     with postgres.connect(autocommit=True) as conn:
         key = primary_key(conn, table)
         keys = diff.keys_to_backfill()
@@ -584,11 +599,11 @@ def _repair(
             condition = None  # the signal table's `data` column is varchar(2048) in Debezium's documented DDL
         # The stale rows' versions are read before the source is asked whether the keys exist: a key the
         # source gains meanwhile arrives through the stream with a higher version than the marker's.
-        stale = _live_versions(client, sink, key, diff.extra) if diff.extra else {}
+        stale = replica.live_versions(key, diff.extra) if diff.extra else {}
         existing = _existing_keys(conn, table, key, list(stale))
         extra = {k: found for k, found in stale.items() if k not in existing}
     if extra:
-        _mark_deleted(client, sink, key, extra)
+        replica.mark_deleted(key, extra)
         result["extra_marked_deleted"] = len(extra)
     if keys:
         context.log.info(
@@ -606,26 +621,6 @@ def _existing_keys(conn: psycopg.Connection, table: TableConfig, key: list[str],
         ) + sql.SQL(_key_filter(conn, key, keys[start : start + 500]))
         found |= {tuple(normalize(v) for v in row) for row in conn.execute(query)}  # as the diff has keys
     return found
-
-
-def _live_versions(client: Any, sink: str, key: list[str], keys: list[tuple]) -> dict[tuple, tuple[tuple, int]]:
-    """For each of `keys` (as the diff has them) with a live row in the replica's FINAL view: the key as
-    ClickHouse returns it (to write it back) and the row's `_version`."""
-    key_sql = ", ".join(quote_identifier(k) for k in key)
-    wanted = set(keys)
-    rows = client.query(f"SELECT {key_sql}, _version FROM {sink} FINAL WHERE _is_deleted = 0").result_rows
-    found = {}
-    for row in rows:
-        compared = tuple(normalize(v) for v in row[:-1])
-        if compared in wanted:
-            found[compared] = (tuple(row[:-1]), row[-1])
-    return found
-
-
-def _mark_deleted(client: Any, sink: str, key: list[str], stale: dict[tuple, tuple[tuple, int]]) -> None:
-    """A delete marker one version above each stale row: any later real change has a higher version still."""
-    markers = [[*raw, version + 1, 1, datetime.now(UTC)] for raw, version in stale.values()]
-    client.insert(sink, markers, column_names=[*key, "_version", "_is_deleted", "_source_ts"])
 
 
 @job(description="Diff each replica with its source by primary key; optionally backfill what differs.")

@@ -44,9 +44,17 @@ def build_resources(settings: Settings | None = None, config_path: str | None = 
             lag_threshold=tuning.lag_threshold,
             restart_stream=tuning.auto_restart_stream,
             restart_connector_tasks=tuning.auto_restart_connector,
+            slot_max_retained_bytes=tuning.slot_max_retained_bytes,
+            slot_max_retention_age_s=tuning.slot_max_retention_age_s,
+            connector_max_paused_s=tuning.connector_max_paused_s,
         ),
         "postgres": PostgresResource(
             dsn=_value("postgres_dsn", defaults.postgres_dsn), password=_value("postgres_password", None)
+        ),
+        # The PostgreSQL warehouse (second sink); empty DSN: none configured (only tables with
+        # `sinks: [..., warehouse]` use it, and say so if it is missing).
+        "warehouse": PostgresResource(
+            dsn=_value("warehouse_dsn", defaults.warehouse_dsn or ""), password=_value("warehouse_password", None)
         ),
         "kafka": KafkaResource(bootstrap_servers=_value("kafka_bootstrap_servers", defaults.kafka_bootstrap_servers)),
         "kafka_connect": KafkaConnectResource(url=_value("connect_url", defaults.connect_url)),

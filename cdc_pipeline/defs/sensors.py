@@ -1,4 +1,5 @@
-"""Sensors: consumer lag, checkpoint health, connector status, run failures and streaming metrics.
+"""Sensors: consumer lag, checkpoint health, connector status, replication (slot retention, paused or
+missing connector), run failures, failed ERROR checks and streaming metrics.
 Each keeps its state (sliding window, open incidents, restart backoff) in its cursor, so an incident
 alerts once when it opens and once when it clears, across daemon restarts."""
 
@@ -10,6 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from dagster import (
+    AssetCheckKey,
     AssetObservation,
     DagsterEventType,
     DagsterInstance,
@@ -34,6 +36,15 @@ from cdc_pipeline.control.alerts import Alert, Incidents
 from cdc_pipeline.control.backoff import RestartBackoff
 from cdc_pipeline.control.checkpoint import UnsupportedCheckpoint, inspect_checkpoint
 from cdc_pipeline.control.lag import LagSnapshot, evaluate_window
+from cdc_pipeline.control.rules import (
+    CheckOutcome,
+    Verdict,
+    connector_missing,
+    connector_paused,
+    failed_error_check,
+    slot_retention,
+)
+from cdc_pipeline.control.source import slot_observation
 from cdc_pipeline.defs.common import AUTOMATIC_TAG, progress_rows, stream_lag
 from cdc_pipeline.defs.translator import CdcTranslator
 from cdc_pipeline.resources import (
@@ -43,6 +54,7 @@ from cdc_pipeline.resources import (
     MonitorResource,
     NotifierResource,
     PipelineResource,
+    PostgresResource,
 )
 from cdc_pipeline.resources.connect import ConnectError
 
@@ -203,6 +215,51 @@ def _connector_gone(config: PipelineConfig, name: str):  # noqa: ANN202
         )
 
     return make
+
+
+def _verdict_alert(incident: str, title: str, recovered: str, where: str, verdict: Verdict, action: str):  # noqa: ANN202
+    """`make(resolved)` for Incidents.update from a rule's verdict."""
+
+    def make(resolved: bool) -> Alert:
+        return Alert(
+            incident=incident,
+            title=recovered if resolved else title,
+            where=where,
+            summary=verdict.summary,
+            action=action,
+            details={} if resolved else verdict.details,
+            resolved=resolved,
+        )
+
+    return make
+
+
+def _latest_check_outcome(instance: DagsterInstance, key: AssetCheckKey) -> CheckOutcome | None:
+    """The newest completed (passed or failed) evaluation of `key`, if any."""
+    from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+
+    records = instance.event_log_storage.get_asset_check_execution_history(
+        key,
+        limit=1,
+        status={AssetCheckExecutionRecordStatus.SUCCEEDED, AssetCheckExecutionRecordStatus.FAILED},
+    )
+    event = records[0].event.dagster_event if records and records[0].event else None
+    evaluation = event.event_specific_data if event else None
+    if evaluation is None or not hasattr(evaluation, "passed"):
+        return None
+    metadata = {
+        k: getattr(v, "value", v)
+        for k, v in (evaluation.metadata or {}).items()
+        if isinstance(getattr(v, "value", v), int | float | str | bool)
+    }
+    return CheckOutcome(
+        asset=key.asset_key.to_user_string(),
+        check=key.name,
+        passed=evaluation.passed,
+        severity=evaluation.severity.value,
+        description=evaluation.description or "",
+        metadata={**metadata, "run": records[0].run_id},
+    )
 
 
 def build_sensors(restart_stream_job: JobDefinition) -> list[SensorDefinition]:
@@ -562,4 +619,134 @@ def build_sensors(restart_stream_job: JobDefinition) -> list[SensorDefinition]:
             undelivered = undelivered[-MAX_UNDELIVERED:]
         return SensorResult(cursor=json.dumps({"after": after, "pending": undelivered}))
 
-    return [consumer_lag, checkpoint_health, connector_status, stream_metrics, alert_on_run_failure]
+    @sensor(
+        name="replication_health",
+        minimum_interval_seconds=60,
+        default_status=DefaultSensorStatus.RUNNING,
+        description="Alerts when the replication slot retains WAL above the limit (bytes) or has not advanced for "
+        "too long, when the connector has been PAUSED too long, and when the configured connector is missing; "
+        "and once when each clears.",
+    )
+    def replication_health(
+        context: SensorEvaluationContext,
+        pipeline: PipelineResource,
+        postgres: PostgresResource,
+        kafka_connect: KafkaConnectResource,
+        notifier: NotifierResource,
+        monitor: MonitorResource,
+    ) -> SensorResult:
+        config = pipeline.load()
+        name = connector_name(config)
+        state = _cursor(context)
+        incidents = Incidents(state.get("incidents"))
+        now = time.time()
+        new_state: dict[str, Any] = {}
+        metadata: dict[str, Any] = {}
+
+        # The slot (PostgreSQL): retained bytes, and how long it has not advanced.
+        try:
+            with postgres.connect(autocommit=True) as conn:
+                slot = slot_observation(conn, config)
+        except Exception as exc:  # the source is unreachable: say so in the log, keep the incidents as they are
+            context.log.error(f"cannot read replication slot {config.slot_name}: {type(exc).__name__}: {exc}")
+            slot = None
+            new_state["slot"] = state.get("slot")
+        if slot is not None:
+            by_bytes, by_age, new_state["slot"] = slot_retention(
+                slot, state.get("slot"), now, monitor.slot_max_retained_bytes, monitor.slot_max_retention_age_s
+            )
+            where = f"PostgreSQL slot {config.slot_name}, connector {name}"
+            action = (
+                "make sure the connector runs (connector_status, resume_connector, provision) so the slot advances; "
+                f"if the pipeline is abandoned, drop the slot: SELECT pg_drop_replication_slot('{config.slot_name}')"
+            )
+            for incident, verdict, title, recovered in (
+                (f"slot_retention_bytes:{config.name}", by_bytes,
+                 f"Replication slot {config.slot_name} retains too much WAL",
+                 f"Replication slot {config.slot_name} retains WAL within the limit again"),
+                (f"slot_retention_age:{config.name}", by_age,
+                 f"Replication slot {config.slot_name} has stopped advancing",
+                 f"Replication slot {config.slot_name} advances again"),
+            ):  # fmt: skip
+                make = _verdict_alert(incident, title, recovered, where, verdict, action)
+                _update(context, incidents, notifier, incident, verdict.active, make)
+            metadata.update({"slot_retained_wal_bytes": slot.retained_bytes or 0, "slot_active": slot.active})
+
+        # The connector (Kafka Connect): PAUSED for too long, or missing.
+        exists: bool | None
+        try:
+            status = kafka_connect.connector_status(name, budget_s=CONNECT_BUDGET_S)
+            exists, connector_state = True, status["connector"]["state"]
+        except ConnectError as exc:
+            exists, connector_state = (False, None) if str(exc).startswith("404 ") else (None, None)
+        except Exception:  # unreachable: the connector_status sensor alerts on that
+            exists, connector_state = None, None
+        if exists is None:
+            new_state.update({k: state.get(k) for k in ("paused_since", "missing_since")})
+        else:
+            where = f"Kafka Connect {redact_url(kafka_connect.url)}, connector {name}"
+            paused, new_state["paused_since"] = connector_paused(
+                connector_state, state.get("paused_since"), now, monitor.connector_max_paused_s
+            )
+            make = _verdict_alert(
+                f"connector_paused:{config.name}", f"Debezium connector {name} has been paused too long",
+                f"Debezium connector {name} is no longer paused", where, paused,
+                f"resume it (resume_connector job, or PUT /connectors/{name}/resume), or delete it and drop its slot "
+                "if the pipeline is retired",
+            )  # fmt: skip
+            _update(context, incidents, notifier, f"connector_paused:{config.name}", paused.active, make)
+            missing, new_state["missing_since"] = connector_missing(
+                exists, state.get("missing_since"), now, monitor.connector_missing_grace_s
+            )
+            make = _verdict_alert(
+                f"connector_missing:{config.name}", f"Debezium connector {name} is missing",
+                f"Debezium connector {name} exists again", where, missing,
+                "run the provision job (it re-creates the connector, which resumes from its stored offsets and slot); "
+                "if the pipeline is retired, remove it from pipeline.yaml and drop its slot",
+            )  # fmt: skip
+            _update(context, incidents, notifier, f"connector_missing:{config.name}", missing.active, make)
+            metadata["connector_state"] = connector_state or "missing"
+        return SensorResult(
+            asset_events=[AssetObservation(asset_key=CdcTranslator(config).connector_key(), metadata=metadata)]
+            if metadata
+            else [],
+            cursor=json.dumps({"incidents": incidents.state, **new_state}),
+        )
+
+    @sensor(
+        name="alert_on_check_failure",
+        minimum_interval_seconds=30,
+        default_status=DefaultSensorStatus.RUNNING,
+        description="Alerts when the newest evaluation of an ERROR-severity replica check failed (once per "
+        "failing check), and once when it passes again.",
+    )
+    def alert_on_check_failure(
+        context: SensorEvaluationContext, pipeline: PipelineResource, notifier: NotifierResource
+    ) -> SensorResult:
+        from cdc_pipeline.defs.assets import CHECKS  # assets imports much of the control plane
+
+        config = pipeline.load()
+        translator = CdcTranslator(config)
+        state = _cursor(context)
+        incidents = Incidents(state.get("incidents"))
+        for table in config.tables:
+            for check, replica_key in ((c, k) for c in CHECKS for k in translator.replica_keys(table)):
+                key = AssetCheckKey(replica_key, check)
+                verdict = failed_error_check(_latest_check_outcome(context.instance, key))
+                if verdict is None:
+                    continue
+                incident = f"check:{key.asset_key.to_user_string()}:{check}"
+                make = _verdict_alert(
+                    incident, f"Check {check} failed on {key.asset_key.to_user_string()}",
+                    f"Check {check} passes again on {key.asset_key.to_user_string()}",
+                    f"asset {key.asset_key.to_user_string()}, table {table.name}", verdict,
+                    "open the check's metadata in the Dagster UI; for differing rows run reconcile_tables "
+                    "(backfill_differences repairs them) or backfill_table; the checks run again on their own",
+                )  # fmt: skip
+                _update(context, incidents, notifier, incident, verdict.active, make)
+        return SensorResult(cursor=json.dumps({"incidents": incidents.state}))
+
+    return [
+        consumer_lag, checkpoint_health, connector_status, replication_health, stream_metrics, alert_on_run_failure,
+        alert_on_check_failure,
+    ]  # fmt: skip

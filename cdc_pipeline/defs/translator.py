@@ -62,6 +62,13 @@ class CdcTranslator:
     def sink_key(self, table: TableConfig) -> AssetKey:
         return AssetKey([self.pipeline.name, "clickhouse", self.pipeline.sink_table(table)])
 
+    def warehouse_key(self, table: TableConfig) -> AssetKey:
+        return AssetKey([self.pipeline.name, "warehouse", self.pipeline.sink_table(table)])
+
+    def replica_keys(self, table: TableConfig) -> list[AssetKey]:
+        """The asset keys of `table`'s replicas, one per sink it goes to."""
+        return [self.sink_key(table) if sink == "clickhouse" else self.warehouse_key(table) for sink in table.sinks]
+
     # Specs.
     def source_spec(self, table: TableConfig) -> AssetSpec:
         captured = "every column" if table.columns is None else table.columns.model_dump(exclude_none=True)
@@ -157,3 +164,18 @@ class CdcTranslator:
                 "ddl": MetadataValue.md(f"```sql\n{ddl}\n```"),
             },
         )  # fmt: skip
+
+    def warehouse_spec(self, table: TableConfig) -> AssetSpec:
+        schema = self.pipeline.clickhouse_database(self.settings.clickhouse_database)
+        name = self.pipeline.sink_table(table)
+        return AssetSpec(
+            self.warehouse_key(table),
+            description=(
+                f"PostgreSQL warehouse replica of {table.name}: table {schema}.{name} (live rows in the view "
+                f"{schema}.{name}_live, i.e. WHERE _is_deleted = 0); the asset checks prove it matches the source."
+            ),
+            group_name=f"{self.pipeline.name}_sink",
+            kinds={"postgres"},
+            deps=[self.stream_key()],
+            metadata={"schema": schema, "table": name, "source_table": table.name},
+        )

@@ -49,3 +49,16 @@ class MonitorResource(ConfigurableResource):
     restart_connector_tasks: bool = Field(False, description="Restart failed tasks (CDC_AUTO_RESTART_CONNECTOR).")
     check_wait_s: float = Field(default=120, description="How long the row-count check waits for lag to reach zero.")
     freshness_max_age_s: float = Field(default=600, description="Oldest unapplied change may be this old.")
+    slot_max_retained_bytes: int = Field(
+        default=1 << 30, gt=0, description="WAL the slot may retain before an alert (CDC_SLOT_MAX_RETAINED_BYTES)."
+    )
+    slot_max_retention_age_s: float = Field(
+        default=3600, gt=0,
+        description="The slot may stay behind this long without advancing (CDC_SLOT_MAX_RETENTION_AGE_S).",
+    )  # fmt: skip
+    connector_max_paused_s: float = Field(
+        default=1800, ge=0, description="The connector may stay PAUSED this long (CDC_CONNECTOR_MAX_PAUSED_S)."
+    )
+    connector_missing_grace_s: float = Field(
+        default=120, ge=0, description="The connector may be absent from Kafka Connect this long (being re-created)."
+    )

@@ -20,9 +20,9 @@ import psycopg
 from psycopg import sql
 
 from cdc_pipeline import health
+from cdc_pipeline.jvm import JvmLayout
+from cdc_pipeline.process import ManagedProcess
 from cdc_pipeline.settings import Settings
-from cdc_pipeline.stack.jvm import JvmLayout
-from cdc_pipeline.stack.process import ManagedProcess
 
 CONNECT_GROUP_ID = "cdc-connect"
 # Where PostgreSQL data goes, as root, when the postgres user cannot enter the state directory.
@@ -302,6 +302,32 @@ class PostgresService(Service):
                 conn.execute(
                     sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(dbname), sql.Identifier(role))
                 )
+            self._ensure_warehouse(conn)
+
+    def _ensure_warehouse(self, conn: psycopg.Connection) -> None:
+        """The warehouse (a second sink): its own role (no REPLICATION) and database in this server,
+        when CDC_WAREHOUSE_DSN points here."""
+        params = self.settings.warehouse_params
+        if not params or (params["host"], params["port"]) != (self.params["host"], self.params["port"]):
+            return
+        role = params.get("user") or "cdc_warehouse"
+        dbname = params.get("dbname") or "warehouse"
+        if dbname == (self.params.get("dbname") or "") or role == (self.params.get("user") or ""):
+            raise StackError(
+                "CDC_WAREHOUSE_DSN names the source's database or role: the warehouse must be its own database "
+                "with its own role (e.g. postgresql://cdc_warehouse@127.0.0.1:5432/warehouse)"
+            )
+        secret = self.settings.warehouse_password
+        exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+        conn.execute(
+            sql.SQL("{} ROLE {} WITH LOGIN PASSWORD {}").format(
+                sql.SQL("ALTER" if exists else "CREATE"),
+                sql.Identifier(role),
+                sql.Literal(secret.get_secret_value() if secret else ""),
+            )
+        )
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)).fetchone():
+            conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(dbname), sql.Identifier(role)))
 
     def health(self) -> health.Health:
         return health.postgres_health(self.settings.postgres_conninfo())

@@ -8,9 +8,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cdc_pipeline.jvm import ensure_artifacts, layout_for
+from cdc_pipeline.process import port_open, wait_port_closed
 from cdc_pipeline.settings import Settings
-from cdc_pipeline.stack.jvm import ensure_artifacts, layout_for
-from cdc_pipeline.stack.process import port_open, wait_port_closed
 from cdc_pipeline.stack.services import (
     ClickHouseService,
     ConnectService,

@@ -30,6 +30,7 @@ from cdc_pipeline.streaming.dlq import DeadLetters
 from cdc_pipeline.streaming.evolution import SchemaEvolution
 from cdc_pipeline.streaming.progress import ProgressRecorder, progress_table_migrations, progress_table_sql
 from cdc_pipeline.streaming.sink import ClickHouseSink
+from cdc_pipeline.streaming.sinks import build_sink
 from cdc_pipeline.topics import TopicError, ensure_topics
 
 log = logging.getLogger("cdc_pipeline.streaming")
@@ -123,12 +124,17 @@ def run(pipeline: PipelineConfig, settings: Settings, checkpoint_location: str) 
         {"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": pipeline.consumer_group},
     )
     spark.streams.addListener(recorder)
+    evolution = SchemaEvolution.from_settings(pipeline, settings)
     applier = ChangeApplier(
         pipeline,
         database,
-        ClickHouseSink(
-            connect_clickhouse(settings.clickhouse_endpoint, settings.clickhouse_user, password),
-            SchemaEvolution.from_settings(pipeline, settings),
+        build_sink(
+            pipeline,
+            settings,
+            ClickHouseSink(
+                connect_clickhouse(settings.clickhouse_endpoint, settings.clickhouse_user, password), evolution
+            ),
+            evolution,
         ),
         DeadLetters(settings.kafka_bootstrap_servers, pipeline.dlq_topic),
         on_batch=recorder.batch_applied,

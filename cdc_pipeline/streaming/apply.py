@@ -36,6 +36,7 @@ from pyspark.sql import functions as F
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from cdc_pipeline.config import PipelineConfig, TableConfig
+from cdc_pipeline.streaming.aggregates import StreamAggregates
 from cdc_pipeline.streaming.batch import Change, DecodedBatch, positions
 from cdc_pipeline.streaming.dlq import DeadLetters
 from cdc_pipeline.streaming.envelope import decode_envelope, records_at, schema_from_prefix, version
@@ -216,6 +217,8 @@ class ChangeApplier:
         self._value_schemas: dict[tuple[str, int], dict[str, ColumnSpec] | str] = {}
         self._key_schemas: dict[tuple[str, int], dict[str, ColumnSpec] | str | None] = {}
         self._dead: list[tuple[Change, str]] = []
+        # Aggregates hook (streaming/aggregates.py): no cost for tables without aggregates.
+        self.aggregates = StreamAggregates(pipeline, database, sink.client, self._retrying)
 
     def __call__(self, batch: DataFrame, batch_id: int) -> None:
         """Apply one micro-batch. Spark runs one job over it in the usual case: decode every record in one
@@ -413,6 +416,7 @@ class ChangeApplier:
                     table,
                 )
             if topic in truncates:
+                self.aggregates.before_truncate(table)  # aggregates hook
                 done = self._retrying(
                     lambda t=table, v=truncates[topic]: self.sink.truncate(t, v, _ts(None)),
                     f"truncating {table.qualified}",
@@ -472,6 +476,8 @@ class ChangeApplier:
                 continue  # dead-lettered by _fill_unavailable
             (deletes if change.row.op == "d" else upserts[change.names]).append((change.row, change.values))
             stats.saw_source_ts(change.row.source_ts_ms)
+        # Aggregates hook: the windows these rows are in before the write (see streaming/aggregates.py).
+        self.aggregates.before_write(table, [c.key for c in converted if not c.missing])
         known = {c.name for c in columns}
         for names, group in upserts.items():
             if set(names) - known:  # cannot happen: every converted row's schema is in `columns`
@@ -482,6 +488,7 @@ class ChangeApplier:
         stats.deleted_rows += self._insert(
             table, columns, lambda values: self.sink.delete(table, values), deletes, stats
         )
+        self.aggregates.after_write(table)  # aggregates hook: recompute the windows the rows were and are in
         stats.tables[table.name] = stats.tables.get(table.name, 0) + len(rows)
 
     def _convert(self, row: Any, table: ReplicaTable, schemas: _Schemas) -> _Converted:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pyspark
 
-from cdc_pipeline.stack.jvm import ensure_artifacts
+from cdc_pipeline.jvm import ensure_artifacts
 
 APPLICATION = Path(__file__).with_name("app.py")
 # The Kafka source must match the pyspark version exactly.
@@ -19,7 +19,7 @@ KAFKA_SOURCE_PACKAGE = f"org.apache.spark:spark-sql-kafka-0-10_2.13:{pyspark.__v
 
 
 def kafka_source_jars(cache_dir: Path) -> list[str]:
-    """The Kafka source jars, resolved once by Maven (from cdc_pipeline/stack/pom.xml) into the cache.
+    """The Kafka source jars, resolved once by Maven (from cdc_pipeline/pom.xml) into the cache.
 
     Preferred over `--packages`, whose Ivy resolution stumbles over partial ~/.m2 entries and needs
     the network at every cold start."""

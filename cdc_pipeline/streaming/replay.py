@@ -29,6 +29,7 @@ from cdc_pipeline.streaming.apply import BatchStats, ChangeApplier
 from cdc_pipeline.streaming.dlq import DeadLetters
 from cdc_pipeline.streaming.evolution import SchemaEvolution
 from cdc_pipeline.streaming.sink import ClickHouseSink
+from cdc_pipeline.streaming.sinks import build_sink
 
 RESULT_PREFIX = "REPLAY-RESULT "
 # Replays never collide with the stream's batch ids (0, 1, ...) in logs and dead-letter headers.
@@ -66,12 +67,17 @@ def main(argv: list[str] | None = None) -> int:
         .load()
     )
     result: dict[str, BatchStats] = {}
+    evolution = SchemaEvolution.from_settings(pipeline, settings)
     applier = ChangeApplier(
         pipeline,
         database,
-        ClickHouseSink(
-            connect_clickhouse(settings.clickhouse_endpoint, settings.clickhouse_user, password),
-            SchemaEvolution.from_settings(pipeline, settings),
+        build_sink(
+            pipeline,
+            settings,
+            ClickHouseSink(
+                connect_clickhouse(settings.clickhouse_endpoint, settings.clickhouse_user, password), evolution
+            ),
+            evolution,
         ),
         DeadLetters(settings.kafka_bootstrap_servers, pipeline.dlq_topic),
         on_batch=lambda stats: result.update(stats=stats),

@@ -1,6 +1,7 @@
-"""JVM artifacts of the local stack (Kafka broker, Kafka Connect, the Debezium PostgreSQL plugin),
-resolved by Maven from `pom.xml` beside this file into a cache directory outside git. The first
-`stack up` downloads; later ones find the finished directories and never call Maven again."""
+"""JVM artifacts, resolved by Maven from `pom.xml` beside this file into a cache directory outside git:
+the Kafka source jars `spark-submit` needs (production and local), and the local stack's Kafka broker,
+Kafka Connect and Debezium PostgreSQL plugin. The first
+`stack up` (or stream start) downloads; later ones find the finished directories and never call Maven again."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 POM = Path(__file__).with_name("pom.xml")
-STACK_PROFILES = ("broker", "connect", "debezium-postgres")
 DEBEZIUM_CONNECTOR_CLASS = "io.debezium.connector.postgresql.PostgresConnector"
+STACK_PROFILES = ("broker", "connect", "debezium-postgres")
 
 
 class ArtifactError(RuntimeError):

@@ -1,5 +1,6 @@
-"""Background processes owned by the local stack: started detached, tracked by a pid file that also
-records the process start time (so a recycled pid is never mistaken for ours), stopped politely."""
+"""Background processes (the local stack's services and the stream's spark-submit): started detached,
+tracked by a pid file that also records the process start time (so a recycled pid is never mistaken for
+ours), stopped politely."""
 
 from __future__ import annotations
 

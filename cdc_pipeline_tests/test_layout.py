@@ -1,0 +1,37 @@
+"""The package's dependency rules, read from the import graph (no stack needed)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import cdc_pipeline
+
+PACKAGE = Path(cdc_pipeline.__file__).parent
+# The local dev stack is imported only by itself and by the commands that start it.
+MAY_IMPORT_STACK = {"stack", "cli.py", "bench/main.py", "demo"}
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def _allowed(relative: Path) -> bool:
+    text = relative.as_posix()
+    return any(text == rule or text.startswith(f"{rule}/") for rule in MAY_IMPORT_STACK)
+
+
+def test_production_code_does_not_import_the_local_stack() -> None:
+    offenders = {
+        path.relative_to(PACKAGE).as_posix(): sorted(n for n in _imports(path) if n.startswith("cdc_pipeline.stack"))
+        for path in PACKAGE.rglob("*.py")
+        if not _allowed(path.relative_to(PACKAGE))
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
