@@ -90,41 +90,51 @@ def decode_envelope(raw: DataFrame) -> DataFrame:
     """
     text = F.col("value").cast("string")
     value_schema_id, has_value_schema = _value_schema_id(text)
-    envelope = F.from_json(text, VALUE_TYPE)
-    key = F.from_json(F.col("key").cast("string"), KEY_TYPE)
-    return (
-        raw.select(
-            "topic",
-            "partition",
-            "offset",
-            F.col("value").isNull().alias("_tombstone"),
-            envelope.getField("payload").alias("_p"),
-            key.getField("payload").alias("key_json"),
-            value_schema_id.alias("value_schema_id"),
-            has_value_schema.alias("_has_schema"),
-            F.xxhash64(key.getField("schema")).alias("key_schema_id"),
-        )
-        .select("*", F.col("_p.source").alias("_s"))
-        .select(*_decoded_columns())
+    # Each stage is its own projection: every parse runs once per record and later stages refer to its
+    # result (Spark keeps a projection apart when inlining it would repeat an expensive expression).
+    parsed = raw.select(
+        "topic",
+        "partition",
+        "offset",
+        F.col("value").isNull().alias("_tombstone"),
+        F.from_json(text, VALUE_TYPE).getField("payload").alias("_p"),
+        F.from_json(F.col("key").cast("string"), KEY_TYPE).alias("_k"),
+        value_schema_id.alias("value_schema_id"),
+        has_value_schema.alias("_has_schema"),
     )
-
-
-def _decoded_columns() -> list[Column]:
-    payload, source = F.col("_p"), F.col("_s")
-    op = payload.getField("op")
-    # source.sequence is a JSON array in a string: ["<previous commit end LSN>", "<change LSN>"].
-    sequence = F.from_json(source.getField("sequence"), T.ArrayType(T.StringType()))
-    lsn = source.getField("lsn").try_cast("long")
-    snapshot = source.getField("snapshot")
+    payload, source = F.col("_p"), F.col("_p.source")
+    fields = parsed.select(
+        "topic",
+        "partition",
+        "offset",
+        "_tombstone",
+        "_has_schema",
+        "value_schema_id",
+        payload.isNull().alias("_no_payload"),
+        payload.getField("op").alias("_op"),
+        payload.getField("after").alias("after_json"),
+        payload.getField("before").alias("before_json"),
+        F.col("_k.payload").alias("key_json"),
+        F.xxhash64(F.col("_k.schema")).alias("key_schema_id"),
+        source.getField("lsn").try_cast("long").alias("_lsn"),
+        source.getField("snapshot").alias("_snapshot"),
+        # source.sequence is a JSON array in a string: ["<previous commit end LSN>", "<change LSN>"].
+        F.from_json(source.getField("sequence"), T.ArrayType(T.StringType())).alias("_seq"),
+        source.getField("ts_ms").try_cast("long").alias("source_ts_ms"),
+    )
+    op, lsn, sequence, snapshot = F.col("_op"), F.col("_lsn"), F.col("_seq"), F.col("_snapshot")
     snapshot_row = (op == "r") & snapshot.isNotNull() & ~snapshot.isin("false", "incremental")
-    commit_lsn = F.when(snapshot_row, lsn).otherwise(F.coalesce(sequence.getItem(0).try_cast("long"), lsn))
-    change_lsn = F.when(snapshot_row, F.lit(0).cast("long")).otherwise(
-        F.coalesce(sequence.getItem(1).try_cast("long"), lsn)
+    positioned = fields.select(
+        "*",
+        F.when(snapshot_row, lsn).otherwise(F.coalesce(sequence.getItem(0).try_cast("long"), lsn)).alias("commit_lsn"),
+        F.when(snapshot_row, F.lit(0).cast("long"))
+        .otherwise(F.coalesce(sequence.getItem(1).try_cast("long"), lsn))
+        .alias("change_lsn"),
     )
-    key_json, after_json = F.col("key_json"), payload.getField("after")
+    commit_lsn, change_lsn, key_json = F.col("commit_lsn"), F.col("change_lsn"), F.col("key_json")
     error = (
         F.when(F.col("_tombstone"), F.lit(None))
-        .when(payload.isNull(), F.lit("malformed message: not a JSON Debezium envelope with a payload"))
+        .when(F.col("_no_payload"), F.lit("malformed message: not a JSON Debezium envelope with a payload"))
         .when(
             op.isNull() | ~op.isin(*ROW_OPS, TRUNCATE), F.concat(F.lit("unknown op: "), F.coalesce(op, F.lit("null")))
         )
@@ -135,24 +145,27 @@ def _decoded_columns() -> list[Column]:
         )
         .when(op.isin(*ROW_OPS) & ~F.col("_has_schema"), F.lit("missing schema: the record has no value schema"))
         .when(op.isin(*ROW_OPS) & key_json.isNull(), F.lit("missing key: the record has no primary-key payload"))
-        .when(op.isin("c", "r", "u") & after_json.isNull(), F.lit("missing after image for a create/read/update"))
+        .when(
+            op.isin("c", "r", "u") & F.col("after_json").isNull(),
+            F.lit("missing after image for a create/read/update"),
+        )
     )
-    return [
+    return positioned.select(
         "topic",
         "partition",
         "offset",
         F.when(~F.col("_tombstone"), op).alias("op"),
-        commit_lsn.alias("commit_lsn"),
-        change_lsn.alias("change_lsn"),
-        key_json.alias("key_json"),
-        after_json.alias("after_json"),
-        payload.getField("before").alias("before_json"),
+        "commit_lsn",
+        "change_lsn",
+        "key_json",
+        "after_json",
+        "before_json",
         # Schemas repeat in every record: the writer parses each distinct one once, ever (see records_at).
         "value_schema_id",
         "key_schema_id",
-        source.getField("ts_ms").try_cast("long").alias("source_ts_ms"),
+        "source_ts_ms",
         error.alias("error"),
-    ]
+    )
 
 
 def valid_changes(decoded: DataFrame) -> DataFrame:
