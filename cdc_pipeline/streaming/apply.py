@@ -37,7 +37,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_de
 
 from cdc_pipeline.config import PipelineConfig, TableConfig
 from cdc_pipeline.streaming.aggregates import StreamAggregates
-from cdc_pipeline.streaming.batch import Change, DecodedBatch, positions
+from cdc_pipeline.streaming.batch import Change, DecodedBatch, SchemaUse, positions
 from cdc_pipeline.streaming.dlq import DeadLetters
 from cdc_pipeline.streaming.envelope import decode_envelope, records_at, schema_from_prefix, version
 from cdc_pipeline.streaming.sink import ClickHouseSink, ReplicaTable, ReplicaTableMissingError, normalize_key
@@ -301,18 +301,17 @@ class ChangeApplier:
 
     def _schemas(self, batch: DataFrame, found: DecodedBatch) -> dict[str, _Schemas]:
         uses = [u for u in found.schema_uses if self.pipeline.table_for_topic(u.topic) is not None]
-        unknown = [
-            u
-            for u in uses
-            if (u.topic, u.value_schema_id) not in self._value_schemas
-            or (u.topic, u.key_schema_id) not in self._key_schemas
-        ]
+
+        def unknown(use: SchemaUse) -> bool:
+            value_known = (use.topic, use.value_schema_id) in self._value_schemas
+            return not value_known or (use.topic, use.key_schema_id) not in self._key_schemas
+
         texts: dict[tuple[str, int, int], Any] = {}
-        if unknown:
+        if any(unknown(u) for u in uses):
             if len(self._value_schemas) + len(self._key_schemas) > SCHEMA_CACHE_LIMIT:
                 self._value_schemas.clear()
                 self._key_schemas.clear()
-            for row in records_at(batch, positions(unknown)).collect():
+            for row in records_at(batch, positions(u for u in uses if unknown(u))).collect():
                 texts[(row.topic, row.partition, row.offset)] = row
         by_topic: dict[str, _Schemas] = defaultdict(_Schemas)
         for use in uses:
@@ -320,11 +319,13 @@ class ChangeApplier:
             assert table_config is not None
             schemas = by_topic[use.topic]
             vid, kid = use.value_schema_id, use.key_schema_id
-            raw = texts.get((use.topic, use.partition, use.offset))
-            if (use.topic, vid) not in self._value_schemas:
-                self._value_schemas[(use.topic, vid)] = self._value_specs(raw, table_config)
-            if (use.topic, kid) not in self._key_schemas:
-                self._key_schemas[(use.topic, kid)] = _key_specs(raw.key_schema if raw else None)
+            if unknown(use):
+                raw = texts.get((use.topic, use.partition, use.offset))
+                if raw is None:  # cannot happen: the record is in the batch. Not cached: the next batch retries.
+                    schemas.bad[("value", vid)] = "the record's schema could not be read back from the batch"
+                    continue
+                self._value_schemas.setdefault((use.topic, vid), self._value_specs(raw, table_config))
+                self._key_schemas.setdefault((use.topic, kid), _key_specs(raw.key_schema))
             if vid not in schemas.values and ("value", vid) not in schemas.bad:
                 value_specs = self._value_schemas[(use.topic, vid)]
                 if isinstance(value_specs, str):
