@@ -44,13 +44,17 @@ state_dir_option = click.option(
 @state_dir_option
 def up(state_dir: Path | None) -> None:
     """Start every service that is not running and wait until all answer (idempotent)."""
+    from rich.console import Console
+
     from cdc_pipeline.jvm import ArtifactError
     from cdc_pipeline.stack.services import StackError
     from cdc_pipeline.stack.stack import LocalStack
+    from cdc_pipeline.terminal import maven_spinner
 
-    local = LocalStack(_settings(state_dir))
     try:
-        statuses = local.up()
+        with maven_spinner(Console()) as progress:
+            local = LocalStack(_settings(state_dir), maven_progress=progress)
+            statuses = local.up()
     except (StackError, ArtifactError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"Stack is up (state in {local.state_dir}):")
@@ -108,31 +112,15 @@ def provision(config_path: Path | None) -> None:
     """Prepare the source (signal and heartbeat tables), check it (the same checks as Dagster's
     `provision` job: nothing is changed while one fails), create the missing Kafka topics, and create
     or update the Debezium connector."""
-    import psycopg
-
-    from cdc_pipeline.connector import connector_name, prepare_source, provision_connector
-    from cdc_pipeline.control.source import check_source
-    from cdc_pipeline.resources import KafkaConnectResource
-    from cdc_pipeline.topics import ensure_topics
+    from cdc_pipeline.control.provision import ProvisionError, provision_pipeline
 
     settings = _settings(None)
     pipeline = _pipeline(config_path)
     try:
-        for step in prepare_source(settings.postgres_conninfo(), pipeline):
-            click.echo(step)
-        with psycopg.connect(settings.postgres_conninfo(), autocommit=True) as conn:
-            failed = [check for check in check_source(conn, pipeline) if not check.ok]
-        if failed:
-            lines = "\n".join(check.line() for check in failed)
-            raise click.ClickException(f"source checks failed; no topic or connector was provisioned:\n{lines}")
-        for line in ensure_topics({"bootstrap.servers": settings.kafka_bootstrap_servers}, pipeline).lines():
-            click.echo(line)
-        provision_connector(KafkaConnectResource(url=settings.connect_url), pipeline, settings)
-    except click.ClickException:
-        raise
-    except Exception as exc:  # psycopg / Connect errors carry the server's own explanation
-        raise click.ClickException(f"provisioning failed: {exc}") from exc
-    click.echo(f"Connector {connector_name(pipeline)} is configured ({len(pipeline.tables)} tables).")
+        name = provision_pipeline(settings, pipeline, click.echo)
+    except ProvisionError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"Connector {name} is configured ({len(pipeline.tables)} tables).")
 
 
 @main.command()
@@ -154,6 +142,97 @@ def workload(schema: str, changes: int, seed: int) -> None:
     click.echo(f"Made {changes} changes in {schema}.")
 
 
+_IDENTIFIER = r"[a-z_][a-z0-9_]*"
+
+
+def _identifier(_ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    import re
+
+    if value is not None and not re.fullmatch(_IDENTIFIER, value):
+        raise click.BadParameter(f"{value!r}: use lower-case letters, digits and _ (not a digit first)")
+    return value
+
+
+@main.command()
+@click.option(
+    "--duration", type=click.FloatRange(min=1), default=None, help="Seconds of live activity [default: until Ctrl-C]."
+)
+@click.option("--rate", type=click.FloatRange(min=1), default=50, show_default=True, help="Changed rows per second.")
+@click.option("--no-dagster", is_flag=True, help="Do not start Dagster (webserver + daemon).")
+@click.option(
+    "--dagster-port",
+    default=3000,
+    show_default=True,
+    type=click.IntRange(1, 65535),
+    help="Dagster's port (a free one if taken).",
+)
+@click.option(
+    "--name",
+    default="shop",
+    show_default=True,
+    callback=_identifier,
+    help="Pipeline name: connector, slot, topics and stream derive from it.",
+)
+@click.option(
+    "--schema", default="public", show_default=True, callback=_identifier, help="PostgreSQL schema of the shop."
+)
+@click.option(
+    "--database",
+    default=None,
+    callback=_identifier,
+    help="ClickHouse database of the replicas [default: CDC_CLICKHOUSE_DATABASE].",
+)
+@click.option("--orders", default=5000, show_default=True, type=click.IntRange(min=1), help="Orders in the history.")
+@click.option("--customers", default=1000, show_default=True, type=click.IntRange(min=1))
+@click.option("--products", default=300, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    default=900,
+    show_default=True,
+    type=click.FloatRange(min=10),
+    help="Longest wait for any one step (stream start, snapshot, catching up at the end).",
+)
+@state_dir_option
+def demo(
+    duration: float | None,
+    rate: float,
+    no_dagster: bool,
+    dagster_port: int,
+    name: str,
+    schema: str,
+    database: str | None,
+    orders: int,
+    customers: int,
+    products: int,
+    seed: int,
+    timeout_s: float,
+    state_dir: Path | None,
+) -> None:
+    """The whole pipeline in one command: start the local stack (what is not running), create a shop with a
+    generated history, provision the connector, start the stream and Dagster, run the shop's live activity
+    while showing changes written and applied, lag, latency and DLQ, and end (Ctrl-C or --duration) with a
+    summary comparing every replica with its source. Stops only what it started."""
+    from cdc_pipeline.demo.run import DemoOptions, run_demo
+
+    options = DemoOptions(
+        rate=rate,
+        duration=duration,
+        dagster=not no_dagster,
+        dagster_port=dagster_port,
+        name=name,
+        schema=schema,
+        database=database,
+        customers=customers,
+        products=products,
+        orders=orders,
+        seed=seed,
+        timeout_s=timeout_s,
+    )
+    sys.exit(run_demo(_settings(state_dir), options))
+
+
 @main.group()
 def stream() -> None:
     """The Spark Structured Streaming application (PostgreSQL changes -> ClickHouse)."""
@@ -170,9 +249,20 @@ def stream() -> None:
 @click.option("--master", default=None, help="Spark master [env CDC_SPARK_MASTER; default local[2]].")
 @click.option("--checkpoint-location", default=None, help="Override stream.checkpoint_location.")
 @click.option("--conf", "confs", multiple=True, metavar="KEY=VALUE", help="Extra Spark conf (repeatable).")
+@click.option(
+    "--driver-memory",
+    default="1g",
+    show_default=True,
+    help="Driver JVM heap (e.g. 2g); each micro-batch is bounded to what it holds (README: Memory).",
+)
 @click.option("--dry-run", is_flag=True, help="Print the spark-submit command instead of running it.")
 def stream_run(
-    config_path: Path | None, master: str | None, checkpoint_location: str | None, confs: tuple[str, ...], dry_run: bool
+    config_path: Path | None,
+    master: str | None,
+    checkpoint_location: str | None,
+    confs: tuple[str, ...],
+    driver_memory: str,
+    dry_run: bool,
 ) -> None:
     """Run the streaming application under spark-submit in the foreground (Ctrl-C stops it cleanly)."""
     import shlex
@@ -181,13 +271,23 @@ def stream_run(
     from cdc_pipeline.config import default_config_path
     from cdc_pipeline.jvm import ArtifactError
     from cdc_pipeline.streaming.launch import SparkSubmit, submit_env
+    from cdc_pipeline.streaming.limits import spark_memory_bytes
 
+    try:
+        spark_memory_bytes(driver_memory)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--driver-memory") from None
     settings = _settings(None)
     path = config_path or default_config_path()
     pipeline = _pipeline(path)
     try:
         conf = dict(item.split("=", 1) for item in confs)
-        submit = SparkSubmit(master=master or settings.spark_master, conf=conf, jvm_cache_dir=settings.jvm_cache_dir)
+        submit = SparkSubmit(
+            master=master or settings.spark_master,
+            conf=conf,
+            jvm_cache_dir=settings.jvm_cache_dir,
+            driver_memory=driver_memory,
+        )
         argv = submit.stream_argv(path, checkpoint_location=checkpoint_location, name=pipeline.query_name)
     except (ArtifactError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc

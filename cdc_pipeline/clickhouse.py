@@ -27,3 +27,11 @@ def connect_clickhouse(
         database=database or None,
         **kwargs,
     )
+
+
+def command_int(client: Client, query: str, parameters: dict[str, object] | None = None) -> int:
+    """The integer a one-value command answers (`EXISTS TABLE`, `SELECT count()`)."""
+    value = client.command(query, parameters=parameters)
+    if isinstance(value, int | str):
+        return int(value)
+    raise TypeError(f"expected one value from {query!r}, got {type(value).__name__}")

@@ -15,6 +15,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    ByteSize,
     ConfigDict,
     Field,
     StringConstraints,
@@ -24,6 +25,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from cdc_pipeline.contract import IS_DELETED, VERSION
 from cdc_pipeline.sqlcheck import CLICKHOUSE_CLAUSES, check_expression
 
 CONFIG_ENV_VAR = "CDC_PIPELINE_CONFIG"
@@ -33,6 +35,7 @@ DEFAULT_CONFIG_FILE = Path("pipeline.yaml")
 PgIdentifier = Annotated[str, StringConstraints(pattern=r"^[a-z_][a-z0-9_]*$", max_length=63)]
 PipelineName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*$", max_length=48)]
 SlotName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,63}$")]
+SinkName = Literal["clickhouse", "warehouse"]  # where a table's replica goes
 _CLICKHOUSE_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 ClickHouseIdentifier = Annotated[str, StringConstraints(pattern=_CLICKHOUSE_NAME, max_length=200)]
 TopicName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]+$", max_length=200)]
@@ -273,8 +276,8 @@ class TableConfig(_Model):
         "(clamp, text or dlq); default: `sink.clickhouse.out_of_range`.",
     )
 
-    sinks: list[Literal["clickhouse", "warehouse"]] = Field(
-        default_factory=lambda: ["clickhouse"],
+    sinks: list[SinkName] = Field(
+        default_factory=lambda: list[SinkName](["clickhouse"]),
         min_length=1,
         description="Where the replica goes: `clickhouse`, `warehouse` (the PostgreSQL warehouse of "
         "CDC_WAREHOUSE_DSN) or both; default: clickhouse.",
@@ -385,7 +388,18 @@ class StreamConfig(_Model):
     checkpoint_location: str | None = Field(
         None, description="Spark checkpoint directory or URI; default: `<stack dir>/checkpoints/<name>`."
     )
-    max_offsets_per_trigger: int = Field(10_000, gt=0, description="Upper bound of Kafka records per micro-batch.")
+    max_offsets_per_trigger: int = Field(
+        10_000,
+        gt=0,
+        description="Upper bound of Kafka records per micro-batch; the stream lowers it when that many records "
+        "would not fit the batch's byte budget (`max_bytes_per_trigger`).",
+    )
+    max_bytes_per_trigger: ByteSize | None = Field(
+        None,
+        gt=0,
+        description="Byte budget of a micro-batch's Kafka records (key + value), e.g. `64MiB`; default: derived "
+        "from the heap at start (a 1 GiB driver: 128 MiB). Offsets per trigger are lowered to fit it.",
+    )
     starting_offsets: Literal["earliest", "latest"] = Field(
         "earliest", description="Where a query without a checkpoint starts reading."
     )
@@ -423,7 +437,7 @@ _DURATION = re.compile(r"^(\d+)\s*(seconds?|minutes?|hours?|days?)$")
 _DURATION_US = {"second": 1_000_000, "minute": 60_000_000, "hour": 3_600_000_000, "day": 86_400_000_000}
 AggregateFunction = Literal["count", "sum", "avg", "min", "max", "approx_count_distinct"]
 # Columns every aggregate table has besides its group and measure columns.
-AGGREGATE_RESERVED = ("window_start", "window_end", "_version", "_is_deleted")
+AGGREGATE_RESERVED = ("window_start", "window_end", VERSION, IS_DELETED)
 
 
 def duration_us(text: str) -> int:

@@ -21,17 +21,7 @@ from cdc_pipeline.config import PipelineConfig, default_config_path, load_pipeli
 from cdc_pipeline.defs.aggregates import aggregate_key, build_aggregate_definitions
 from cdc_pipeline.defs.assets import build_assets, build_checks, checks_automation
 from cdc_pipeline.defs.health import check_services
-from cdc_pipeline.defs.jobs import (
-    backfill_table,
-    pause_connector,
-    reconcile_tables,
-    replay,
-    restart_stream,
-    resume_connector,
-    start_stream,
-    stop_stream,
-    stream_status,
-)
+from cdc_pipeline.defs.jobs import build_jobs
 from cdc_pipeline.defs.resources import build_resources
 from cdc_pipeline.defs.schedules import build_schedules
 from cdc_pipeline.defs.sensors import build_sensors
@@ -59,9 +49,9 @@ def build_definitions(
     """Everything Dagster needs for one pipeline; `resources` override the environment-based ones. The
     checks run and the source tables are observed by themselves at the ticks of `checks_cron` and
     `observe_cron` (default: CDC_CHECKS_CRON, CDC_OBSERVE_CRON)."""
-    translator = translator or CdcTranslator(pipeline)
-    if checks_cron is None or observe_cron is None:
+    if translator is None or checks_cron is None or observe_cron is None:
         settings = Settings()
+        translator = translator or CdcTranslator.from_settings(pipeline, settings)
         checks_cron = checks_cron or settings.checks_cron
         observe_cron = observe_cron or settings.observe_cron
     checks_cron = _cron("CDC_CHECKS_CRON", checks_cron)
@@ -103,26 +93,15 @@ def build_definitions(
         description=f"Observes the source tables (counts, size, WAL position, slot lag) at {observe_cron} (UTC; "
         "CDC_OBSERVE_CRON).",
     )
+    # One translator for everything: the jobs and sensors record to the keys of the assets above.
+    jobs = build_jobs(translator)
+    job = {j.name: j for j in jobs}
     definitions = Definitions(
         assets=assets,
         asset_checks=checks,
-        jobs=[
-            check_services,
-            provision,
-            observe,
-            check_replicas,
-            start_stream,
-            stop_stream,
-            restart_stream,
-            stream_status,
-            pause_connector,
-            resume_connector,
-            backfill_table,
-            replay,
-            reconcile_tables,
-        ],  # fmt: skip
-        sensors=[*build_sensors(restart_stream), automation],
-        schedules=[*build_schedules(pipeline, reconcile_tables, backfill_table), observe_schedule],
+        jobs=[check_services, provision, observe, check_replicas, *jobs],
+        sensors=[*build_sensors(translator, job["restart_stream"]), automation],
+        schedules=[*build_schedules(pipeline, job["reconcile_tables"], job["backfill_table"]), observe_schedule],
         resources={**build_resources(config_path=str(config_path)), **(resources or {})},
     )
     # Resolved now (Dagster caches it), inside one narrow filter: Dagster 1.13 copies a sensor that targets a

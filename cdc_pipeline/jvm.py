@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,17 @@ STACK_PROFILES = ("broker", "connect", "debezium-postgres")
 
 class ArtifactError(RuntimeError):
     """Maven could not provide the JVM parts of the stack."""
+
+
+@dataclass(frozen=True)
+class MavenProgress:
+    """Where a resolution is: profile `index` (1-based) of `total`, files downloaded so far in all."""
+
+    profile: str
+    index: int
+    total: int
+    downloaded: int
+    last: str = ""  # the artifact Maven reported last
 
 
 @dataclass(frozen=True)
@@ -55,9 +68,13 @@ def layout_for(cache_dir: Path, overrides: dict[str, str] | None = None) -> JvmL
 
 
 def ensure_artifacts(
-    cache_dir: Path, overrides: dict[str, str] | None = None, profiles: tuple[str, ...] = STACK_PROFILES
+    cache_dir: Path,
+    overrides: dict[str, str] | None = None,
+    profiles: tuple[str, ...] = STACK_PROFILES,
+    progress: Callable[[MavenProgress], None] | None = None,
 ) -> JvmLayout:
-    """Resolve the profiles once; idempotent and offline after the first success."""
+    """Resolve the profiles once; idempotent and offline after the first success. `progress` is called
+    as each profile starts and as each file is downloaded."""
     layout = layout_for(cache_dir, overrides)
     targets = {profile: layout.directory(profile) for profile in profiles}
     missing = {p: d for p, d in targets.items() if not (d / ".complete").exists()}
@@ -70,19 +87,33 @@ def ensure_artifacts(
             "Debezium from Maven Central. Install it (Debian: apt-get install maven) and retry."
         )
     repo = cache_dir.expanduser().resolve() / "m2"
-    for profile, target in missing.items():
+    downloaded = 0
+    for index, (profile, target) in enumerate(missing.items(), start=1):
+        if progress:
+            progress(MavenProgress(profile, index, len(missing), downloaded))
         staging = target.with_name(target.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         argv = [
-            mvn, "-B", "-q", "-f", str(POM), "-P", profile,
+            mvn, "-B", "-f", str(POM), "-P", profile,
             f"-Dmaven.repo.local={repo}",
             "dependency:copy-dependencies", f"-DoutputDirectory={staging}",
             *(f"-D{k}={v}" for k, v in sorted((overrides or {}).items())),
         ]  # fmt: skip
-        result = subprocess.run(argv, capture_output=True, text=True)
-        if result.returncode != 0:
-            tail = "\n".join((result.stdout + result.stderr).splitlines()[-25:])
-            raise ArtifactError(f"Maven could not resolve the '{profile}' artifacts:\n{tail}")
+        # Not quiet: each "Downloaded from <repo>: <url>" line is a file done, reported as progress.
+        tail: deque[str] = deque(maxlen=25)
+        with subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True
+        ) as process:
+            assert process.stdout is not None
+            for line in process.stdout:
+                tail.append(line.rstrip())
+                if "Downloaded from " in line:
+                    downloaded += 1
+                    if progress:
+                        name = line.split(": ", 1)[-1].split(" (", 1)[0].rsplit("/", 1)[-1]
+                        progress(MavenProgress(profile, index, len(missing), downloaded, name))
+        if process.returncode != 0:
+            raise ArtifactError(f"Maven could not resolve the '{profile}' artifacts:\n" + "\n".join(tail))
         # Rename into place only when complete, so an interrupted download is retried next time.
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)

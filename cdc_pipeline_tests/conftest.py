@@ -205,3 +205,39 @@ def spark():  # noqa: ANN201 - pyspark is imported lazily: most tests never need
         yield session
     finally:
         session.stop()
+
+
+# --- `cdc-pipeline demo` on the session stack (test_demo.py, test_dagster_ui.py) ----------------------
+DEMO_SMALL = ["--orders", "150", "--customers", "40", "--products", "25", "--rate", "50"]
+
+
+def demo_argv(schema: str, *extra: str, name: str | None = None) -> list[str]:
+    """The demo with a small history in schema and ClickHouse database `schema`, pipeline `name` (default
+    `schema`); `extra` adds options (e.g. --no-dagster, --duration)."""
+    return [
+        sys.executable, "-m", "cdc_pipeline.cli", "demo", "--name", name or schema, "--schema", schema,
+        "--database", schema, *DEMO_SMALL, *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def demo_name(
+    settings: Settings, local_stack: LocalStack, source: psycopg.Connection, clickhouse: Client, unique_name: str
+) -> Iterator[str]:
+    """A schema and database name for a demo run; afterwards its stream, connector, slot, publication,
+    schema and database are removed (for every demo pipeline over that schema)."""
+    from cdc_pipeline.config import load_pipeline_config
+    from cdc_pipeline.control.stream import StreamController
+    from cdc_pipeline_tests.replica import remove_pipeline
+
+    yield unique_name
+    for config_path in (settings.stack_dir.resolve() / "demo").glob("*.yaml"):
+        config = load_pipeline_config(config_path)
+        if unique_name not in config.source.schemas:
+            continue
+        try:
+            StreamController(settings.stack_dir.resolve() / "control", config.name).stop()
+        finally:
+            remove_pipeline(settings, config)
+    source.execute(f'DROP SCHEMA IF EXISTS "{unique_name}" CASCADE')
+    clickhouse.command(f"DROP DATABASE IF EXISTS `{unique_name}`")

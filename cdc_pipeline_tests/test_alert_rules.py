@@ -8,6 +8,8 @@ from cdc_pipeline.control.rules import (
     SlotObservation,
     connector_missing,
     connector_paused,
+    connector_running,
+    connector_state,
     failed_error_check,
     human_bytes,
     slot_retention,
@@ -94,3 +96,17 @@ def test_human_bytes() -> None:
     assert human_bytes(512) == "512 B"
     assert human_bytes(3 * 1024 * 1024) == "3.0 MiB"
     assert human_bytes(5 * GIB) == "5.0 GiB"
+
+
+def connect_status(connector: str, *tasks: str) -> dict:
+    return {"connector": {"state": connector}, "tasks": [{"id": i, "state": t} for i, t in enumerate(tasks)]}
+
+
+def test_connector_running_needs_the_connector_and_every_task_running() -> None:
+    assert connector_running(connect_status("RUNNING", "RUNNING", "RUNNING"))
+    assert connector_state(connect_status("RUNNING", "RUNNING")) == "RUNNING"
+    assert not connector_running(connect_status("RUNNING"))  # no task: nothing is captured
+    assert connector_state(connect_status("RUNNING")) == "without tasks"
+    assert not connector_running(connect_status("RUNNING", "RUNNING", "FAILED"))
+    assert connector_state(connect_status("RUNNING", "RUNNING", "FAILED")) == "FAILED"
+    assert connector_state(connect_status("PAUSED", "UNASSIGNED")) == "PAUSED/UNASSIGNED"

@@ -77,6 +77,8 @@ def test_bench_measures_every_scenario(local_stack: LocalStack, tmp_path: Path) 
     assert memory["plain consumer"] > 0
     assert report["memory"]["peak_total_rss_bytes"] >= memory["spark driver (JVM)"]
     assert {t["name"] for t in report["targets"]} >= {"stack peak RSS <= 6 GiB"}
+    # Each stream says how many offsets it read per trigger (max_offsets_per_trigger, or what the heap holds).
+    assert report["trigger_limits"] and all("offsets per trigger" in v for v in report["trigger_limits"].values())
 
 
 def test_targets_say_pass_miss_and_by_how_much() -> None:
@@ -96,4 +98,8 @@ def test_targets_say_pass_miss_and_by_how_much() -> None:
     assert targets["latency p99 <= 2 s"].detail == "1.5x over"
     assert targets["no OutOfMemoryError at max_offsets_per_trigger 200,000"].passed is None
     assert targets["stack peak RSS <= 6 GiB"].passed is False
+    # Probes still invisible when the drain ended make every latency figure a lower bound.
+    report.latency = {"p50_s": 30.0, "p99_s": 90.0, "lower_bound": True}
+    targets = {t.name: t for t in report.targets()}
+    assert targets["latency p50 <= 1 s"].measured == ">= 30.00 s" and targets["latency p50 <= 1 s"].passed is False
     assert percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.0 and percentile([1.0, 2.0], 99) == 2.0

@@ -37,3 +37,13 @@ def test_stream_run_names_the_bad_config_key(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["stream", "run", "--config", str(bad), "--dry-run"])
     assert result.exit_code != 0
     assert "tables[0].primary_key" in result.output
+
+
+def test_stream_run_takes_the_driver_memory() -> None:
+    config = ["stream", "run", "--config", str(REPO_ROOT / "pipeline.yaml"), "--dry-run"]
+    result = CliRunner().invoke(main, [*config, "--driver-memory", "3g"])
+    assert result.exit_code == 0, result.output
+    assert "--driver-memory 3g" in result.output
+    assert "--driver-memory 1g" in CliRunner().invoke(main, config).output
+    bad = CliRunner().invoke(main, [*config, "--driver-memory", "lots"])
+    assert bad.exit_code != 0 and "--driver-memory" in bad.output and "not a Spark memory size" in bad.output

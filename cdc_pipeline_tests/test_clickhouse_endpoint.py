@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import clickhouse_connect
 import pandas as pd
@@ -25,6 +26,8 @@ import pytest
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError
 from clickhouse_connect.driver.summary import QuerySummary
+
+from cdc_pipeline_tests.conftest import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -260,6 +263,88 @@ def test_settings_are_per_request_and_per_session(clickhouse_url: str) -> None:
     scoped = second.query("SELECT getSetting('max_threads')", settings={"max_threads": 5})
     assert scoped.result_rows == [(5,)]
     assert second.command("SELECT getSetting('max_threads')") == default
+
+
+def _running(client: Client, marker: str) -> int:
+    """How many queries whose text holds `marker` are running (this one excluded)."""
+    return int(
+        client.command(
+            "SELECT count() FROM system.processes WHERE position(query, {m:String}) > 0 "
+            "AND position(query, 'system.processes') = 0",
+            parameters={"m": marker},
+        )
+    )
+
+
+@contextmanager
+def _long_query(url: str, method: str = "POST", session_id: str | None = None) -> Iterator[str]:
+    """A query that runs until the block ends (then it is killed), sent with `method` on a connection of its
+    own; yields the marker its text carries. Nothing here waits on time: the query sleeps 0.5 s per row for an
+    hour (max_execution_time caps it at 5 minutes should the kill fail)."""
+    marker = f"long_query_{uuid.uuid4().hex[:10]}"
+    sql = f"SELECT sleepEachRow(0.5), '{marker}' FROM numbers(7200)"
+    params = {"max_block_size": "1", "max_execution_time": "300", **({"session_id": session_id} if session_id else {})}
+    credentials = {"X-ClickHouse-User": "default", "X-ClickHouse-Key": os.environ["CDC_CLICKHOUSE_PASSWORD"]}
+    outcome: dict[str, bytes] = {}
+
+    def run() -> None:
+        conn = http.client.HTTPConnection(urlsplit(url).netloc, timeout=600)
+        query = urlencode({**params, **({"query": sql} if method == "GET" else {})})
+        conn.request(method, f"/?{query}", body=None if method == "GET" else sql.encode(), headers=credentials)
+        outcome["body"] = conn.getresponse().read()
+        conn.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    watcher = _client(url)
+    try:
+        wait_for(lambda: _running(watcher, marker) == 1, 120, f"the long {method} query to start")
+        yield marker
+        assert thread.is_alive() and _running(watcher, marker) == 1, "the long query ended before it was killed"
+    finally:
+        watcher.command(
+            "KILL QUERY WHERE position(query, {m:String}) > 0 AND position(query, 'KILL') = 0 SYNC",
+            parameters={"m": marker},
+        )
+        thread.join(120)
+        watcher.close()
+    assert not thread.is_alive()
+    assert b"QUERY_WAS_CANCELLED" in outcome["body"]
+
+
+@pytest.mark.parametrize("method", ["POST", "GET"])
+def test_a_long_query_holds_up_no_insert_and_no_read(clickhouse_url: str, database: str, method: str) -> None:
+    """Requests run concurrently: while one query runs (a read-write POST or a read-only GET), inserts, FINAL
+    reads, DDL and GET reads complete, and the long query is still running when they have."""
+    client = _client(clickhouse_url, compress="lz4")
+    table = f"{database}.beside"
+    with _long_query(clickhouse_url, method) as marker:
+        _create_cdc_table(client, table)
+        client.insert(table, [[i, f"n{i}", 1, 0] for i in range(10_000)], column_names=CDC_COLUMNS)
+        client.insert(table, [[i, "gone", 2, 1] for i in range(5_000)], column_names=CDC_COLUMNS)
+        assert client.query(f"SELECT count(), min(id) FROM {table} FINAL").result_rows == [(5_000, 5_000)]
+        conn = http.client.HTTPConnection(urlsplit(clickhouse_url).netloc, timeout=120)
+        conn.request(
+            "GET",
+            "/?" + urlencode({"query": f"SELECT count() FROM {table} FINAL"}),
+            headers={"X-ClickHouse-User": "default", "X-ClickHouse-Key": os.environ["CDC_CLICKHOUSE_PASSWORD"]},
+        )
+        assert conn.getresponse().read() == b"5000\n"
+        assert _running(client, marker) == 1
+
+
+def test_a_session_runs_one_request_at_a_time(clickhouse_url: str) -> None:
+    """As on a ClickHouse server: a second request of a busy session is refused (SESSION_IS_LOCKED), other
+    sessions go on, and the session is usable again, with its settings, once its request has ended."""
+    session = f"busy-{uuid.uuid4().hex[:8]}"
+    owner = _client(clickhouse_url, session_id=session)
+    owner.command("SET max_threads = 3")
+    with _long_query(clickhouse_url, session_id=session):
+        with pytest.raises(DatabaseError, match="SESSION_IS_LOCKED") as locked:
+            _client(clickhouse_url, session_id=session).command("SELECT 1")
+        assert locked.value.code == 373
+        assert _client(clickhouse_url).command("SELECT 2") == 2
+    assert owner.command("SELECT getSetting('max_threads')") == 3
 
 
 def test_http_protocol_details(clickhouse_url: str, database: str) -> None:

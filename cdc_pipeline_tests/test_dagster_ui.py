@@ -7,8 +7,10 @@ process group, so it is stopped with `stop_process_group` like `dagster dev`, al
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -20,8 +22,10 @@ import pytest
 import requests
 from playwright.sync_api import Page, sync_playwright
 
+from cdc_pipeline.demo.run import MATCH_LINE
+from cdc_pipeline.process import port_open
 from cdc_pipeline.stack.stack import LocalStack
-from cdc_pipeline_tests.conftest import dagster_dev_server, stop_process_group
+from cdc_pipeline_tests.conftest import dagster_dev_server, demo_argv, free_ports, stop_process_group, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -228,3 +232,71 @@ def test_ui_shows_assets_and_runs_check_services(dagster_dev_on_stack: str, brow
         )
         run_query = "query ($id: ID!) { runOrError(runId: $id) { ... on Run { status jobName } } }"
         assert graphql(url, run_query, {"id": run_id})["runOrError"] == {"status": "SUCCESS", "jobName": JOB}
+
+
+SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "demo-asset-graph.png"  # shown by the README
+
+
+def save_expanded_asset_graph(page: Page, url: str, groups: list[str]) -> None:
+    """The global lineage graph with every group expanded (a click on a group's node expands it; the UI
+    keeps that in the browser's storage and fits the graph to the page when it loads), as SCREENSHOT."""
+    page.goto(f"{url}/asset-groups")
+    page.get_by_role("button", name="Hide navigation").click()  # more room for the graph
+    for group in groups:
+        page.goto(f"{url}/asset-groups")
+        page.get_by_text(groups[-1], exact=True).first.wait_for(timeout=180_000)
+        page.wait_for_timeout(1500)  # the layout settles
+        in_graph = [  # the group's node, not its entry in the list of groups left of the graph
+            element for element in page.get_by_text(group, exact=True).all()
+            if element.is_visible() and (box := element.bounding_box()) and box["x"] > 380
+        ]  # fmt: skip
+        assert in_graph, f"group {group} is not drawn in the lineage graph"
+        in_graph[0].click()
+        page.wait_for_timeout(1000)
+    page.goto(f"{url}/asset-groups")
+    page.get_by_text("streaming_query", exact=True).first.wait_for(timeout=180_000)
+    page.wait_for_timeout(3000)
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT))
+
+
+def test_the_demo_serves_dagster_with_the_pipelines_asset_graph(
+    demo_name: str, browser_page: Page, tmp_path: Path
+) -> None:
+    """`cdc-pipeline demo` starts Dagster (webserver + daemon) for its pipeline: the UI it prints draws the
+    pipeline's asset graph (saved as the README's screenshot) and the stream's asset; Ctrl-C ends the demo
+    with its summary and stops Dagster."""
+    (port,) = free_ports(1)
+    log_path = tmp_path / "demo.log"
+    with open(log_path, "wb") as log:
+        # Pipeline `shop` (the README's names) over a schema and database of the test's own.
+        process = subprocess.Popen(
+            demo_argv(demo_name, "--dagster-port", str(port), name="shop"), cwd=tmp_path, env=dict(os.environ),
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    page = browser_page
+    try:
+        wait_for(lambda: "where to look" in log_tail(log_path, 100_000), 900, "the demo's live phase")
+        found = re.search(r"Dagster:\s+(http://\S+)", log_tail(log_path, 100_000))
+        assert found, log_tail(log_path)
+        url = found.group(1)
+        assert url == f"http://127.0.0.1:{port}"
+        wait_for_job(url, JOB, log_path)
+        graphql(url, "mutation { setNuxSeen }")
+        page.add_locator_handler(
+            page.get_by_text("Join the Dagster community"), lambda: page.get_by_role("button", name="Skip").click()
+        )
+        with screenshot_on_failure(page, tmp_path):
+            paths = asset_key_paths(url)
+            assert ["shop", "streaming_query"] in paths and ["shop", "clickhouse", "payments"] in paths, paths
+            save_expanded_asset_graph(page, url, ["shop_source", "shop_capture", "shop_streaming", "shop_sink"])
+            page.goto(f"{url}/assets/shop/streaming_query")
+            page.get_by_text("streaming_query").first.wait_for(timeout=120_000)
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=900)
+    finally:
+        stop_process_group(process)
+    output = log_tail(log_path, 100_000)
+    assert process.returncode == 0 and MATCH_LINE in output, output[-8000:]
+    assert "stopping Dagster" in output
+    wait_for(lambda: not port_open("127.0.0.1", port), 120, "Dagster's port to close")

@@ -21,6 +21,8 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import DatabaseError
+from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource
 from psycopg import sql
 
@@ -312,22 +314,31 @@ def test_a_driver_ends_with_its_jvm_even_when_it_is_hung(
             _kill_all(group_members(group))
 
 
+_BIG_TABLE = (
+    "CREATE TABLE big (id int PRIMARY KEY, v text); ALTER TABLE big ALTER v SET STORAGE EXTERNAL; "
+    "INSERT INTO big SELECT g.i, (SELECT string_agg(md5(g.i || '-' || h), '') FROM generate_series(1, 1500) h) "
+    "FROM generate_series(1, 3000) g(i)"
+)
+
+
+def _small_heap_submit(settings: Settings) -> SparkSubmit:
+    """spark-submit with a 128 MB driver heap (spark.testing.memory lets Spark start below its 450 MB minimum)."""
+    return SparkSubmit(
+        driver_memory="128m", conf={"spark.testing.memory": str(512 << 20)}, jvm_cache_dir=settings.jvm_cache_dir
+    )
+
+
 def test_an_out_of_memory_driver_jvm_ends_every_process_of_the_stream(
     settings: Settings, source: psycopg.Connection, clickhouse: Client, unique_name: str, tmp_path: Path
 ) -> None:
-    # 3000 rows of 48 kB: a micro-batch of 2000 is about 100 MB, far more than a 128 MB driver heap.
-    _schema(
-        source,
-        unique_name,
-        "CREATE TABLE big (id int PRIMARY KEY, v text); ALTER TABLE big ALTER v SET STORAGE EXTERNAL; "
-        "INSERT INTO big SELECT g.i, (SELECT string_agg(md5(g.i || '-' || h), '') FROM generate_series(1, 1500) h) "
-        "FROM generate_series(1, 3000) g(i)",
-    )
-    with pipeline_for_schema(settings, unique_name, ["big"], tmp_path) as running:
-        # spark.testing.memory lets Spark start with a heap below its 450 MB minimum.
-        submit = SparkSubmit(
-            driver_memory="128m", conf={"spark.testing.memory": str(512 << 20)}, jvm_cache_dir=settings.jvm_cache_dir
-        )
+    # 3000 rows of 48 kB: a micro-batch of 2000 is about 100 MB, far more than a 128 MB driver heap. The
+    # stream would bound its batches to what the heap holds (next test): a byte budget far beyond the heap is
+    # configured, so a batch reads max_offsets_per_trigger (2000) records.
+    _schema(source, unique_name, _BIG_TABLE)
+    with pipeline_for_schema(
+        settings, unique_name, ["big"], tmp_path, stream={"max_bytes_per_trigger": "1GiB"}
+    ) as running:
+        submit = _small_heap_submit(settings)
         argv = submit.stream_argv(running.config_path, checkpoint_location=running.checkpoint, name="oom")
         running.stream = launch(argv, log_path=running.log_path)
         group = _group(running.stream.pid)
@@ -336,6 +347,53 @@ def test_an_out_of_memory_driver_jvm_ends_every_process_of_the_stream(
             assert code != 0
             assert "OutOfMemoryError" in running.log_path.read_text(errors="replace")
             wait_for(lambda: not _alive(group_members(group)), 120, "every process of the stream to end")
+        finally:
+            _kill_all(group_members(group))
+
+
+def test_200k_offsets_per_trigger_are_bounded_to_what_the_heap_holds(
+    settings: Settings, source: psycopg.Connection, clickhouse: Client, unique_name: str, tmp_path: Path
+) -> None:
+    """The data of the OutOfMemoryError test above on Spark's smallest driver heap (512 MB), with
+    max_offsets_per_trigger 200,000 (one batch would be all 144 MB of records: the heap runs out) and no byte
+    budget configured: the stream derives one from its heap and the record size it measures in the topic, and
+    applies every row in batches the heap holds."""
+    _schema(source, unique_name, _BIG_TABLE)
+    with pipeline_for_schema(
+        settings, unique_name, ["big"], tmp_path, stream={"max_offsets_per_trigger": 200_000}
+    ) as running:
+        (topic,) = running.config.topics()
+        consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": unique_name})
+        try:
+            # The snapshot in Kafka first: the record size is measured when the stream starts.
+            wait_for(
+                lambda: consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=30)[1] >= 3000,
+                600,
+                "the snapshot's 3000 records in Kafka",
+            )
+        finally:
+            consumer.close()
+        argv = SparkSubmit(driver_memory="512m", jvm_cache_dir=settings.jvm_cache_dir).stream_argv(
+            running.config_path, checkpoint_location=running.checkpoint, name="bounded"
+        )
+        running.stream = launch(argv, log_path=running.log_path)
+        group = _group(running.stream.pid)
+        try:
+
+            def applied() -> bool:
+                assert running.stream is not None and running.stream.poll() is None, (
+                    f"the stream ended:\n{running.log_tail()}"
+                )
+                try:
+                    return clickhouse.command(f"SELECT count() FROM `{unique_name}`.big FINAL") == 3000
+                except DatabaseError:  # not created by the stream yet
+                    return False
+
+            wait_for(applied, 1200, "the 3000 rows in ClickHouse", interval=2)
+            log_text = running.log_path.read_text(errors="replace")
+            assert "bounded from max_offsets_per_trigger 200,000" in log_text
+            assert "OutOfMemoryError" not in log_text
+            assert clickhouse.command(f"SELECT sum(length(v)) FROM `{unique_name}`.big FINAL") == 3000 * 1500 * 32
         finally:
             _kill_all(group_members(group))
 

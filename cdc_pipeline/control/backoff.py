@@ -21,7 +21,7 @@ class RestartBackoff:
     def record_attempt(self, now: float, first_delay_s: float, max_delay_s: float) -> float:
         """Count a restart made at `now`; returns the wait before the next one may be made."""
         attempts = self.attempts + 1
-        delay = min(first_delay_s * 2 ** (attempts - 1), max_delay_s)
+        delay = min(first_delay_s * 2.0 ** (attempts - 1), max_delay_s)
         self.state = {"attempts": attempts, "next_at": now + delay}  # also ends any healthy period
         return delay
 

@@ -168,7 +168,7 @@ def source_rows(
     columns: list[tuple[str, str]] | None = None,
     key: list[str] | None = None,
     condition: str | None = None,
-) -> dict[tuple, dict[str, Any]]:
+) -> dict[tuple[Any, ...], dict[str, Any]]:
     """Rows by key (default: every column, the table's primary key), optionally filtered by SQL."""
     columns = columns or source_columns(conn, schema, table)
     key = key or primary_key(conn, schema, table)
@@ -190,7 +190,9 @@ def source_rows(
     return rows
 
 
-def replica_rows(replica: Replica, columns: list[tuple[str, str]], key: list[str]) -> dict[tuple, dict[str, Any]]:
+def replica_rows(
+    replica: Replica, columns: list[tuple[str, str]], key: list[str]
+) -> dict[tuple[Any, ...], dict[str, Any]]:
     """The replica's live rows by key, canonical like `source_rows` (ClickHouse or warehouse alike)."""
     names = [c for c, _ in columns]
     types = dict(columns)
@@ -206,7 +208,9 @@ def replica_rows(replica: Replica, columns: list[tuple[str, str]], key: list[str
     return rows
 
 
-def diff(source: dict[tuple, dict], replica: dict[tuple, dict], limit: int = 5) -> list[str]:
+def diff(
+    source: dict[tuple[Any, ...], dict[str, Any]], replica: dict[tuple[Any, ...], dict[str, Any]], limit: int = 5
+) -> list[str]:
     problems = [f"missing in replica: {k}" for k in list(source.keys() - replica.keys())[:limit]]
     problems += [f"extra in replica: {k}" for k in list(replica.keys() - source.keys())[:limit]]
     for k in sorted(source.keys() & replica.keys())[:100_000]:
@@ -225,9 +229,9 @@ class Differences:
 
     source_rows: int
     replica_rows: int
-    missing: list[tuple] = field(default_factory=list)
-    extra: list[tuple] = field(default_factory=list)
-    different: dict[tuple, dict[str, tuple[Any, Any]]] = field(default_factory=dict)
+    missing: list[tuple[Any, ...]] = field(default_factory=list)
+    extra: list[tuple[Any, ...]] = field(default_factory=list)
+    different: dict[tuple[Any, ...], dict[str, tuple[Any, Any]]] = field(default_factory=dict)
     # Captured source columns the replica does not have yet (compared on the others), see no_schema_drift.
     columns_not_in_replica: list[str] = field(default_factory=list)
     replica_exists: bool = True
@@ -237,12 +241,14 @@ class Differences:
     def total(self) -> int:
         return len(self.missing) + len(self.extra) + len(self.different)
 
-    def keys_to_backfill(self) -> list[tuple]:
+    def keys_to_backfill(self) -> list[tuple[Any, ...]]:
         """Keys a snapshot of the source repairs (extra rows are not in the source to snapshot)."""
         return sorted(self.missing, key=repr) + sorted(self.different, key=repr)
 
 
-def compare(source: dict[tuple, dict[str, Any]], replica: dict[tuple, dict[str, Any]]) -> Differences:
+def compare(
+    source: dict[tuple[Any, ...], dict[str, Any]], replica: dict[tuple[Any, ...], dict[str, Any]]
+) -> Differences:
     result = Differences(len(source), len(replica))
     result.missing = sorted(source.keys() - replica.keys(), key=repr)
     result.extra = sorted(replica.keys() - source.keys(), key=repr)

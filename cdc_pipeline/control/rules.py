@@ -10,13 +10,17 @@ Rules:
 - paused connector: the connector has been PAUSED for `max_paused_s` (while paused, the slot
   retains WAL);
 - missing connector: the pipeline's connector is not in Kafka Connect, for longer than `grace_s`;
-- failed check: the newest evaluation of an ERROR-severity asset check failed.
+- failed check: the newest evaluation of an ERROR-severity asset check failed;
+- connector running: the connector and every one of its tasks (at least one) are RUNNING.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+RUNNING = "RUNNING"
 
 
 @dataclass(frozen=True)
@@ -171,3 +175,23 @@ def failed_error_check(outcome: CheckOutcome | None) -> Verdict | None:
         return None
     summary = f"{outcome.check} on {outcome.asset} failed" + (f": {outcome.description}" if outcome.description else "")
     return Verdict(True, summary, dict(outcome.metadata))
+
+
+def connector_states(status: Mapping[str, Any]) -> list[str]:
+    """The states in a Kafka Connect status answer (`GET /connectors/<name>/status`): the connector's,
+    then each task's."""
+    return [status["connector"]["state"], *(task["state"] for task in status.get("tasks", []))]
+
+
+def connector_running(status: Mapping[str, Any]) -> bool:
+    """The connector runs: it and every task are RUNNING, and it has at least one task (a connector
+    without tasks captures nothing)."""
+    return bool(status.get("tasks")) and all(state == RUNNING for state in connector_states(status))
+
+
+def connector_state(status: Mapping[str, Any]) -> str:
+    """`RUNNING` when `connector_running`; otherwise the states that are not (`FAILED`, `PAUSED/UNASSIGNED`),
+    or `without tasks`."""
+    if connector_running(status):
+        return RUNNING
+    return "/".join(sorted(set(connector_states(status)) - {RUNNING})) or "without tasks"

@@ -18,6 +18,20 @@ from cdc_pipeline.connector import CASE_SENSITIVE, regex_literal
 from cdc_pipeline.control.rules import SlotObservation
 
 
+def _row(cursor: psycopg.Cursor[tuple[Any, ...]]) -> tuple[Any, ...]:
+    """The row a query always returns (SHOW, an aggregate, a function call)."""
+    row = cursor.fetchone()
+    if row is None:
+        raise RuntimeError("the query returned no row")
+    return row
+
+
+def _first(row: tuple[Any, ...] | None) -> Any:
+    if row is None:
+        raise RuntimeError("the query returned no row")
+    return row[0]
+
+
 @dataclass(frozen=True)
 class SourceCheck:
     name: str
@@ -49,7 +63,7 @@ def _table_facts(conn: psycopg.Connection, table: TableConfig) -> tuple[str, dic
     if row is None:
         return None
     oid, identity = row
-    columns = dict(
+    columns: dict[str, bool] = dict(
         conn.execute(
             "SELECT attname, attnotnull FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped",
             (oid,),
@@ -178,29 +192,29 @@ def set_full_identity(conn: psycopg.Connection, pipeline: PipelineConfig) -> lis
 def check_source(conn: psycopg.Connection, pipeline: PipelineConfig) -> list[SourceCheck]:
     """Everything the connector needs from PostgreSQL, each with the fix when it is missing."""
     checks: list[SourceCheck] = []
-    wal_level = conn.execute("SHOW wal_level").fetchone()[0]
+    wal_level = _first(conn.execute("SHOW wal_level").fetchone())
     checks.append(
         SourceCheck(
             "wal_level", wal_level == "logical", f"wal_level = {wal_level}",
             "set wal_level = logical in postgresql.conf and restart PostgreSQL",
         )
     )  # fmt: skip
-    role = conn.execute(
-        "SELECT rolreplication OR rolsuper, current_user FROM pg_roles WHERE rolname = current_user"
-    ).fetchone()
+    role = _row(
+        conn.execute("SELECT rolreplication OR rolsuper, current_user FROM pg_roles WHERE rolname = current_user")
+    )
     checks.append(
         SourceCheck(
             "replication privilege", bool(role[0]), f"role {role[1]} {'has' if role[0] else 'lacks'} REPLICATION",
             f"ALTER ROLE {role[1]} REPLICATION",
         )
     )  # fmt: skip
-    slots = conn.execute("SHOW max_replication_slots").fetchone()[0]
+    slots = _first(conn.execute("SHOW max_replication_slots").fetchone())
     slot = conn.execute(
         "SELECT plugin, active, database, wal_status FROM pg_replication_slots WHERE slot_name = %s",
         (pipeline.slot_name,),
     ).fetchone()
     if slot is None:
-        used = conn.execute("SELECT count(*) FROM pg_replication_slots").fetchone()[0]
+        used = _first(conn.execute("SELECT count(*) FROM pg_replication_slots").fetchone())
         free = int(slots) - used
         checks.append(
             SourceCheck(
@@ -267,7 +281,7 @@ def table_stats(conn: psycopg.Connection, table: TableConfig) -> dict[str, Any]:
 
 def wal_position(conn: psycopg.Connection, pipeline: PipelineConfig) -> dict[str, Any]:
     """The server's current WAL position, and how far the pipeline's slot trails it."""
-    current = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]
+    current = _first(conn.execute("SELECT pg_current_wal_lsn()::text").fetchone())
     slot = conn.execute(
         "SELECT confirmed_flush_lsn::text, pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint "
         "FROM pg_replication_slots WHERE slot_name = %s",
@@ -301,7 +315,7 @@ def exact_count(conn: psycopg.Connection, table: TableConfig, condition: str | N
         # An operator-supplied filter, like Debezium's own; checked by sqlcheck.validate_condition first.
         # A prepared statement (extended protocol) can never run a second statement.
         query += sql.SQL(" WHERE ({})").format(sql.SQL(condition))
-    return conn.execute(query, prepare=True).fetchone()[0]
+    return int(_first(conn.execute(query, prepare=True).fetchone()))
 
 
 def source_columns(conn: psycopg.Connection, table: TableConfig) -> list[str]:
@@ -365,7 +379,7 @@ class SignalLock:
 
     def try_acquire(self) -> bool:
         query = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
-        self.held = bool(self.conn.execute(query, (self.key,)).fetchone()[0])
+        self.held = bool(_first(self.conn.execute(query, (self.key,)).fetchone()))
         return self.held
 
     def wait(self, timeout: float, on_wait: Any = None, note_every: float = 30.0) -> bool:

@@ -40,6 +40,7 @@ from dagster import (
 )
 
 from cdc_pipeline.config import AggregateConfig, PipelineConfig
+from cdc_pipeline.contract import LIVE_ROWS
 from cdc_pipeline.defs.common import database_of
 from cdc_pipeline.defs.translator import CdcTranslator
 from cdc_pipeline.resources import ClickHouseResource, PipelineResource
@@ -64,7 +65,7 @@ def aggregate_key(pipeline: PipelineConfig, aggregate: AggregateConfig) -> Asset
 
 def aggregate_spec(pipeline: PipelineConfig, translator: CdcTranslator, aggregate: AggregateConfig) -> AssetSpec:
     table = pipeline.table(aggregate.table)
-    database = pipeline.clickhouse_database(translator.settings.clickhouse_database)
+    database = pipeline.clickhouse_database(translator.database)
     window = aggregate.window
     kind = f"tumbling {window.size}" if window.slide is None else f"sliding {window.size} every {window.slide}"
     replica = f"{quote_identifier(database)}.{quote_identifier(pipeline.sink_table(table))}"
@@ -211,7 +212,7 @@ def build_aggregate_definitions(
                 except AggregateError as exc:
                     raise Failure(str(exc)) from None
                 table = f"{quote_identifier(database)}.{quote_identifier(aggregate.sink_table)}"
-                rows = int(client.command(f"SELECT count() FROM {table} FINAL WHERE _is_deleted = 0")) if done else 0
+                rows = int(client.command(f"SELECT count() FROM {table} FINAL WHERE {LIVE_ROWS}")) if done else 0
                 watermark = watermark_of(client, database, aggregate)
                 context.log.info(f"{aggregate.name}: {rows} (window, group) rows recomputed from the replica")
                 yield MaterializeResult(

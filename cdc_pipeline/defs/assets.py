@@ -28,6 +28,7 @@ from cdc_pipeline.config import PipelineConfig, TableConfig
 from cdc_pipeline.connector import connector_name, prepare_source, provision_connector
 from cdc_pipeline.control.lag import measure_lag
 from cdc_pipeline.control.replicas import ClickHouseReplica, Replica, WarehouseReplica
+from cdc_pipeline.control.rules import RUNNING, connector_running, connector_state
 from cdc_pipeline.control.source import (
     check_source,
     exact_count,
@@ -67,12 +68,11 @@ def wait_connector_running(connect: KafkaConnectResource, name: str, timeout: fl
                 raise
             time.sleep(2)
             continue
-        states = [status["connector"]["state"], *(t["state"] for t in status.get("tasks", []))]
         failed = [t for t in status.get("tasks", []) if t["state"] == "FAILED"]
         if status["connector"]["state"] == "FAILED" or failed:
             trace = (failed[0] if failed else status["connector"]).get("trace", "")
             raise Failure(f"connector {name} failed: {trace.splitlines()[0] if trace else 'no trace'}")
-        if status.get("tasks") and all(s == "RUNNING" for s in states):
+        if connector_running(status):
             return status
         time.sleep(2)
     raise Failure(f"connector {name} not RUNNING after {timeout:.0f} s: {status}")
@@ -179,10 +179,7 @@ def _capture_state(connect: KafkaConnectResource, config: PipelineConfig) -> str
         status = connect.connector_status(connector_name(config))
     except Exception as exc:
         return f"unknown ({str(exc).splitlines()[0][:120]})"
-    states = {status["connector"]["state"], *(t["state"] for t in status.get("tasks", []))}
-    if states == {"RUNNING"} and status.get("tasks"):
-        return "RUNNING"
-    return "/".join(sorted(states - {"RUNNING"})) or "without tasks"
+    return connector_state(status)
 
 
 def table_checks(
@@ -259,8 +256,8 @@ def table_checks(
         age = (time.time() - oldest_pending) if oldest_pending else 0.0
         newest_text = str(newest) if newest else "none"
         wal = wal_position(conn, config)
-        fresh = age <= monitor.freshness_max_age_s and capture == "RUNNING"
-        if capture != "RUNNING":
+        fresh = age <= monitor.freshness_max_age_s and capture == RUNNING
+        if capture != RUNNING:
             description = f"the connector is {capture}: source changes are not being captured"
         elif pending:
             description = (

@@ -13,11 +13,11 @@ from clickhouse_connect.driver.binding import quote_identifier
 from confluent_kafka import Consumer
 
 from cdc_pipeline.config import PipelineConfig
+from cdc_pipeline.contract import PROGRESS_TABLE
 from cdc_pipeline.control.lag import LagSnapshot, measure_lag
 from cdc_pipeline.control.stream import StreamController, StreamStatus
 from cdc_pipeline.resources import ClickHouseResource, KafkaResource, PipelineResource, PostgresResource, SparkResource
 from cdc_pipeline.settings import ENV_PREFIX, Settings
-from cdc_pipeline.streaming.progress import PROGRESS_TABLE
 
 READY_MARKER = "started, checkpoint"  # logged by streaming/app.py once the query runs
 AUTOMATIC_TAG = "cdc/automatic"  # on runs a sensor requested (a manual stop since then wins)

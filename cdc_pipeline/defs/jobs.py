@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -14,9 +15,11 @@ from typing import Any
 import psycopg
 from confluent_kafka import TopicPartition
 from dagster import (
+    AssetKey,
     AssetObservation,
     Config,
     Failure,
+    JobDefinition,
     MetadataValue,
     OpExecutionContext,
     Output,
@@ -31,6 +34,7 @@ from cdc_pipeline.connector import connector_name
 from cdc_pipeline.control.backfill import SnapshotFailed, SnapshotProgress, end_offsets, follow_snapshot
 from cdc_pipeline.control.reconcile import Differences, normalize, reconcile
 from cdc_pipeline.control.replicas import ClickHouseReplica, Replica, WarehouseReplica
+from cdc_pipeline.control.rules import connector_running, connector_states
 from cdc_pipeline.control.source import (
     SignalLock,
     UnsupportedSnapshotName,
@@ -55,102 +59,104 @@ from cdc_pipeline.streaming import replay as replay_app
 from cdc_pipeline.streaming.launch import submit_env
 
 
-def _stream_key(pipeline: PipelineConfig):  # noqa: ANN202
-    return CdcTranslator(pipeline).stream_key()
-
-
-def _observe_status(context: OpExecutionContext, pipeline: PipelineConfig, status: Any, **extra: Any) -> None:
+def _observe_status(context: OpExecutionContext, key: AssetKey, status: Any, **extra: Any) -> None:
     metadata = {k: v for k, v in status.as_dict().items() if v is not None}
-    context.log_event(AssetObservation(asset_key=_stream_key(pipeline), metadata={**metadata, **extra}))
+    context.log_event(AssetObservation(asset_key=key, metadata={**metadata, **extra}))
 
 
 # --- stream control -------------------------------------------------------------------------------
 
 
-@op(description="Start the streaming query with spark-submit (idempotent: a running stream is left alone).")
-def start_stream_op(
-    context: OpExecutionContext,
-    pipeline: PipelineResource,
-    spark: SparkResource,
-    kafka: KafkaResource,
-    clickhouse: ClickHouseResource,
-) -> None:
-    config = pipeline.load()
-    status = common.start_stream(pipeline, spark, kafka, clickhouse, started_by=context.run_id)
-    context.log.info(f"stream {config.query_name} runs as pid {status.pid} on {status.master}; log {status.log_path}")
-    _observe_status(context, config, status)
+def build_stream_jobs(translator: CdcTranslator) -> list[JobDefinition]:
+    """start_stream, stop_stream, restart_stream and stream_status, observing `translator`'s stream asset."""
+    stream_key = translator.stream_key()
 
+    @op(description="Start the streaming query with spark-submit (idempotent: a running stream is left alone).")
+    def start_stream_op(
+        context: OpExecutionContext,
+        pipeline: PipelineResource,
+        spark: SparkResource,
+        kafka: KafkaResource,
+        clickhouse: ClickHouseResource,
+    ) -> None:
+        config = pipeline.load()
+        status = common.start_stream(pipeline, spark, kafka, clickhouse, started_by=context.run_id)
+        context.log.info(
+            f"stream {config.query_name} runs as pid {status.pid} on {status.master}; log {status.log_path}"
+        )
+        _observe_status(context, stream_key, status)
 
-@op(description="Stop the streaming query: it finishes its batch and exits; SIGKILL only after a timeout.")
-def stop_stream_op(context: OpExecutionContext, pipeline: PipelineResource) -> None:
-    config = pipeline.load()
-    controller = pipeline.controller(config)
-    stopped = controller.stop()
-    context.log.info(f"stream {config.query_name}: {'stopped' if stopped else 'was not running'}")
-    _observe_status(context, config, controller.status())
+    @op(description="Stop the streaming query: it finishes its batch and exits; SIGKILL only after a timeout.")
+    def stop_stream_op(context: OpExecutionContext, pipeline: PipelineResource) -> None:
+        config = pipeline.load()
+        controller = pipeline.controller(config)
+        stopped = controller.stop()
+        context.log.info(f"stream {config.query_name}: {'stopped' if stopped else 'was not running'}")
+        _observe_status(context, stream_key, controller.status())
 
+    @op(description="Stop, then start the streaming query (e.g. after changing pipeline.yaml or Spark settings).")
+    def restart_stream_op(
+        context: OpExecutionContext,
+        pipeline: PipelineResource,
+        spark: SparkResource,
+        kafka: KafkaResource,
+        clickhouse: ClickHouseResource,
+    ) -> None:
+        config = pipeline.load()
+        controller = pipeline.controller(config)
+        if context.run.tags.get(AUTOMATIC_TAG) and controller.status().desired != "running":
+            # Requested by the checkpoint sensor, but an operator stopped the stream since: theirs is the last word.
+            context.log.info(
+                f"stream {config.query_name} was stopped on purpose since this restart was requested: skipped"
+            )
+            return
+        controller.stop(desired="running")
+        status = common.start_stream(pipeline, spark, kafka, clickhouse, started_by=context.run_id)
+        context.log.info(f"stream {config.query_name} restarted as pid {status.pid}")
+        _observe_status(context, stream_key, status)
 
-@op(description="Stop, then start the streaming query (e.g. after changing pipeline.yaml or Spark settings).")
-def restart_stream_op(
-    context: OpExecutionContext,
-    pipeline: PipelineResource,
-    spark: SparkResource,
-    kafka: KafkaResource,
-    clickhouse: ClickHouseResource,
-) -> None:
-    config = pipeline.load()
-    controller = pipeline.controller(config)
-    if context.run.tags.get(AUTOMATIC_TAG) and controller.status().desired != "running":
-        # Requested by the checkpoint sensor, but an operator stopped the stream since: theirs is the last word.
-        context.log.info(f"stream {config.query_name} was stopped on purpose since this restart was requested: skipped")
-        return
-    controller.stop(desired="running")
-    status = common.start_stream(pipeline, spark, kafka, clickhouse, started_by=context.run_id)
-    context.log.info(f"stream {config.query_name} restarted as pid {status.pid}")
-    _observe_status(context, config, status)
+    @op(description="Report whether the stream runs, its lag, and the connector's state.")
+    def stream_status_op(
+        context: OpExecutionContext,
+        pipeline: PipelineResource,
+        kafka: KafkaResource,
+        kafka_connect: KafkaConnectResource,
+    ) -> None:
+        config = pipeline.load()
+        status = pipeline.controller(config).status()
+        lag = stream_lag(kafka, config)
+        try:
+            connector = kafka_connect.connector_status(connector_name(config))
+            connector_state = connector["connector"]["state"]
+            tasks = ", ".join(f"{t['id']}:{t['state']}" for t in connector.get("tasks", []))
+        except Exception as exc:  # a status report reports problems rather than failing on them
+            connector_state, tasks = f"unknown ({str(exc).splitlines()[0][:200]})", ""
+        context.log.info(
+            f"stream {'RUNNING' if status.running else 'NOT RUNNING'} (desired {status.desired}), lag {lag.total}, "
+            f"connector {connector_state} [{tasks}]"
+        )
+        _observe_status(
+            context, stream_key, status, total_lag=lag.total, connector_state=connector_state,
+            lag_by_partition=MetadataValue.json(lag_metadata(lag)["lag_by_partition"]),
+        )  # fmt: skip
 
+    @job(description="Start the pipeline's streaming query (spark-submit on the Spark resource's master).")
+    def start_stream() -> None:
+        start_stream_op()
 
-@op(description="Report whether the stream runs, its lag, and the connector's state.")
-def stream_status_op(
-    context: OpExecutionContext, pipeline: PipelineResource, kafka: KafkaResource, kafka_connect: KafkaConnectResource
-) -> None:
-    config = pipeline.load()
-    status = pipeline.controller(config).status()
-    lag = stream_lag(kafka, config)
-    try:
-        connector = kafka_connect.connector_status(connector_name(config))
-        connector_state = connector["connector"]["state"]
-        tasks = ", ".join(f"{t['id']}:{t['state']}" for t in connector.get("tasks", []))
-    except Exception as exc:  # a status report reports problems rather than failing on them
-        connector_state, tasks = f"unknown ({str(exc).splitlines()[0][:200]})", ""
-    context.log.info(
-        f"stream {'RUNNING' if status.running else 'NOT RUNNING'} (desired {status.desired}), lag {lag.total}, "
-        f"connector {connector_state} [{tasks}]"
-    )
-    _observe_status(
-        context, config, status, total_lag=lag.total, connector_state=connector_state,
-        lag_by_partition=MetadataValue.json(lag_metadata(lag)["lag_by_partition"]),
-    )  # fmt: skip
+    @job(description="Stop the pipeline's streaming query gracefully.")
+    def stop_stream() -> None:
+        stop_stream_op()
 
+    @job(description="Restart the pipeline's streaming query.")
+    def restart_stream() -> None:
+        restart_stream_op()
 
-@job(description="Start the pipeline's streaming query (spark-submit on the Spark resource's master).")
-def start_stream() -> None:
-    start_stream_op()
+    @job(description="Show whether the stream runs, its consumer lag and the connector state.")
+    def stream_status() -> None:
+        stream_status_op()
 
-
-@job(description="Stop the pipeline's streaming query gracefully.")
-def stop_stream() -> None:
-    stop_stream_op()
-
-
-@job(description="Restart the pipeline's streaming query.")
-def restart_stream() -> None:
-    restart_stream_op()
-
-
-@job(description="Show whether the stream runs, its consumer lag and the connector state.")
-def stream_status() -> None:
-    stream_status_op()
+    return [start_stream, stop_stream, restart_stream, stream_status]
 
 
 # --- connector ------------------------------------------------------------------------------------
@@ -202,9 +208,8 @@ def _notification_topic(connect: KafkaConnectResource, config: PipelineConfig) -
         stored = connect.connector_config(name)
     except Exception as exc:
         raise Failure(f"cannot read connector {name} (run the provision job?): {exc}") from None
-    states = [status["connector"]["state"], *(t["state"] for t in status.get("tasks", []))]
-    if any(state != "RUNNING" for state in states) or not status.get("tasks"):
-        raise Failure(f"connector {name} is not running ({states}): the snapshot would never start")
+    if not connector_running(status):
+        raise Failure(f"connector {name} is not running ({connector_states(status)}): the snapshot would never start")
     channels = [c.strip() for c in stored.get("notification.enabled.channels", "").split(",")]
     topic = stored.get("notification.sink.topic.name")
     if "sink" not in channels or not topic:
@@ -264,12 +269,14 @@ def run_backfill(
                 raise Failure(str(exc)) from None
             context.log.info(f"signal {signal_id}: incremental snapshot of {expected} rows of {table.name} requested")
 
+            requested = time.monotonic()
+
             def report(progress: SnapshotProgress) -> None:
                 chunk = f", chunk {progress.chunk[0]} of {progress.chunk[1]}" if progress.chunk else ""
                 done = ", complete" if progress.completed else ""
                 context.log.info(
                     f"backfill {table.name}: {progress.seen} of {progress.expected} rows snapshotted "
-                    f"({progress.fraction:.0%}{chunk}{done})"
+                    f"({progress.fraction:.0%}{chunk}{done}) after {time.monotonic() - requested:.0f} s"
                 )
 
             try:
@@ -311,32 +318,34 @@ def run_backfill(
     }  # fmt: skip
 
 
-@op(description="Re-read a table (or the rows matching a filter) from PostgreSQL through Debezium.")
-def backfill_table_op(
-    context: OpExecutionContext,
-    config: BackfillConfig,
-    pipeline: PipelineResource,
-    postgres: PostgresResource,
-    kafka: KafkaResource,
-    kafka_connect: KafkaConnectResource,
-) -> None:
-    pipeline_config = pipeline.load()
-    try:
-        table = pipeline_config.table(config.table)
-    except KeyError as exc:
-        raise Failure(f"{exc.args[0]}; tables: {[t.name for t in pipeline_config.tables]}") from None
-    result = run_backfill(
-        context, pipeline_config, table, config.condition, postgres, kafka, kafka_connect, config.timeout_s,
-        config.wait_applied,
-    )  # fmt: skip
-    for key in CdcTranslator(pipeline_config).replica_keys(table):
-        context.log_event(AssetObservation(asset_key=key, metadata={"backfill": result}))
-    context.log.info(json.dumps(result))
+def build_backfill_job(translator: CdcTranslator) -> JobDefinition:
+    @op(description="Re-read a table (or the rows matching a filter) from PostgreSQL through Debezium.")
+    def backfill_table_op(
+        context: OpExecutionContext,
+        config: BackfillConfig,
+        pipeline: PipelineResource,
+        postgres: PostgresResource,
+        kafka: KafkaResource,
+        kafka_connect: KafkaConnectResource,
+    ) -> None:
+        pipeline_config = pipeline.load()
+        try:
+            table = pipeline_config.table(config.table)
+        except KeyError as exc:
+            raise Failure(f"{exc.args[0]}; tables: {[t.name for t in pipeline_config.tables]}") from None
+        result = run_backfill(
+            context, pipeline_config, table, config.condition, postgres, kafka, kafka_connect, config.timeout_s,
+            config.wait_applied,
+        )  # fmt: skip
+        for key in translator.replica_keys(table):
+            context.log_event(AssetObservation(asset_key=key, metadata={"backfill": result}))
+        context.log.info(json.dumps(result))
 
+    @job(description="Backfill a table through a Debezium incremental snapshot (signal table), with progress.")
+    def backfill_table() -> None:
+        backfill_table_op()
 
-@job(description="Backfill a table through a Debezium incremental snapshot (signal table), with progress.")
-def backfill_table() -> None:
-    backfill_table_op()
+    return backfill_table
 
 
 # --- replay ---------------------------------------------------------------------------------------
@@ -353,6 +362,9 @@ class ReplayConfig(Config):
     timeout_s: float = Field(default=3600, description="Stop the Spark job and fail if it has not finished by then.")
 
 
+REPLAY_NOTE_S = 30.0  # a replay logs that it is still at work this often
+
+
 def _offset_for_time(consumer: Any, topic: str, partition: int, when: str, default: int) -> int:
     moment = datetime.fromisoformat(when)
     if moment.tzinfo is None:
@@ -361,82 +373,101 @@ def _offset_for_time(consumer: Any, topic: str, partition: int, when: str, defau
     return found[0].offset if found and found[0].offset >= 0 else default
 
 
-@op(description="Replay a range of a table's topic into ClickHouse (Spark batch job, same writer as the stream).")
-def replay_op(
-    context: OpExecutionContext,
-    config: ReplayConfig,
-    pipeline: PipelineResource,
-    spark: SparkResource,
-    kafka: KafkaResource,
-    clickhouse: ClickHouseResource,
-) -> None:
-    pipeline_config = pipeline.load()
-    try:
-        table = pipeline_config.table(config.table)
-    except KeyError as exc:
-        raise Failure(f"{exc.args[0]}; tables: {[t.name for t in pipeline_config.tables]}") from None
-    if (config.start_offset is None) == (config.start_time is None):
-        raise Failure("give exactly one of start_offset or start_time")
-    topic = pipeline_config.topic_for(table)
-    consumer = kafka.consumer(f"{pipeline_config.consumer_group}-replay")
-    try:
-        ends = end_offsets(consumer, topic)
-        if not ends:
-            raise Failure(f"topic {topic} does not exist: nothing was captured for {table.name} yet")
-        low, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10, cached=False)
-        if config.start_time is not None:
-            start = _offset_for_time(consumer, topic, 0, config.start_time, high)
-            end = _offset_for_time(consumer, topic, 0, config.end_time, high) if config.end_time else high
-        else:
-            start = config.start_offset
-            end = config.end_offset if config.end_offset is not None else high
-    finally:
-        consumer.close()
-    if start < low:
-        raise Failure(f"offset {start} of {topic} is gone (retention); the earliest is {low}: backfill instead")
-    end = min(end, high)
-    if end <= start:
-        context.log.info(f"{topic}: empty range [{start}, {end}), nothing to replay")
-        return
-    argv = spark.submit().argv(
-        replay_app.__file__, "--config", str(pipeline.resolved_config_path),
-        "--starting-offsets", json.dumps({topic: {"0": start}}), "--ending-offsets", json.dumps({topic: {"0": end}}),
-        name=f"{pipeline_config.query_name}_replay",
-    )  # fmt: skip
-    context.log.info(f"replaying {topic} offsets [{start}, {end}) with spark-submit on {spark.master}")
-    # In its own process group, so a timeout stops spark-submit's JVM and its Python driver together.
-    process = subprocess.Popen(
-        argv, env=submit_env(stream_env(kafka, clickhouse, pipeline), master=spark.master), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
-        output, _ = process.communicate(timeout=config.timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        raise Failure(
-            f"replay of {topic} [{start}, {end}) did not finish in {config.timeout_s:.0f} s and was stopped; "
-            "nothing is lost (a replay only re-applies), run it again with a larger timeout_s or a smaller range:\n"
-            + "\n".join(output.splitlines()[-20:])
-        ) from None
-    finally:
-        if process.poll() is None:  # the run was terminated while the replay ran: stop it too
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    lines = output.splitlines()
-    result_lines = [line for line in lines if line.startswith(replay_app.RESULT_PREFIX)]
-    if process.returncode != 0 or not result_lines:
-        raise Failure(f"replay of {topic} failed (exit {process.returncode}):\n" + "\n".join(lines[-40:]))
-    summary = json.loads(result_lines[-1].removeprefix(replay_app.RESULT_PREFIX))
-    summary.update(topic=topic, start_offset=start, end_offset=end)
-    context.log.info(f"replayed: {summary}")
-    for key in CdcTranslator(pipeline_config).replica_keys(table):
-        context.log_event(AssetObservation(asset_key=key, metadata={"replay": summary}))
+def build_replay_job(translator: CdcTranslator) -> JobDefinition:
+    @op(description="Replay a range of a table's topic into ClickHouse (Spark batch job, same writer as the stream).")
+    def replay_op(
+        context: OpExecutionContext,
+        config: ReplayConfig,
+        pipeline: PipelineResource,
+        spark: SparkResource,
+        kafka: KafkaResource,
+        clickhouse: ClickHouseResource,
+    ) -> None:
+        pipeline_config = pipeline.load()
+        try:
+            table = pipeline_config.table(config.table)
+        except KeyError as exc:
+            raise Failure(f"{exc.args[0]}; tables: {[t.name for t in pipeline_config.tables]}") from None
+        if (config.start_offset is None) == (config.start_time is None):
+            raise Failure("give exactly one of start_offset or start_time")
+        topic = pipeline_config.topic_for(table)
+        consumer = kafka.consumer(f"{pipeline_config.consumer_group}-replay")
+        try:
+            ends = end_offsets(consumer, topic)
+            if not ends:
+                raise Failure(f"topic {topic} does not exist: nothing was captured for {table.name} yet")
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10, cached=False)
+            if config.start_time is not None:
+                start = _offset_for_time(consumer, topic, 0, config.start_time, high)
+                end = _offset_for_time(consumer, topic, 0, config.end_time, high) if config.end_time else high
+            else:
+                start = config.start_offset
+                end = config.end_offset if config.end_offset is not None else high
+        finally:
+            consumer.close()
+        if start < low:
+            raise Failure(f"offset {start} of {topic} is gone (retention); the earliest is {low}: backfill instead")
+        end = min(end, high)
+        if end <= start:
+            context.log.info(f"{topic}: empty range [{start}, {end}), nothing to replay")
+            return
+        argv = spark.submit().argv(
+            replay_app.__file__, "--config", str(pipeline.resolved_config_path),
+            "--starting-offsets", json.dumps({topic: {"0": start}}),
+            "--ending-offsets", json.dumps({topic: {"0": end}}),
+            name=f"{pipeline_config.query_name}_replay",
+        )  # fmt: skip
+        context.log.info(
+            f"replaying {topic} offsets [{start}, {end}) ({end - start} records) with spark-submit on {spark.master}"
+        )
+        # In its own process group, so a timeout stops spark-submit's JVM and its Python driver together. Output
+        # goes to a file (no pipe to fill); a log line every REPLAY_NOTE_S says the replay is still at work.
+        started = time.monotonic()
+        with tempfile.TemporaryFile("w+", errors="replace") as out:
+            process = subprocess.Popen(
+                argv, env=submit_env(stream_env(kafka, clickhouse, pipeline), master=spark.master), stdout=out,
+                stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            )  # fmt: skip
+            try:
+                next_note = started + REPLAY_NOTE_S
+                while process.poll() is None:
+                    elapsed = time.monotonic() - started
+                    if elapsed > config.timeout_s:
+                        os.killpg(process.pid, signal.SIGKILL)
+                        process.wait()
+                        out.seek(0)
+                        raise Failure(
+                            f"replay of {topic} [{start}, {end}) did not finish in {config.timeout_s:.0f} s and "
+                            "was stopped; nothing is lost (a replay only re-applies), run it again with a larger "
+                            "timeout_s or a smaller range:\n" + "\n".join(out.read().splitlines()[-20:])
+                        )
+                    if time.monotonic() >= next_note:
+                        context.log.info(
+                            f"replay of {topic} [{start}, {end}): {end - start} records, running for {elapsed:.0f} s"
+                        )
+                        next_note += REPLAY_NOTE_S
+                    time.sleep(0.5)
+            finally:
+                if process.poll() is None:  # the run was terminated while the replay ran: stop it too
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+            out.seek(0)
+            output = out.read()
+        lines = output.splitlines()
+        result_lines = [line for line in lines if line.startswith(replay_app.RESULT_PREFIX)]
+        if process.returncode != 0 or not result_lines:
+            raise Failure(f"replay of {topic} failed (exit {process.returncode}):\n" + "\n".join(lines[-40:]))
+        summary = json.loads(result_lines[-1].removeprefix(replay_app.RESULT_PREFIX))
+        summary.update(topic=topic, start_offset=start, end_offset=end, seconds=round(time.monotonic() - started, 1))
+        context.log.info(f"replayed: {summary}")
+        for key in translator.replica_keys(table):
+            context.log_event(AssetObservation(asset_key=key, metadata={"replay": summary}))
 
+    @job(description="Replay a topic range (offsets or a time window) into ClickHouse; idempotent.")
+    def replay() -> None:
+        replay_op()
 
-@job(description="Replay a topic range (offsets or a time window) into ClickHouse; idempotent.")
-def replay() -> None:
-    replay_op()
+    return replay
 
 
 # --- reconcile ------------------------------------------------------------------------------------
@@ -476,13 +507,16 @@ def _differences_md(diff: Differences, limit: int = 50) -> str:
 
 @contextmanager
 def _replicas(
-    config: PipelineConfig, table: TableConfig, clickhouse: ClickHouseResource, warehouse: PostgresResource
-) -> Iterator[list[tuple[Replica, Any]]]:
+    translator: CdcTranslator,
+    config: PipelineConfig,
+    table: TableConfig,
+    clickhouse: ClickHouseResource,
+    warehouse: PostgresResource,
+) -> Iterator[list[tuple[Replica, AssetKey]]]:
     """The replicas of `table` (ClickHouse, the warehouse or both, per its `sinks`) with their asset keys."""
-    translator = CdcTranslator(config)
     sink, database = config.sink_table(table), database_of(config, clickhouse)
     with ExitStack() as stack:
-        replicas: list[tuple[Replica, Any]] = []
+        replicas: list[tuple[Replica, AssetKey]] = []
         if "clickhouse" in table.sinks:
             client = clickhouse.client()
             stack.callback(client.close)
@@ -491,67 +525,6 @@ def _replicas(
             conn = stack.enter_context(warehouse.connect(autocommit=True))
             replicas.append((WarehouseReplica(conn, database, sink), translator.warehouse_key(table)))
         yield replicas
-
-
-@op(description="Row-level diff by primary key between each source table and its replicas.")
-def reconcile_op(
-    context: OpExecutionContext,
-    config: ReconcileConfig,
-    pipeline: PipelineResource,
-    postgres: PostgresResource,
-    kafka: KafkaResource,
-    clickhouse: ClickHouseResource,
-    warehouse: PostgresResource,
-    kafka_connect: KafkaConnectResource,
-) -> Output[dict]:
-    pipeline_config = pipeline.load()
-    try:
-        tables = [pipeline_config.table(name) for name in config.tables] or pipeline_config.tables
-    except KeyError as exc:
-        raise Failure(exc.args[0]) from None
-    report: dict[str, Any] = {}
-    unresolved: list[str] = []
-    for table in tables:
-        with _replicas(pipeline_config, table, clickhouse, warehouse) as replicas:
-            for replica, asset_key in replicas:
-                name = table.name if replica.kind == "clickhouse" else f"{table.name} ({replica.kind})"
-                diff = _reconcile_settled(context, pipeline_config, table, postgres, kafka, replica, config)
-                summary = {
-                    "sink": replica.kind, "source_rows": diff.source_rows, "replica_rows": diff.replica_rows,
-                    "missing": len(diff.missing), "extra": len(diff.extra), "different": len(diff.different),
-                    "missing_keys": [list(map(str, k)) for k in diff.missing[:100]],
-                    "extra_keys": [list(map(str, k)) for k in diff.extra[:100]],
-                    "different_keys": [list(map(str, k)) for k in list(diff.different)[:100]],
-                    "columns_not_in_replica": diff.columns_not_in_replica, "replica_exists": diff.replica_exists,
-                    "lag_at_compare": diff.unsettled_lag,
-                }  # fmt: skip
-                context.log.info(
-                    f"{name}: {diff.source_rows} source rows, {diff.replica_rows} replica rows; "
-                    f"missing {len(diff.missing)}, extra {len(diff.extra)}, different {len(diff.different)}"
-                )
-                if diff.total and config.backfill_differences:
-                    summary["backfill"] = _repair(
-                        context, pipeline_config, table, diff, postgres, kafka, replica, config, kafka_connect
-                    )
-                    diff = _reconcile_settled(context, pipeline_config, table, postgres, kafka, replica, config)
-                    summary["after_backfill"] = {"missing": len(diff.missing), "extra": len(diff.extra),
-                                                 "different": len(diff.different)}  # fmt: skip
-                if diff.total:
-                    unresolved.append(name)
-                report[name] = summary
-                context.log_event(
-                    AssetObservation(
-                        asset_key=asset_key,
-                        metadata={"reconcile": MetadataValue.json(summary),
-                                  "differences": MetadataValue.md(_differences_md(diff))},
-                    )
-                )  # fmt: skip
-    if unresolved:
-        raise Failure(
-            description=f"replicas differ from their source: {unresolved} (run with backfill_differences: true)",
-            metadata={"report": MetadataValue.json(report)},
-        )
-    return Output(report, metadata={"report": MetadataValue.json(report)})
 
 
 def _reconcile_settled(
@@ -623,6 +596,77 @@ def _existing_keys(conn: psycopg.Connection, table: TableConfig, key: list[str],
     return found
 
 
-@job(description="Diff each replica with its source by primary key; optionally backfill what differs.")
-def reconcile_tables() -> None:
-    reconcile_op()
+def build_reconcile_job(translator: CdcTranslator) -> JobDefinition:
+    @op(description="Row-level diff by primary key between each source table and its replicas.")
+    def reconcile_op(
+        context: OpExecutionContext,
+        config: ReconcileConfig,
+        pipeline: PipelineResource,
+        postgres: PostgresResource,
+        kafka: KafkaResource,
+        clickhouse: ClickHouseResource,
+        warehouse: PostgresResource,
+        kafka_connect: KafkaConnectResource,
+    ) -> Output[dict]:
+        pipeline_config = pipeline.load()
+        try:
+            tables = [pipeline_config.table(name) for name in config.tables] or pipeline_config.tables
+        except KeyError as exc:
+            raise Failure(exc.args[0]) from None
+        report: dict[str, Any] = {}
+        unresolved: list[str] = []
+        for table in tables:
+            with _replicas(translator, pipeline_config, table, clickhouse, warehouse) as replicas:
+                for replica, asset_key in replicas:
+                    name = table.name if replica.kind == "clickhouse" else f"{table.name} ({replica.kind})"
+                    diff = _reconcile_settled(context, pipeline_config, table, postgres, kafka, replica, config)
+                    summary = {
+                        "sink": replica.kind, "source_rows": diff.source_rows, "replica_rows": diff.replica_rows,
+                        "missing": len(diff.missing), "extra": len(diff.extra), "different": len(diff.different),
+                        "missing_keys": [list(map(str, k)) for k in diff.missing[:100]],
+                        "extra_keys": [list(map(str, k)) for k in diff.extra[:100]],
+                        "different_keys": [list(map(str, k)) for k in list(diff.different)[:100]],
+                        "columns_not_in_replica": diff.columns_not_in_replica, "replica_exists": diff.replica_exists,
+                        "lag_at_compare": diff.unsettled_lag,
+                    }  # fmt: skip
+                    context.log.info(
+                        f"{name}: {diff.source_rows} source rows, {diff.replica_rows} replica rows; "
+                        f"missing {len(diff.missing)}, extra {len(diff.extra)}, different {len(diff.different)}"
+                    )
+                    if diff.total and config.backfill_differences:
+                        summary["backfill"] = _repair(
+                            context, pipeline_config, table, diff, postgres, kafka, replica, config, kafka_connect
+                        )
+                        diff = _reconcile_settled(context, pipeline_config, table, postgres, kafka, replica, config)
+                        summary["after_backfill"] = {"missing": len(diff.missing), "extra": len(diff.extra),
+                                                     "different": len(diff.different)}  # fmt: skip
+                    if diff.total:
+                        unresolved.append(name)
+                    report[name] = summary
+                    context.log_event(
+                        AssetObservation(
+                            asset_key=asset_key,
+                            metadata={"reconcile": MetadataValue.json(summary),
+                                      "differences": MetadataValue.md(_differences_md(diff))},
+                        )
+                    )  # fmt: skip
+        if unresolved:
+            raise Failure(
+                description=f"replicas differ from their source: {unresolved} (run with backfill_differences: true)",
+                metadata={"report": MetadataValue.json(report)},
+            )
+        return Output(report, metadata={"report": MetadataValue.json(report)})
+
+    @job(description="Diff each replica with its source by primary key; optionally backfill what differs.")
+    def reconcile_tables() -> None:
+        reconcile_op()
+
+    return reconcile_tables
+
+
+def build_jobs(translator: CdcTranslator) -> list[JobDefinition]:
+    """The operator's jobs of one pipeline; every observation they record goes to `translator`'s keys."""
+    return [
+        *build_stream_jobs(translator), pause_connector, resume_connector, build_backfill_job(translator),
+        build_replay_job(translator), build_reconcile_job(translator),
+    ]  # fmt: skip

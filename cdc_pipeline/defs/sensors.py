@@ -262,7 +262,9 @@ def _latest_check_outcome(instance: DagsterInstance, key: AssetCheckKey) -> Chec
     )
 
 
-def build_sensors(restart_stream_job: JobDefinition) -> list[SensorDefinition]:
+def build_sensors(translator: CdcTranslator, restart_stream_job: JobDefinition) -> list[SensorDefinition]:
+    """The sensors of one pipeline; their observations and alerts name `translator`'s asset keys."""
+
     @sensor(
         name="consumer_lag",
         minimum_interval_seconds=30,
@@ -313,7 +315,6 @@ def build_sensors(restart_stream_job: JobDefinition) -> list[SensorDefinition]:
             )  # fmt: skip
 
         _update(context, incidents, notifier, f"lag:{config.name}", not verdict.ok, make)
-        translator = CdcTranslator(config)
         return SensorResult(
             asset_events=_lag_observations(translator, config, snapshot),
             cursor=json.dumps({"window": window, "incidents": incidents.state}),
@@ -436,7 +437,7 @@ def build_sensors(restart_stream_job: JobDefinition) -> list[SensorDefinition]:
             metadata.update({k: v for k, v in checkpoint.as_metadata().items() if v is not None})
         return SensorResult(
             run_requests=run_requests,
-            asset_events=[AssetObservation(asset_key=CdcTranslator(config).stream_key(), metadata=metadata)],
+            asset_events=[AssetObservation(asset_key=translator.stream_key(), metadata=metadata)],
             cursor=json.dumps({"incidents": incidents.state, "restart": backoff.state, "committed": committed}),
         )
 
@@ -527,7 +528,7 @@ def build_sensors(restart_stream_job: JobDefinition) -> list[SensorDefinition]:
         return SensorResult(
             asset_events=[
                 AssetObservation(
-                    asset_key=CdcTranslator(config).connector_key(),
+                    asset_key=translator.connector_key(),
                     metadata={**states, "problem": problem or "none", "restarted_failed_tasks": restarted},
                 )
             ],
@@ -549,7 +550,7 @@ def build_sensors(restart_stream_job: JobDefinition) -> list[SensorDefinition]:
         rows = progress_rows(clickhouse, config, after)
         if not rows:
             return SkipReason("no new micro-batches")
-        key = CdcTranslator(config).stream_key()
+        key = translator.stream_key()
         events = [
             AssetObservation(
                 asset_key=key,
@@ -707,7 +708,7 @@ def build_sensors(restart_stream_job: JobDefinition) -> list[SensorDefinition]:
             _update(context, incidents, notifier, f"connector_missing:{config.name}", missing.active, make)
             metadata["connector_state"] = connector_state or "missing"
         return SensorResult(
-            asset_events=[AssetObservation(asset_key=CdcTranslator(config).connector_key(), metadata=metadata)]
+            asset_events=[AssetObservation(asset_key=translator.connector_key(), metadata=metadata)]
             if metadata
             else [],
             cursor=json.dumps({"incidents": incidents.state, **new_state}),
@@ -726,7 +727,6 @@ def build_sensors(restart_stream_job: JobDefinition) -> list[SensorDefinition]:
         from cdc_pipeline.defs.assets import CHECKS  # assets imports much of the control plane
 
         config = pipeline.load()
-        translator = CdcTranslator(config)
         state = _cursor(context)
         incidents = Incidents(state.get("incidents"))
         for table in config.tables:

@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Self
 
 from clickhouse_connect.driver.binding import quote_identifier
 from dagster import AssetKey, AssetSpec, MetadataValue
 
 from cdc_pipeline.config import PipelineConfig, TableConfig
 from cdc_pipeline.connector import connector_config, connector_name
+from cdc_pipeline.contract import CLICKHOUSE_ENGINE, CLICKHOUSE_META_COLUMNS, LIVE_ROWS
 from cdc_pipeline.settings import Settings
-from cdc_pipeline.streaming.sink import META_COLUMNS
 
 _KEY_PART = re.compile(r"^[A-Za-z0-9_]+$")
 _SECRET_KEY = re.compile(r"password|secret|token|credential|sasl\.jaas|ssl\.key", re.IGNORECASE)
 MASK = "********"
+DEFAULT_DATABASE = Settings.model_fields["clickhouse_database"].default
 
 
 def mask_secrets(config: dict[str, Any]) -> dict[str, Any]:
@@ -40,11 +42,24 @@ def key_part(name: str) -> str:
 
 
 class CdcTranslator:
-    """Asset keys, groups, kinds, descriptions and metadata for one pipeline."""
+    """Asset keys, groups, kinds, descriptions and metadata for one pipeline.
 
-    def __init__(self, pipeline: PipelineConfig, settings: Settings | None = None) -> None:
+    One instance builds everything of a code location (`build_definitions(..., translator=...)`): the
+    assets and checks, and the jobs and sensors that record observations and alerts to the same keys.
+    It reads no settings: `database` is the default replica database (CDC_CLICKHOUSE_DATABASE, when
+    pipeline.yaml names none) and `connector` the rendered connector config shown as metadata (secrets
+    masked); `from_settings` fills both from `Settings`."""
+
+    def __init__(
+        self, pipeline: PipelineConfig, *, database: str = DEFAULT_DATABASE, connector: Mapping[str, str] | None = None
+    ) -> None:
         self.pipeline = pipeline
-        self.settings = settings or Settings()
+        self.database = database
+        self.connector = dict(connector or {})
+
+    @classmethod
+    def from_settings(cls, pipeline: PipelineConfig, settings: Settings) -> Self:
+        return cls(pipeline, database=settings.clickhouse_database, connector=connector_config(pipeline, settings))
 
     # Keys. Every key starts with the pipeline name, so several pipelines share one code location.
     def source_key(self, table: TableConfig) -> AssetKey:
@@ -84,7 +99,7 @@ class CdcTranslator:
         )  # fmt: skip
 
     def connector_spec(self) -> AssetSpec:
-        config = {**connector_config(self.pipeline, self.settings), "name": connector_name(self.pipeline)}
+        config = {**self.connector, "name": connector_name(self.pipeline)}
         return AssetSpec(
             self.connector_key(),
             description=(
@@ -135,7 +150,7 @@ class CdcTranslator:
         )  # fmt: skip
 
     def sink_spec(self, table: TableConfig) -> AssetSpec:
-        database = self.pipeline.clickhouse_database(self.settings.clickhouse_database)
+        database = self.pipeline.clickhouse_database(self.database)
         name = self.pipeline.sink_table(table)
         key = (
             ", ".join(quote_identifier(c) for c in table.primary_key)
@@ -145,8 +160,8 @@ class CdcTranslator:
         ddl = (
             f"CREATE TABLE {quote_identifier(database)}.{quote_identifier(name)} (\n"
             "  <captured columns, types from the change events' schemas>,\n  "
-            + ",\n  ".join(f"{n} {t}" for n, t in META_COLUMNS)
-            + "\n) ENGINE = ReplacingMergeTree(_version, _is_deleted)\n"
+            + ",\n  ".join(f"{n} {t}" for n, t in CLICKHOUSE_META_COLUMNS)
+            + f"\n) ENGINE = {CLICKHOUSE_ENGINE}\n"
             + (f"PARTITION BY {table.partition_by}\n" if table.partition_by else "")
             + f"ORDER BY ({key})"
         )
@@ -166,13 +181,13 @@ class CdcTranslator:
         )  # fmt: skip
 
     def warehouse_spec(self, table: TableConfig) -> AssetSpec:
-        schema = self.pipeline.clickhouse_database(self.settings.clickhouse_database)
+        schema = self.pipeline.clickhouse_database(self.database)
         name = self.pipeline.sink_table(table)
         return AssetSpec(
             self.warehouse_key(table),
             description=(
                 f"PostgreSQL warehouse replica of {table.name}: table {schema}.{name} (live rows in the view "
-                f"{schema}.{name}_live, i.e. WHERE _is_deleted = 0); the asset checks prove it matches the source."
+                f"{schema}.{name}_live, i.e. WHERE {LIVE_ROWS}); the asset checks prove it matches the source."
             ),
             group_name=f"{self.pipeline.name}_sink",
             kinds={"postgres"},

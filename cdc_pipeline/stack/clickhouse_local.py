@@ -28,9 +28,10 @@ It is locked down like a real server configured for one application user:
   but the local ones (MergeTree family, Memory, Log, ...), ``ATTACH``, ``disk(...)`` and settings that
   name files (``format_schema``, ``format_template_*``, ``output_format_schema``).
 
-One process owns the chDB data directory; MergeTree data persists there across restarts. All
-chDB calls go through two chDB connections (read-write for POST, read-only for GET), serialized by
-one lock.
+One process owns the chDB data directory; MergeTree data persists there across restarts. Requests
+run concurrently, each on a chDB connection of its own (read-write for POST, read-only for GET, from
+two pools of up to 16 each): chDB runs the queries of different connections in parallel, so a long
+read does not hold up an insert, nor the other way round.
 
 Run it with ``python -m cdc_pipeline.stack.clickhouse_local --port 8123 --data-dir DIR``.
 """
@@ -57,6 +58,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.parser import BytesParser
@@ -82,6 +84,8 @@ _KEEP_ALIVE_SECONDS = 30
 _DEFAULT_SESSION_TIMEOUT_SECONDS = 60
 _DEFAULT_OUTPUT_FORMAT = "TabSeparated"
 _LOGGED_QUERY_CHARS = 200
+# Requests of each kind (read-write POST, read-only GET) that run at once; more wait for a connection.
+_MAX_CONNECTIONS_PER_KIND = 16
 
 # URL parameters that the HTTP layer consumes; everything else is treated as a setting.
 _TRANSPORT_PARAMS = frozenset(
@@ -636,6 +640,7 @@ class _Session:
     settings: dict[str, str] = field(default_factory=dict)
     database: str | None = None
     expires_at: float = 0.0
+    in_use: bool = False
 
 
 @dataclass(frozen=True)
@@ -707,21 +712,80 @@ def _write_engine_config(directory: Path) -> Path:
     return config
 
 
+class _ConnectionPool:
+    """The chDB connections of one kind (read-write, or read-only for GET), each used by one request at a
+    time. chDB runs the queries of different connections in parallel (its engine releases the GIL), so a
+    request waits for another only when ``limit`` connections of its kind are busy. Connections are opened
+    on demand (another connection to the running engine costs about 0.1 ms) and kept until ``close``."""
+
+    def __init__(self, open_connection: Callable[[], _Connection], limit: int) -> None:
+        self._open = open_connection
+        self._limit = limit
+        self._idle: list[_Connection] = []
+        self._busy = 0
+        self._closed = False
+        self._changed = threading.Condition()
+
+    def add(self, connection: _Connection) -> None:
+        """Hand an already open connection to the pool."""
+        with self._changed:
+            self._idle.append(connection)
+            self._changed.notify_all()
+
+    @contextmanager
+    def acquire(self) -> Iterator[_Connection]:
+        """A connection for the block, used by nothing else meanwhile."""
+        with self._changed:
+            while not self._closed and not self._idle and self._busy >= self._limit:
+                self._changed.wait()
+            if self._closed:
+                raise ClickHouseError(236, "ABORTED", "Server is shutting down")
+            connection = self._idle.pop() if self._idle else None
+            self._busy += 1
+        try:
+            if connection is None:
+                connection = self._open()
+            yield connection
+        finally:
+            with self._changed:
+                self._busy -= 1
+                if connection is not None:
+                    self._idle.append(connection)
+                self._changed.notify_all()
+
+    def close(self) -> None:
+        """Refuse new requests, wait for the running ones, then close every connection."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+            while self._busy:
+                self._changed.wait()
+            idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.conn.close()
+
+
 class ChdbEngine:
     """The chDB engine of the process, with HTTP-session semantics layered on top.
 
     ClickHouse gives every HTTP request fresh settings and database (or those of its session),
     whereas chDB keeps ``SET``/``USE`` state on the connection. The engine tracks the state it
-    has applied and diffs it against what each request needs, so requests never see each
-    other's settings and repeated identical settings cost nothing. Two connections share the
-    data: one for POST requests, and one fixed at ``readonly = 2`` for GET requests.
+    has applied to each connection and diffs it against what each request needs, so requests never
+    see each other's settings and repeated identical settings cost nothing.
+
+    Requests run concurrently, each on a chDB connection of its own taken from one of two pools that
+    share the data: read-write connections for POST requests, and connections fixed at ``readonly = 2``
+    for GET requests. As on a ClickHouse server, a session runs one request at a time: a request of a
+    session that is busy with another one fails with ``SESSION_IS_LOCKED``.
     """
 
-    def __init__(self, data_dir: str, timezone: str = "UTC") -> None:
+    def __init__(self, data_dir: str, timezone: str = "UTC", max_connections: int = _MAX_CONNECTIONS_PER_KIND) -> None:
         """Open (or create) the chDB data in ``data_dir``.
 
         ``timezone`` becomes the server time zone; it is set as the process's TZ, which only
         takes effect if chDB has not been imported yet (the actual zone is read back).
+        ``max_connections`` bounds the requests of each kind (read-write, read-only) that run at once;
+        more wait for a connection.
         """
         data_path = os.path.abspath(data_dir)
         if "?" in data_path or "&" in data_path:
@@ -732,38 +796,54 @@ class ChdbEngine:
         time.tzset()
         import chdb  # noqa: PLC0415 - deferred so the TZ above applies to the engine
 
-        self._lock = threading.Lock()
+        self._sessions_lock = threading.Lock()
+        self._sessions: dict[str, _Session] = {}
         self._config_dir = Path(tempfile.mkdtemp(prefix="cdc-chdb-config-"))
-        self._connections: dict[bool, _Connection] = {}
+        url = f"file:{data_path}?config-file={_write_engine_config(self._config_dir)}"
+
+        def open_read_write() -> _Connection:
+            return _Connection(chdb.connect(url))
+
+        def open_readonly() -> _Connection:
+            connection = _Connection(chdb.connect(url))
+            try:
+                # Like ClickHouse's GET: no writes, no DDL, settings may change but readonly may not.
+                self._run(connection, b"SET readonly = 2", "TabSeparated", {})
+            except BaseException:
+                connection.conn.close()
+                raise
+            return connection
+
+        self._pools = {
+            False: _ConnectionPool(open_read_write, max_connections),
+            True: _ConnectionPool(open_readonly, max_connections),
+        }
         try:
-            url = f"file:{data_path}?config-file={_write_engine_config(self._config_dir)}"
-            self._connections[False] = _Connection(chdb.connect(url))
-            self._connections[True] = _Connection(chdb.connect(url))
-            # Like ClickHouse's GET: no writes, no DDL, settings may change but readonly may not.
-            self._run_locked(self._connections[True], b"SET readonly = 2", "TabSeparated", {})
-            row = self._run_locked(self._connections[False], b"SELECT version(), timezone()", "TabSeparated", {})
-            self.version, self.timezone = row.bytes().decode().rstrip("\n").split("\t")
-            names = self._run_locked(self._connections[False], b"SELECT name FROM system.table_functions", "TSV", {})
+            # The first connection starts the engine, which stops when the last one is closed.
+            self._pools[False].add(open_read_write())
+            self._pools[True].add(open_readonly())
+            with self._pools[False].acquire() as connection:
+                row = self._run(connection, b"SELECT version(), timezone()", "TabSeparated", {})
+                names = self._run(connection, b"SELECT name FROM system.table_functions", "TSV", {})
         except BaseException:
             self.close()
             raise
+        self.version, self.timezone = row.bytes().decode().rstrip("\n").split("\t")
         available = {name.lower() for name in names.bytes().decode().split()}
         self.refused_functions = frozenset((available - _LOCAL_TABLE_FUNCTIONS) | _REFUSED_FUNCTIONS)
-        self._sessions: dict[str, _Session] = {}
 
     def query(self, ctx: RequestContext, sql: bytes, fmt: str, keyword: str, *, readonly: bool = False) -> QueryOutcome:
         """Run one SQL statement, returning its output in ``fmt`` unless it names a FORMAT."""
         assignments = _set_assignments(sql.decode(errors="replace")) if keyword == "SET" else {}
         if "readonly" in assignments:
             raise ClickHouseError(48, "NOT_IMPLEMENTED", "SET readonly would lock this endpoint's shared chDB session")
-        with self._lock:
-            connection = self._connection_locked(readonly)
-            session = self._prepare_locked(connection, ctx)
+        with self._session(ctx) as session, self._pools[readonly].acquire() as connection:
+            self._prepare(connection, ctx, session)
             started = time.monotonic()
-            result = self._run_locked(connection, sql, fmt, ctx.params)
+            result = self._run(connection, sql, fmt, ctx.params)
             elapsed = time.monotonic() - started
             if keyword == "USE":
-                current = self._run_locked(connection, b"SELECT currentDatabase()", "TabSeparated", {})
+                current = self._run(connection, b"SELECT currentDatabase()", "TabSeparated", {})
                 connection.database = current.bytes().decode().rstrip("\n")
                 if session is not None:
                     session.database = connection.database
@@ -772,26 +852,24 @@ class ChdbEngine:
                 connection.applied.update(assignments)
                 if session is not None:
                     session.settings.update(assignments)
-            self._finish_session_locked(ctx)
             body = result.bytes()
-            return QueryOutcome(
-                body,
-                {
-                    "read_rows": str(result.rows_read()),
-                    "read_bytes": str(result.bytes_read()),
-                    "written_rows": str(result.rows_written()),
-                    "written_bytes": str(result.bytes_written()),
-                    "total_rows_to_read": "0",
-                    "result_bytes": str(len(body)),
-                    "elapsed_ns": str(int(elapsed * 1e9)),
-                },
-            )
+        return QueryOutcome(
+            body,
+            {
+                "read_rows": str(result.rows_read()),
+                "read_bytes": str(result.bytes_read()),
+                "written_rows": str(result.rows_written()),
+                "written_bytes": str(result.bytes_written()),
+                "total_rows_to_read": "0",
+                "result_bytes": str(len(body)),
+                "elapsed_ns": str(int(elapsed * 1e9)),
+            },
+        )
 
     def insert(self, ctx: RequestContext, statement: str, fmt: str, data: Iterable[bytes]) -> QueryOutcome:
         """Stream ``data`` (encoded in ``fmt``) into ``statement`` (an INSERT without FORMAT)."""
-        with self._lock:
-            connection = self._connection_locked(False)
-            self._prepare_locked(connection, ctx)
+        with self._session(ctx) as session, self._pools[False].acquire() as connection:
+            self._prepare(connection, ctx, session)
             started = time.monotonic()
             try:
                 # Leaving the block without finish() cancels the insert: nothing is committed.
@@ -802,7 +880,6 @@ class ChdbEngine:
             except Exception as exc:
                 raise ClickHouseError.from_engine(exc) from exc
             elapsed = time.monotonic() - started
-            self._finish_session_locked(ctx)
         return QueryOutcome(
             b"",
             {
@@ -817,19 +894,12 @@ class ChdbEngine:
         )
 
     def close(self) -> None:
-        """Close the chDB connections after any in-flight call; later calls fail with ABORTED."""
-        with self._lock:
-            for readonly in list(self._connections):
-                self._connections.pop(readonly).conn.close()
-            shutil.rmtree(self._config_dir, ignore_errors=True)
+        """Refuse new requests (ABORTED), wait for the running ones, and close the chDB connections."""
+        for pool in self._pools.values():
+            pool.close()
+        shutil.rmtree(self._config_dir, ignore_errors=True)
 
-    def _connection_locked(self, readonly: bool) -> _Connection:
-        connection = self._connections.get(readonly)
-        if connection is None:
-            raise ClickHouseError(236, "ABORTED", "Server is shutting down")
-        return connection
-
-    def _run_locked(self, connection: _Connection, sql: bytes, fmt: str, params: Mapping[str, str]) -> Any:
+    def _run(self, connection: _Connection, sql: bytes, fmt: str, params: Mapping[str, str]) -> Any:
         try:
             return connection.conn.query(sql, fmt, params=dict(params))
         except Exception as exc:
@@ -842,9 +912,8 @@ class ChdbEngine:
                 ) from exc
             raise error from exc
 
-    def _prepare_locked(self, connection: _Connection, ctx: RequestContext) -> _Session | None:
-        """Bring the connection's settings and current database to what ``ctx`` asks for."""
-        session = self._session_locked(ctx)
+    def _prepare(self, connection: _Connection, ctx: RequestContext, session: _Session | None) -> None:
+        """Bring the connection's settings and current database to what ``ctx`` (and its session) asks for."""
         desired = dict(session.settings) if session is not None else {}
         for name, value in ctx.settings.items():
             if not _SETTING_NAME_RE.fullmatch(name):
@@ -854,32 +923,43 @@ class ChdbEngine:
         for name in [name for name in connection.applied if name not in desired]:
             del connection.applied[name]
             try:
-                self._run_locked(connection, f"SET {name} = DEFAULT".encode(), "TabSeparated", {})
+                self._run(connection, f"SET {name} = DEFAULT".encode(), "TabSeparated", {})
             except ClickHouseError as exc:
                 logger.warning("Could not reset setting %s: %s", name, exc)
         for name, literal in desired.items():
             if connection.applied.get(name) != literal:
-                self._run_locked(connection, f"SET {name} = {literal}".encode(), "TabSeparated", {})
+                self._run(connection, f"SET {name} = {literal}".encode(), "TabSeparated", {})
                 connection.applied[name] = literal
         database = ctx.database or (session.database if session else None) or "default"
         if database != connection.database:
-            self._run_locked(connection, f"USE {_quote_identifier(database)}".encode(), "TabSeparated", {})
+            self._run(connection, f"USE {_quote_identifier(database)}".encode(), "TabSeparated", {})
             connection.database = database
-        return session
 
-    def _session_locked(self, ctx: RequestContext) -> _Session | None:
-        now = time.monotonic()
-        for session_id in [sid for sid, s in self._sessions.items() if s.expires_at < now]:
-            del self._sessions[session_id]
+    @contextmanager
+    def _session(self, ctx: RequestContext) -> Iterator[_Session | None]:
+        """The request's session (None without ``session_id``), held by this request for the block."""
         if ctx.session_id is None:
-            return None
-        session = self._sessions.setdefault(ctx.session_id, _Session())
-        session.expires_at = now + ctx.session_timeout
-        return session
-
-    def _finish_session_locked(self, ctx: RequestContext) -> None:
-        if ctx.close_session and ctx.session_id is not None:
-            self._sessions.pop(ctx.session_id, None)
+            yield None
+            return
+        with self._sessions_lock:
+            now = time.monotonic()
+            for session_id in [sid for sid, s in self._sessions.items() if s.expires_at < now and not s.in_use]:
+                del self._sessions[session_id]
+            session = self._sessions.setdefault(ctx.session_id, _Session())
+            if session.in_use:
+                raise ClickHouseError(
+                    373, "SESSION_IS_LOCKED", f"Session {ctx.session_id} is locked by a concurrent client"
+                )
+            session.in_use = True
+            session.expires_at = now + ctx.session_timeout
+        try:
+            yield session
+        finally:
+            with self._sessions_lock:
+                session.in_use = False
+                session.expires_at = time.monotonic() + ctx.session_timeout
+                if ctx.close_session:
+                    self._sessions.pop(ctx.session_id, None)
 
 
 # ------------------------------------------------------------------------------------------------

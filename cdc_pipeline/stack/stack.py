@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cdc_pipeline.jvm import ensure_artifacts, layout_for
+from cdc_pipeline.jvm import MavenProgress, ensure_artifacts, layout_for
 from cdc_pipeline.process import port_open, wait_port_closed
 from cdc_pipeline.settings import Settings
 from cdc_pipeline.stack.services import (
@@ -50,9 +50,15 @@ class ServiceStatus:
 class LocalStack:
     """The four services, started in dependency order and stopped in reverse."""
 
-    def __init__(self, settings: Settings, say: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        say: Callable[[str], None] = print,
+        maven_progress: Callable[[MavenProgress], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.say = say
+        self.maven_progress = maven_progress  # called while Maven resolves the JVM artifacts (first `up`)
         self.state_dir = settings.stack_dir.resolve()
         layout = layout_for(settings.jvm_cache_dir)  # paths only; resolved on `up`
         self.postgres = PostgresService(settings)
@@ -71,7 +77,7 @@ class LocalStack:
         self.state_dir.chmod(0o755)  # the postgres system user must be able to enter it
         if not (self.kafka.process.running() and self.connect.process.running()):
             self.say("Resolving Kafka, Kafka Connect and Debezium with Maven (cached after the first run)...")
-            layout = ensure_artifacts(self.settings.jvm_cache_dir)
+            layout = ensure_artifacts(self.settings.jvm_cache_dir, progress=self.maven_progress)
             self.kafka.layout = self.connect.layout = layout
         # Independent services start together; Connect needs a healthy broker first.
         waves = [[self.postgres, self.clickhouse, self.kafka], [self.connect]]
@@ -125,11 +131,16 @@ class LocalStack:
         self.say(f"  {service.name:<10} {service.endpoint:<45} {result.detail}")
 
     # ---------------------------------------------------------------------------------------------
-    def down(self, *, purge: bool = False) -> list[str]:
-        """Stop every service this stack started and wait for their ports to close."""
+    def running(self) -> list[str]:
+        """The services of this stack whose process runs (whether or not they answer yet)."""
+        return [s.name for s in self.services if s.managed and s.process.running()]
+
+    def down(self, *, purge: bool = False, only: list[str] | None = None) -> list[str]:
+        """Stop every service this stack started (or those named in `only`) and wait for their ports to
+        close."""
         stopped: list[str] = []
         for service in reversed(self.services):
-            if not service.managed:
+            if not service.managed or (only is not None and service.name not in only):
                 continue
             if service.process.stop(sig=service.stop_signal):
                 stopped.append(service.name)

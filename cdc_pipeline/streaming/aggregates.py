@@ -43,13 +43,16 @@ from typing import Any
 from clickhouse_connect.driver.binding import format_query_value, quote_identifier
 from clickhouse_connect.driver.client import Client
 
+from cdc_pipeline.clickhouse import command_int
 from cdc_pipeline.config import AggregateConfig, MeasureConfig, PipelineConfig, duration_us
+from cdc_pipeline.contract import CLICKHOUSE_ENGINE, DELETED, IS_DELETED, LIVE, LIVE_ROWS, VERSION
 
 log = logging.getLogger(__name__)
 
 PENDING_TABLE = "_cdc_aggregate_pending"
 PROGRESS_TABLE = "_cdc_aggregate_progress"
 LATE_TABLE = "_cdc_aggregate_late"
+_PENDING_META = (VERSION, IS_DELETED)  # the pending table's bookkeeping columns
 # Keys and windows per statement: keeps every statement well under ClickHouse's max_query_size (256 KiB).
 CHUNK = 2000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -110,7 +113,7 @@ def results_sql(aggregate: AggregateConfig, replica: str, windows: Sequence[int]
     for the windows starting at `windows` (epoch µs), or for every window when None."""
     size, slide = aggregate.window.size_us, aggregate.window.slide_us
     groups = [_q(g) for g in aggregate.group_by]
-    conditions = ["_is_deleted = 0", f"{_q(aggregate.event_time)} IS NOT NULL"]
+    conditions = [LIVE_ROWS, f"{_q(aggregate.event_time)} IS NOT NULL"]
     if aggregate.filter:
         conditions.append(f"({aggregate.filter})")
     wanted = ""
@@ -138,8 +141,8 @@ def create_sql(aggregate: AggregateConfig, database: str, replica: str) -> str:
     order = ", ".join(["window_start", *(_q(g) for g in aggregate.group_by)])
     return (
         f"CREATE TABLE IF NOT EXISTS {_q(database)}.{_q(aggregate.sink_table)} "
-        f"ENGINE = ReplacingMergeTree(_version, _is_deleted) ORDER BY ({order}) SETTINGS allow_nullable_key = 1 "
-        "EMPTY AS SELECT *, toUInt64(0) AS _version, toUInt8(0) AS _is_deleted "
+        f"ENGINE = {CLICKHOUSE_ENGINE} ORDER BY ({order}) SETTINGS allow_nullable_key = 1 "
+        f"EMPTY AS SELECT *, toUInt64(0) AS {VERSION}, toUInt8(0) AS {IS_DELETED} "
         f"FROM ({results_sql(aggregate, replica)})"
     )
 
@@ -148,23 +151,23 @@ def recompute_sql(aggregate: AggregateConfig, database: str, replica: str, windo
     """One INSERT that makes the aggregate table's windows `windows` (None: all) equal to the replica:
     tombstones for their live rows at version 2v, the fresh rows at 2v + 1 (v: ClickHouse's clock in ns)."""
     table = f"{_q(database)}.{_q(aggregate.sink_table)}"
-    where = "_is_deleted = 0"
+    where = LIVE_ROWS
     if windows is not None:
         where += (
             f" AND toUnixTimestamp64Micro(window_start) IN ({', '.join(str(int(w)) for w in sorted(set(windows)))})"
         )
     return (
         f"INSERT INTO {table} WITH toUInt64(toUnixTimestamp64Nano(now64(9))) * 2 AS __cdc_v "
-        f"SELECT * EXCEPT (_version, _is_deleted), __cdc_v, 1 FROM {table} FINAL WHERE {where} "
-        f"UNION ALL SELECT *, __cdc_v + 1, 0 FROM ({results_sql(aggregate, replica, windows)})"
+        f"SELECT * EXCEPT ({VERSION}, {IS_DELETED}), __cdc_v, {DELETED} FROM {table} FINAL WHERE {where} "
+        f"UNION ALL SELECT *, __cdc_v + 1, {LIVE} FROM ({results_sql(aggregate, replica, windows)})"
     )
 
 
 def support_tables_sql(database: str) -> list[str]:
     db = _q(database)
     return [
-        f"CREATE TABLE IF NOT EXISTS {db}.{PENDING_TABLE} (aggregate String, window_start Int64, _version UInt64, "
-        "_is_deleted UInt8) ENGINE = ReplacingMergeTree(_version, _is_deleted) ORDER BY (aggregate, window_start)",
+        f"CREATE TABLE IF NOT EXISTS {db}.{PENDING_TABLE} (aggregate String, window_start Int64, {VERSION} UInt64, "
+        f"{IS_DELETED} UInt8) ENGINE = {CLICKHOUSE_ENGINE} ORDER BY (aggregate, window_start)",
         f"CREATE TABLE IF NOT EXISTS {db}.{PROGRESS_TABLE} (aggregate String, recorded_at DateTime64(3, 'UTC'), "
         "max_event_time Nullable(DateTime64(6, 'UTC')), watermark Nullable(DateTime64(6, 'UTC')), changes Int64, "
         "windows Int64, late_changes Int64) ENGINE = MergeTree ORDER BY (aggregate, recorded_at) "
@@ -292,11 +295,11 @@ class StreamAggregates:
         for aggregate in self.pipeline.aggregates:
             # A new aggregate (or one whose table was dropped to change its definition) over an existing
             # replica: every window is computed once from the replica; the stream keeps it current from then on.
-            exists = int(self.client.command(f"EXISTS TABLE {self._db(_q(aggregate.sink_table))}"))
+            exists = command_int(self.client, f"EXISTS TABLE {self._db(_q(aggregate.sink_table))}")
             if not exists and recompute(self.client, self.pipeline, self.database, aggregate):
                 log.info("aggregate %s: built from the replica of %s", aggregate.name, aggregate.table)
         pending = self.client.query(
-            f"SELECT aggregate, window_start FROM {self._db(PENDING_TABLE)} FINAL WHERE _is_deleted = 0"
+            f"SELECT aggregate, window_start FROM {self._db(PENDING_TABLE)} FINAL WHERE {LIVE_ROWS}"
         ).result_rows
         by_name = {a.name: a for a in self.pipeline.aggregates}
         windows: dict[str, set[int]] = {}
@@ -316,29 +319,31 @@ class StreamAggregates:
 
     def _clear_pending(self, name: str, windows: Iterable[int]) -> None:
         version = self._next_version()
-        rows = [[name, w, version, 1] for w in windows]
+        rows = [[name, w, version, DELETED] for w in windows]
         if rows:
             self.client.insert(
-                self._db(PENDING_TABLE), rows, column_names=["aggregate", "window_start", "_version", "_is_deleted"]
+                self._db(PENDING_TABLE), rows, column_names=["aggregate", "window_start", *_PENDING_META]
             )
 
     def _watermark(self, aggregate: AggregateConfig) -> int | None:
         seen = self._watermarks.get(aggregate.name)
         return None if seen is None else seen - duration_us(aggregate.watermark_delay)
 
-    def _rows(self, table: Any, keys: Sequence[tuple[Any, ...]], aggregates: list[AggregateConfig]) -> list[tuple]:
+    def _rows(
+        self, table: Any, keys: Sequence[tuple[Any, ...]], aggregates: list[AggregateConfig]
+    ) -> list[tuple[Any, ...]]:
         """(key, version, {event_time column: µs}) of the live replica rows with these keys."""
         columns = list(dict.fromkeys(a.event_time for a in aggregates))
         key_columns = list(table.key_columns)
         key_expr = f"({', '.join(_q(k) for k in key_columns)})" if len(key_columns) > 1 else _q(key_columns[0])
-        selected = ", ".join([*(_q(k) for k in key_columns), "_version", *(event_micros_sql(c) for c in columns)])
-        found: list[tuple] = []
+        selected = ", ".join([*(_q(k) for k in key_columns), VERSION, *(event_micros_sql(c) for c in columns)])
+        found: list[tuple[Any, ...]] = []
         for i in range(0, len(keys), CHUNK):
             wanted = ", ".join(
                 str(format_query_value(tuple(k) if len(key_columns) > 1 else k[0])) for k in keys[i : i + CHUNK]
             )
             result = self.client.query(
-                f"SELECT {selected} FROM {table.qualified} FINAL WHERE {key_expr} IN ({wanted}) AND _is_deleted = 0",
+                f"SELECT {selected} FROM {table.qualified} FINAL WHERE {key_expr} IN ({wanted}) AND {LIVE_ROWS}",
                 query_tz="UTC",
             )
             width = len(key_columns)
@@ -347,7 +352,7 @@ class StreamAggregates:
         return found
 
     def _late(
-        self, aggregate: AggregateConfig, rows: list[tuple], position: str, now: datetime
+        self, aggregate: AggregateConfig, rows: list[tuple[Any, ...]], position: str, now: datetime
     ) -> tuple[set[int], list[list[Any]]]:
         """The windows of `rows` for `aggregate`, and a late record per (row, closed window)."""
         watermark = self._watermark(aggregate)
@@ -360,7 +365,7 @@ class StreamAggregates:
                 continue
             for start in window_starts(int(event), size, slide):
                 windows.add(start)
-                if is_closed(start, size, watermark):
+                if watermark is not None and is_closed(start, size, watermark):
                     late.append(
                         [
                             aggregate.name, from_micros(start), from_micros(start + size),
@@ -386,7 +391,7 @@ class StreamAggregates:
                 continue
             rows = self.client.query(
                 f"SELECT DISTINCT toUnixTimestamp64Micro(window_start) FROM {self._db(_q(aggregate.sink_table))} "
-                "FINAL WHERE _is_deleted = 0"
+                f"FINAL WHERE {LIVE_ROWS}"
             ).result_rows
             touched.old.setdefault(aggregate.name, set()).update(int(r[0]) for r in rows)
         self._log_pending(touched)
@@ -415,12 +420,12 @@ class StreamAggregates:
 
     def _log_pending(self, touched: _Touched) -> None:
         version = self._next_version()
-        rows = [[name, w, version, 0] for name, windows in touched.old.items() for w in windows]
+        rows = [[name, w, version, LIVE] for name, windows in touched.old.items() for w in windows]
         for i in range(0, len(rows), 50_000):
             self.client.insert(
                 self._db(PENDING_TABLE),
                 rows[i : i + 50_000],
-                column_names=["aggregate", "window_start", "_version", "_is_deleted"],
+                column_names=["aggregate", "window_start", *_PENDING_META],
             )
 
     def after_write(self, table: Any) -> None:
@@ -530,7 +535,7 @@ def _same(a: Any, b: Any) -> bool:
 
 def watermark_of(client: Client, database: str, aggregate: AggregateConfig) -> datetime | None:
     """The aggregate's watermark as the stream last recorded it (None before its first change)."""
-    if not int(client.command(f"EXISTS TABLE {_q(database)}.{PROGRESS_TABLE}")):
+    if not command_int(client, f"EXISTS TABLE {_q(database)}.{PROGRESS_TABLE}"):
         return None
     micros = client.query(
         f"SELECT toUnixTimestamp64Micro(max(max_event_time)) FROM {_q(database)}.{PROGRESS_TABLE} "
@@ -563,12 +568,12 @@ def compare(
     fresh = client.query(f"SELECT {selected} FROM ({results_sql(aggregate, replica)}) {where}", query_tz="UTC")
     stored = client.query(
         f"SELECT {selected} FROM {_q(database)}.{_q(aggregate.sink_table)} FINAL "
-        + (f"{where} AND _is_deleted = 0" if where else "WHERE _is_deleted = 0"),
+        + (f"{where} AND {LIVE_ROWS}" if where else f"WHERE {LIVE_ROWS}"),
         query_tz="UTC",
     )
     width = 2 + len(aggregate.group_by)
 
-    def keyed(rows: list[Sequence[Any]]) -> dict[tuple, tuple]:
+    def keyed(rows: Sequence[Sequence[Any]]) -> dict[tuple[Any, ...], tuple[Any, ...]]:
         return {tuple(row[:width]): tuple(row[width:]) for row in rows}
 
     expected, actual = keyed(fresh.result_rows), keyed(stored.result_rows)

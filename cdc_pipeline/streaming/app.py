@@ -19,7 +19,9 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
+from confluent_kafka import KafkaException
 from pyspark.sql import SparkSession
 
 from cdc_pipeline.clickhouse import connect_clickhouse
@@ -28,6 +30,15 @@ from cdc_pipeline.settings import Settings
 from cdc_pipeline.streaming.apply import ChangeApplier
 from cdc_pipeline.streaming.dlq import DeadLetters
 from cdc_pipeline.streaming.evolution import SchemaEvolution
+from cdc_pipeline.streaming.launch import is_local_master
+from cdc_pipeline.streaming.limits import (
+    TriggerLimit,
+    batch_heap_bytes,
+    derive_trigger_limit,
+    largest_mean,
+    over_budget_warning,
+    sample_record_bytes,
+)
 from cdc_pipeline.streaming.progress import ProgressRecorder, progress_table_migrations, progress_table_sql
 from cdc_pipeline.streaming.sink import ClickHouseSink
 from cdc_pipeline.streaming.sinks import build_sink
@@ -98,6 +109,32 @@ def bind_to_jvm() -> int | None:
     return jvm
 
 
+def trigger_limit(spark: SparkSession, pipeline: PipelineConfig, settings: Settings) -> TriggerLimit:
+    """The offsets per trigger that keep a batch within the heap (cdc_pipeline/streaming/limits.py): from this
+    JVM's heap (and an executor's with a cluster master) and the record size at the end of the topics."""
+    context = spark.sparkContext
+    jvm: Any = context._jvm  # noqa: SLF001 - py4j gateway
+    driver_heap = int(jvm.java.lang.Runtime.getRuntime().maxMemory())
+    heap = batch_heap_bytes(
+        driver_heap,
+        local_master=is_local_master(str(context.master)),
+        executor_memory=context.getConf().get("spark.executor.memory", None),
+    )
+    try:
+        sizes = sample_record_bytes({"bootstrap.servers": settings.kafka_bootstrap_servers}, pipeline.topics())
+    except KafkaException as exc:
+        log.warning("could not sample the topics' record sizes (%s): assuming a size", exc)
+        sizes = {}
+    record_bytes, origin = largest_mean(sizes)
+    return derive_trigger_limit(
+        pipeline.stream.max_offsets_per_trigger,
+        heap_bytes=heap,
+        record_bytes=record_bytes,
+        record_bytes_from=origin,
+        max_bytes=pipeline.stream.max_bytes_per_trigger,
+    )
+
+
 def run(pipeline: PipelineConfig, settings: Settings, checkpoint_location: str) -> None:
     """Start the query and block until it stops (SIGTERM/SIGINT stop it cleanly between batches).
     Raises the query's exception when it fails."""
@@ -116,6 +153,11 @@ def run(pipeline: PipelineConfig, settings: Settings, checkpoint_location: str) 
     admin.close()
 
     spark = SparkSession.builder.appName(pipeline.query_name).getOrCreate()
+    limit = trigger_limit(spark, pipeline, settings)
+    log.info("query %s reads at most %s", pipeline.query_name, limit.describe())
+    warning = over_budget_warning(limit)
+    if warning:
+        log.warning("%s", warning)
     # The batch writer and the progress listener run on different threads: one client each.
     recorder = ProgressRecorder(
         pipeline.query_name,
@@ -144,7 +186,7 @@ def run(pipeline: PipelineConfig, settings: Settings, checkpoint_location: str) 
         .option("kafka.bootstrap.servers", settings.kafka_bootstrap_servers)
         .option("subscribe", ",".join(pipeline.topics()))
         .option("startingOffsets", pipeline.stream.starting_offsets)
-        .option("maxOffsetsPerTrigger", pipeline.stream.max_offsets_per_trigger)
+        .option("maxOffsetsPerTrigger", limit.max_offsets)
         # Missing offsets (retention, a recreated topic) stop the query loudly instead of skipping data.
         .option("failOnDataLoss", "true")
         .options(**KAFKA_OFFSET_FETCH)

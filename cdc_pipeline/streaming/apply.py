@@ -28,7 +28,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError, DataError, OperationalError
 from pyspark.sql import DataFrame
@@ -42,6 +42,9 @@ from cdc_pipeline.streaming.dlq import DeadLetters
 from cdc_pipeline.streaming.envelope import decode_envelope, records_at, schema_from_prefix, version
 from cdc_pipeline.streaming.sink import ClickHouseSink, ReplicaTable, ReplicaTableMissingError, normalize_key
 from cdc_pipeline.streaming.types import ColumnSpec, OutOfRange, UnsupportedTypeError, columns_from_schema
+
+if TYPE_CHECKING:
+    from cdc_pipeline.streaming.sinks import RoutingSink
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +177,7 @@ class _Schemas:
         """Columns that some of the batch's schemas lack: rows written from those get the column's
         ClickHouse DEFAULT, which matters when the table is created (see streaming/evolution.py)."""
         names = [set(specs) for specs in self.values.values()]
-        return set.union(*names) - set.intersection(*names) if names else set()
+        return set[str]().union(*names) - names[0].intersection(*names[1:]) if names else set()
 
 
 @dataclass
@@ -198,7 +201,7 @@ class ChangeApplier:
         self,
         pipeline: PipelineConfig,
         database: str,
-        sink: ClickHouseSink,
+        sink: ClickHouseSink | RoutingSink,
         dead_letters: DeadLetters,
         on_batch: Callable[[BatchStats], None] | None = None,
         retry_seconds: float | None = None,

@@ -18,7 +18,7 @@ class DeadLetters:
     def send(
         self, key: bytes | None, value: bytes | None, reason: str, topic: str, partition: int, offset: int
     ) -> None:
-        headers = [
+        headers: list[tuple[str, str | bytes | None]] = [
             ("cdc.error", reason.encode()),
             ("cdc.source.topic", topic.encode()),
             ("cdc.source.partition", str(partition).encode()),

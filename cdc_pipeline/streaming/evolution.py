@@ -243,13 +243,13 @@ def _literal(value: Any) -> str:
 def partial_columns(value_schemas: Iterable[dict[str, Any]]) -> set[str]:
     """Columns of the `after` struct that some of these envelope schemas lack: rows written from those
     schemas get the column's ClickHouse DEFAULT, so it matters when a table is created from them."""
-    names: list[set[str]] = []
+    names: list[set[Any]] = []
     for schema in value_schemas:
         after = next((f for f in schema.get("fields", []) if isinstance(f, dict) and f.get("field") == "after"), {})
         names.append({f.get("field") for f in after.get("fields", []) if isinstance(f, dict)})
     if not names:
         return set()
-    return set.union(*names) - set.intersection(*names)
+    return set[Any]().union(*names) - names[0].intersection(*names[1:])
 
 
 # --- PostgreSQL: the catalog and re-snapshot signals ------------------------------------------------

@@ -126,5 +126,5 @@ def launch(
             env=submit_env(env), start_new_session=True,
         )  # fmt: skip
     finally:
-        if log_path:
+        if not isinstance(out, int):
             out.close()

@@ -14,40 +14,32 @@ from clickhouse_connect.driver.client import Client
 from confluent_kafka import Consumer, TopicPartition
 from pyspark.sql.streaming import StreamingQueryListener
 
+from cdc_pipeline.contract import (
+    PROGRESS_ADDED_COLUMNS,
+    PROGRESS_COLUMN_TYPES,
+    PROGRESS_COLUMNS,
+    PROGRESS_ORDER_BY,
+    PROGRESS_TABLE,
+)
 from cdc_pipeline.streaming.apply import BatchStats
 
 log = logging.getLogger(__name__)
 
-PROGRESS_TABLE = "_cdc_stream_progress"
-PROGRESS_COLUMNS = (
-    "query_name", "batch_id", "recorded_at", "num_input_rows", "input_rows_per_second",
-    "processed_rows_per_second", "batch_duration_ms", "end_offsets", "applied_rows", "deleted_rows",
-    "dlq_count", "latest_source_ts", "clamped_values", "toast_merged", "sink_retries",
-)  # fmt: skip
-# Columns added after the first release: tables created before get them with ADD COLUMN IF NOT EXISTS.
-_ADDED_COLUMNS = (
-    ("clamped_values", "Int64"),  # out-of-range dates/timestamps stored clamped (sink.clickhouse.out_of_range)
-    ("toast_merged", "Int64"),  # updates whose unchanged TOASTed values were filled in
-    ("sink_retries", "Int64"),  # ClickHouse writes retried after a transient error
-)
+_TYPES = dict(PROGRESS_COLUMN_TYPES)
 
 
 def progress_table_sql(database: str) -> str:
     return (
-        f"CREATE TABLE IF NOT EXISTS {quote_identifier(database)}.{PROGRESS_TABLE} (\n"
-        "  query_name String, batch_id Int64, recorded_at DateTime64(3, 'UTC'),\n"
-        "  num_input_rows Int64, input_rows_per_second Float64, processed_rows_per_second Float64,\n"
-        "  batch_duration_ms Int64, end_offsets String, applied_rows Int64, deleted_rows Int64,\n"
-        "  dlq_count Int64, latest_source_ts Nullable(DateTime64(3, 'UTC')),\n"
-        "  " + ", ".join(f"{name} {kind}" for name, kind in _ADDED_COLUMNS) + "\n"
-        ") ENGINE = ReplacingMergeTree ORDER BY (query_name, batch_id)"
+        f"CREATE TABLE IF NOT EXISTS {quote_identifier(database)}.{PROGRESS_TABLE} (\n  "
+        + ",\n  ".join(f"{name} {kind}" for name, kind in PROGRESS_COLUMN_TYPES)
+        + f"\n) ENGINE = ReplacingMergeTree ORDER BY ({', '.join(PROGRESS_ORDER_BY)})"
     )
 
 
 def progress_table_migrations(database: str) -> list[str]:
     """Statements that bring a progress table created by an older release up to PROGRESS_COLUMNS."""
     table = f"{quote_identifier(database)}.{PROGRESS_TABLE}"
-    return [f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {kind}" for name, kind in _ADDED_COLUMNS]
+    return [f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {_TYPES[name]}" for name in PROGRESS_ADDED_COLUMNS]
 
 
 def offsets_to_commit(end_offset_json: str) -> list[TopicPartition]:

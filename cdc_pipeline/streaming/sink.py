@@ -18,6 +18,7 @@ from typing import Any
 from clickhouse_connect.driver.binding import format_query_value, quote_identifier
 from clickhouse_connect.driver.client import Client
 
+from cdc_pipeline.contract import CLICKHOUSE_ENGINE, CLICKHOUSE_META_COLUMNS, DELETED, LIVE_ROWS, META_NAMES, VERSION
 from cdc_pipeline.streaming.evolution import (
     Action,
     ChangeRecord,
@@ -32,13 +33,8 @@ from cdc_pipeline.streaming.types import ColumnSpec
 
 log = logging.getLogger(__name__)
 
-# Bookkeeping columns every replica table has, after the source's own columns.
-META_COLUMNS = (
-    ("_version", "UInt128"),
-    ("_is_deleted", "UInt8"),
-    ("_source_ts", "DateTime64(3, 'UTC')"),
-)
-META_NAMES = tuple(name for name, _ in META_COLUMNS)
+# Bookkeeping columns every replica table has, after the source's own columns (cdc_pipeline/contract.py).
+META_COLUMNS = CLICKHOUSE_META_COLUMNS
 # Every replica table the stream has created or written to, per database: a registered table that is
 # missing was dropped or detached behind the stream's back, and is reported instead of recreated empty.
 REGISTRY_TABLE = "_cdc_replica_tables"
@@ -88,7 +84,7 @@ def create_table_sql(
     sql = (
         f"CREATE TABLE IF NOT EXISTS {table.qualified} (\n  "
         + ",\n  ".join(definitions)
-        + "\n) ENGINE = ReplacingMergeTree(_version, _is_deleted)\n"
+        + f"\n) ENGINE = {CLICKHOUSE_ENGINE}\n"
     )
     if table.partition_by:
         sql += f"PARTITION BY {table.partition_by}\n"
@@ -329,7 +325,7 @@ class ClickHouseSink:
         ddl = (
             f"CREATE TABLE {scratch.qualified} (\n  "
             + ",\n  ".join(definitions)
-            + "\n) ENGINE = ReplacingMergeTree(_version, _is_deleted)\n"
+            + f"\n) ENGINE = {CLICKHOUSE_ENGINE}\n"
             + (f"PARTITION BY {partition_key}\n" if partition_key else "")
             + (f"ORDER BY {sorting_key}" if sorting_key.startswith("(") else f"ORDER BY ({sorting_key})")
             + ("\nSETTINGS allow_nullable_key = 1" if nullable_key else "")
@@ -376,7 +372,7 @@ class ClickHouseSink:
         selected = ", ".join(quote_identifier(c) for c in [*table.key_columns, *columns])
         key_expr = f"({key_list})" if len(table.key_columns) > 1 else key_list
         result = self.client.query(
-            f"SELECT {selected} FROM {table.qualified} FINAL WHERE {key_expr} IN ({wanted}) AND _is_deleted = 0",
+            f"SELECT {selected} FROM {table.qualified} FINAL WHERE {key_expr} IN ({wanted}) AND {LIVE_ROWS}",
             query_formats={"String": "bytes", "FixedString": "bytes"},
             query_tz="UTC",
         )
@@ -418,9 +414,9 @@ class ClickHouseSink:
             return False
         keys = ", ".join(quote_identifier(row[0]) for row in found)
         self.client.command(
-            f"INSERT INTO {table.qualified} ({keys}, _version, _is_deleted, _source_ts) "
-            f"SELECT {keys}, toUInt128({{v:String}}), 1, {{ts:DateTime64(3, 'UTC')}} "
-            f"FROM {table.qualified} FINAL WHERE _version < toUInt128({{v:String}})",
+            f"INSERT INTO {table.qualified} ({keys}, {', '.join(META_NAMES)}) "
+            f"SELECT {keys}, toUInt128({{v:String}}), {DELETED}, {{ts:DateTime64(3, 'UTC')}} "
+            f"FROM {table.qualified} FINAL WHERE {VERSION} < toUInt128({{v:String}})",
             parameters={"v": str(row_version), "ts": source_ts},
         )
         return True

@@ -23,17 +23,21 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from cdc_pipeline.contract import DELETED, IS_DELETED, LIVE_ROWS, META_NAMES, SOURCE_TS, VERSION, WAREHOUSE_META_COLUMNS
 from cdc_pipeline.streaming.evolution import Action, SchemaEvolution, normalize_type, split_nullable
-from cdc_pipeline.streaming.sink import META_NAMES, ReplicaTable, normalize_key
+from cdc_pipeline.streaming.sink import ReplicaTable, normalize_key
 from cdc_pipeline.streaming.types import ColumnSpec
 
 log = logging.getLogger(__name__)
 
-WAREHOUSE_META_COLUMNS = (
-    ("_version", "numeric(39,0) NOT NULL"),
-    ("_is_deleted", "smallint NOT NULL DEFAULT 0"),
-    ("_source_ts", "timestamptz"),
-)
+
+def _first(row: tuple[Any, ...] | None) -> Any:
+    """The first value of a row the query always returns."""
+    if row is None:
+        raise RuntimeError("the query returned no row")
+    return row[0]
+
+
 # PostgreSQL error classes that mean "this row's content" (dead-letter it), not "try again later":
 # 22 data exception (invalid text, out of range, NUL byte, ...), 23 integrity constraint violation.
 CONTENT_ERROR_CLASSES = ("22", "23")
@@ -216,7 +220,7 @@ class WarehouseSink:
         if known is not None and all(known.get(n) == t for n, t in wanted.items()):
             return []
         existing = self.existing_column_types(table)
-        statements: list[sql.Composable] = []
+        statements: list[sql.Composed] = []
         if not existing:
             missing = [k for k in table.key_columns if k not in wanted]
             if missing:
@@ -299,7 +303,7 @@ class WarehouseSink:
         log.warning("warehouse: column %s: %s; the table is re-read (incremental snapshot)", table_source, plan.reason)
         self._pending_resnapshot = True
 
-    def _add_column(self, table: ReplicaTable, spec: ColumnSpec, pg_type: str, plan: Any) -> sql.Composable:
+    def _add_column(self, table: ReplicaTable, spec: ColumnSpec, pg_type: str, plan: Any) -> sql.Composed:
         return sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {}").format(
             self._ident(table), self._column_sql(spec, pg_type, plan)
         )
@@ -308,13 +312,13 @@ class WarehouseSink:
         """Re-read a table whose new column PostgreSQL filled without change events. A table that also goes
         to ClickHouse gets its re-snapshot from the ClickHouse sink's schema evolution (one signal, not two)."""
         config = self.evolution.pipeline.table(table.source) if self.evolution and table.source else None
-        if config is None or "clickhouse" in config.sinks or self.evolution.catalog is None:
+        if config is None or self.evolution is None or "clickhouse" in config.sinks or self.evolution.catalog is None:
             return
         signal = self.evolution.catalog.request_resnapshot(config)
         log.warning("warehouse %s: re-snapshot requested (signal %s)", self._key(table), signal)
 
-    def _live_view(self, table: ReplicaTable) -> sql.Composable:
-        return sql.SQL("CREATE OR REPLACE VIEW {} AS SELECT * FROM {} WHERE _is_deleted = 0").format(
+    def _live_view(self, table: ReplicaTable) -> sql.Composed:
+        return sql.SQL(f"CREATE OR REPLACE VIEW {{}} AS SELECT * FROM {{}} WHERE {LIVE_ROWS}").format(
             sql.Identifier(table.database, f"{table.name}_live"), self._ident(table)
         )
 
@@ -346,9 +350,16 @@ class WarehouseSink:
             cur.execute(
                 sql.SQL(
                     "INSERT INTO {target} AS t ({columns}) "
-                    "SELECT DISTINCT ON ({keys}) {columns} FROM {stage} ORDER BY {keys}, _version DESC "
-                    "ON CONFLICT ({keys}) DO UPDATE SET {set_clause} WHERE t._version < EXCLUDED._version"
-                ).format(target=self._ident(table), columns=columns, keys=keys, stage=stage, set_clause=set_clause)
+                    "SELECT DISTINCT ON ({keys}) {columns} FROM {stage} ORDER BY {keys}, {version} DESC "
+                    "ON CONFLICT ({keys}) DO UPDATE SET {set_clause} WHERE t.{version} < EXCLUDED.{version}"
+                ).format(
+                    target=self._ident(table),
+                    columns=columns,
+                    keys=keys,
+                    stage=stage,
+                    set_clause=set_clause,
+                    version=sql.Identifier(VERSION),
+                )
             )
             return len(rows)
 
@@ -367,13 +378,17 @@ class WarehouseSink:
 
         def work(cur: psycopg.Cursor) -> bool:
             cur.execute("SELECT to_regclass(%s)", (self._ident(table).as_string(cur),))
-            if cur.fetchone()[0] is None:
+            if _first(cur.fetchone()) is None:
                 return False
             cur.execute(
-                sql.SQL("UPDATE {} SET _is_deleted = 1, _version = %s, _source_ts = %s WHERE _version < %s").format(
-                    self._ident(table)
+                sql.SQL("UPDATE {} SET {} = %s, {} = %s, {} = %s WHERE {} < %s").format(
+                    self._ident(table),
+                    sql.Identifier(IS_DELETED),
+                    sql.Identifier(VERSION),
+                    sql.Identifier(SOURCE_TS),
+                    sql.Identifier(VERSION),
                 ),
-                (row_version, source_ts, row_version),
+                (DELETED, row_version, source_ts, row_version),
             )
             return True
 
@@ -389,7 +404,7 @@ class WarehouseSink:
         selected = sql.SQL(", ").join(map(sql.Identifier, [*table.key_columns, *columns]))
 
         one = sql.SQL("({})").format(sql.SQL(", ").join(sql.Placeholder() for _ in table.key_columns))
-        query = sql.SQL("SELECT {} FROM {} WHERE ({}) IN (VALUES {}) AND _is_deleted = 0").format(
+        query = sql.SQL(f"SELECT {{}} FROM {{}} WHERE ({{}}) IN (VALUES {{}}) AND {LIVE_ROWS}").format(
             selected, self._ident(table), key_list, sql.SQL(", ").join(one for _ in keys)
         )
 

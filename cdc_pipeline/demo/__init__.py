@@ -1,0 +1,1 @@
+"""`cdc-pipeline demo`: one command from a fresh clone to a running, watched pipeline."""
