@@ -121,6 +121,8 @@ def test_the_stored_version_decides(sink, warehouse: psycopg.Connection) -> None
     writer.upsert(table, names, [row(specs, {"id": 9, "name": "resurrected?"}, 39)])
     assert live(warehouse, table) == [(1, "v2"), (3, "new")]
     assert writer.current_rows(table, [[1], [2], [3]], ["name"]) == {(1,): {"name": "v2"}, (3,): {"name": "new"}}
+    assert writer.existing_key(table.database, table.name) == ("id",)
+    assert writer.existing_key(table.database, "absent") == ()
 
 
 def test_truncate_deletes_older_rows_only(sink, warehouse: psycopg.Connection) -> None:  # noqa: ANN001

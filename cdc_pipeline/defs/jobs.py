@@ -318,6 +318,14 @@ def run_backfill(
     }  # fmt: skip
 
 
+def _configured_table(pipeline_config: PipelineConfig, name: str) -> TableConfig:
+    """The table `name` of pipeline.yaml, or a run failure that lists the configured tables."""
+    try:
+        return pipeline_config.table(name)
+    except KeyError as exc:
+        raise Failure(f"{exc.args[0]}; tables: {[t.name for t in pipeline_config.tables]}") from None
+
+
 def build_backfill_job(translator: CdcTranslator) -> JobDefinition:
     @op(description="Re-read a table (or the rows matching a filter) from PostgreSQL through Debezium.")
     def backfill_table_op(
@@ -329,10 +337,7 @@ def build_backfill_job(translator: CdcTranslator) -> JobDefinition:
         kafka_connect: KafkaConnectResource,
     ) -> None:
         pipeline_config = pipeline.load()
-        try:
-            table = pipeline_config.table(config.table)
-        except KeyError as exc:
-            raise Failure(f"{exc.args[0]}; tables: {[t.name for t in pipeline_config.tables]}") from None
+        table = _configured_table(pipeline_config, config.table)
         result = run_backfill(
             context, pipeline_config, table, config.condition, postgres, kafka, kafka_connect, config.timeout_s,
             config.wait_applied,
@@ -384,10 +389,7 @@ def build_replay_job(translator: CdcTranslator) -> JobDefinition:
         clickhouse: ClickHouseResource,
     ) -> None:
         pipeline_config = pipeline.load()
-        try:
-            table = pipeline_config.table(config.table)
-        except KeyError as exc:
-            raise Failure(f"{exc.args[0]}; tables: {[t.name for t in pipeline_config.tables]}") from None
+        table = _configured_table(pipeline_config, config.table)
         if (config.start_offset is None) == (config.start_time is None):
             raise Failure("give exactly one of start_offset or start_time")
         topic = pipeline_config.topic_for(table)

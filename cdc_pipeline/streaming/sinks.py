@@ -56,11 +56,7 @@ class RoutingSink:
             sink.forget(table)
 
     def existing_key(self, database: str, name: str) -> tuple[str, ...]:
-        sinks = self._sinks(ReplicaTable(database, name, ()))
-        first = sinks[0]
-        if isinstance(first, ClickHouseSink):
-            return first.existing_key(database, name)
-        return first.existing_key(ReplicaTable(database, name, ()))
+        return self._sinks(ReplicaTable(database, name, ()))[0].existing_key(database, name)
 
     def ensure_table(
         self, table: ReplicaTable, columns: Sequence[ColumnSpec], partial: Collection[str] = ()

@@ -140,7 +140,6 @@ class WarehouseSink:
         self.evolution = evolution
         self._conn: psycopg.Connection | None = None
         self._known: dict[str, dict[str, str]] = {}  # table -> column -> PostgreSQL type
-        self._pending_resnapshot = False
 
     # -- connection ---------------------------------------------------------------------------------------
 
@@ -194,7 +193,7 @@ class WarehouseSink:
 
         return self._run(read)
 
-    def existing_key(self, table: ReplicaTable) -> tuple[str, ...]:
+    def existing_key(self, database: str, name: str) -> tuple[str, ...]:
         """The warehouse table's primary key columns in order (empty if the table does not exist)."""
 
         def read(cur: psycopg.Cursor) -> tuple[str, ...]:
@@ -204,7 +203,7 @@ class WarehouseSink:
                 "JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true "
                 "JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum "
                 "WHERE n.nspname = %s AND c.relname = %s AND i.indisprimary ORDER BY k.ord",
-                (table.database, table.name),
+                (database, name),
             )
             return tuple(r[0] for r in cur.fetchall())
 
@@ -276,8 +275,10 @@ class WarehouseSink:
             ) from exc
         for text in ran:
             log.info("warehouse DDL: %s", text)
-        if self._pending_resnapshot:
-            self._pending_resnapshot = False
+        reread = [p for p in plans.values() if p.action is Action.RESNAPSHOT]
+        for plan in reread:
+            log.warning("warehouse %s: column %s: %s; the table is re-read", self._key(table), plan.column, plan.reason)
+        if reread:
             self._resnapshot(table)
         self._known[self._key(table)] = {n: t for n, t in wanted.items()}
         return ran
@@ -289,19 +290,14 @@ class WarehouseSink:
 
     def _column_sql(self, spec: ColumnSpec, pg_type: str, plan: Any) -> sql.Composable:
         """`name type [DEFAULT value]`: a column whose existing rows read a constant in the source gets it as
-        its DEFAULT (exact at once); one whose rows PostgreSQL rewrote without events is re-read."""
+        its DEFAULT (exact at once); one whose rows PostgreSQL rewrote without events is re-read by
+        `ensure_table`."""
         column = sql.SQL("{} {}").format(sql.Identifier(spec.name), sql.SQL(pg_type))
         if plan is not None and plan.action is Action.DEFAULT and spec.has_default:
             value, adapt = spec.convert(spec.default), _adapter(pg_type)
             literal = sql.Literal(adapt(value) if adapt and value is not None else value)
             return sql.SQL("{} DEFAULT {}").format(column, literal)
-        if plan is not None and plan.action is Action.RESNAPSHOT:
-            self._request_resnapshot(table_source=spec.name, plan=plan)
         return column
-
-    def _request_resnapshot(self, table_source: str, plan: Any) -> None:
-        log.warning("warehouse: column %s: %s; the table is re-read (incremental snapshot)", table_source, plan.reason)
-        self._pending_resnapshot = True
 
     def _add_column(self, table: ReplicaTable, spec: ColumnSpec, pg_type: str, plan: Any) -> sql.Composed:
         return sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {}").format(
