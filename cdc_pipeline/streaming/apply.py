@@ -25,7 +25,7 @@ import logging
 import struct
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -40,6 +40,7 @@ from cdc_pipeline.streaming.aggregates import StreamAggregates
 from cdc_pipeline.streaming.batch import Change, DecodedBatch, SchemaUse, positions
 from cdc_pipeline.streaming.dlq import DeadLetters
 from cdc_pipeline.streaming.envelope import decode_envelope, records_at, schema_from_prefix, version
+from cdc_pipeline.streaming.evolution import TypeConversionError
 from cdc_pipeline.streaming.sink import ClickHouseSink, ReplicaTable, ReplicaTableMissingError, normalize_key
 from cdc_pipeline.streaming.types import ColumnSpec, OutOfRange, UnsupportedTypeError, columns_from_schema
 
@@ -173,6 +174,22 @@ class _Schemas:
                 position[spec.name] = len(self.columns)
                 self.columns.append(spec)
 
+    def phases(self) -> list[tuple[set[int], dict[str, ColumnSpec]]]:
+        """The good value schemas in first-seen order, grouped so that no two schemas of a group give a
+        column different ClickHouse types: (schema ids, their columns). A row is written in its own
+        schema's types only: the replica's columns take each group's types in turn before its rows are
+        written (one group, and no extra DDL, unless a column's type changed within the batch)."""
+        groups: list[tuple[set[int], dict[str, ColumnSpec]]] = []
+        for vid, specs in self.values.items():
+            if groups and all(
+                groups[-1][1].get(name, spec).clickhouse_type == spec.clickhouse_type for name, spec in specs.items()
+            ):
+                groups[-1][0].add(vid)
+                groups[-1][1].update(specs)
+            else:
+                groups.append(({vid}, dict(specs)))
+        return groups
+
     def partial_columns(self) -> set[str]:
         """Columns that some of the batch's schemas lack: rows written from those get the column's
         ClickHouse DEFAULT, which matters when the table is created (see streaming/evolution.py)."""
@@ -220,6 +237,8 @@ class ChangeApplier:
         self._value_schemas: dict[tuple[str, int], dict[str, ColumnSpec] | str] = {}
         self._key_schemas: dict[tuple[str, int], dict[str, ColumnSpec] | str | None] = {}
         self._dead: list[tuple[Change, str]] = []
+        # Column types the replica could not convert to in this batch (table, columns) -> the reason.
+        self._refused: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
         # Aggregates hook (streaming/aggregates.py): no cost for tables without aggregates.
         self.aggregates = StreamAggregates(pipeline, database, sink.client, self._retrying)
 
@@ -229,6 +248,7 @@ class ChangeApplier:
         again only for the first record of a schema not seen before and for dead letters' raw bytes."""
         stats = self._stats = BatchStats(batch_id)
         self._dead = []
+        self._refused = {}
         started = now = time.perf_counter()
         decoded = decode_envelope(batch).filter(F.col("op").isNotNull() | F.col("error").isNotNull())
         found = DecodedBatch.of(decoded.toArrow())
@@ -278,7 +298,10 @@ class ChangeApplier:
             )
 
         retrying = Retrying(
-            retry=retry_if_exception(lambda exc: not is_content_error(exc)),
+            # A conversion ClickHouse cannot do fails the same way every time: its rows are refused at once.
+            retry=retry_if_exception(
+                lambda exc: not is_content_error(exc) and not isinstance(exc, TypeConversionError)
+            ),
             wait=wait_exponential(multiplier=0.5, max=15),
             stop=stop_after_delay(self.retry_seconds),
             before_sleep=before_sleep,
@@ -413,12 +436,12 @@ class ChangeApplier:
                 )
             table = ReplicaTable(self.database, sink_name, keys, table_config.partition_by, table_config.name)
             if columns and keys:
-                partial = topic_schemas.partial_columns()
-                self._retrying(
-                    lambda t=table, c=columns, p=partial: self.sink.ensure_table(t, c, p),
-                    f"creating {table.qualified}",
-                    table,
-                )
+                # The columns of the first schema group with rows to write (see _Schemas.phases): a batch
+                # holding a type change converts the replica once, after the older schema's rows.
+                written = {c.value_schema_id for c in changes.get(topic, []) if c.op != "d"}
+                phases = [specs for vids, specs in topic_schemas.phases() if vids & written]
+                first = _phase_columns(columns, phases[0]) if phases else columns
+                self._ensure_columns(table, first, topic_schemas.partial_columns())  # refused: see _write_rows
             if topic in truncates:
                 self.aggregates.before_truncate(table)  # aggregates hook
                 done = self._retrying(
@@ -473,27 +496,75 @@ class ChangeApplier:
                 break
 
         self._fill_unavailable(table, schemas, pending, history, stats)
-        upserts: dict[tuple[str, ...], list[tuple[Any, list[Any]]]] = defaultdict(list)
+        phases = schemas.phases()
+        phase_of = {vid: index for index, (vids, _) in enumerate(phases) for vid in vids}
+        # Per schema group (in order), per column list: the rows to upsert.
+        upserts: list[dict[tuple[str, ...], list[tuple[Any, list[Any]]]]] = [defaultdict(list) for _ in phases]
         deletes: list[tuple[Any, list[Any]]] = []
         for change in converted:
             if change.missing:
                 continue  # dead-lettered by _fill_unavailable
-            (deletes if change.row.op == "d" else upserts[change.names]).append((change.row, change.values))
-            stats.saw_source_ts(change.row.source_ts_ms)
+            if change.row.op == "d":
+                deletes.append((change.row, change.values))
+            else:
+                upserts[phase_of[change.row.value_schema_id]][change.names].append((change.row, change.values))
         # Aggregates hook: the windows these rows are in before the write (see streaming/aggregates.py).
         self.aggregates.before_write(table, [c.key for c in converted if not c.missing])
         known = {c.name for c in columns}
-        for names, group in upserts.items():
-            if set(names) - known:  # cannot happen: every converted row's schema is in `columns`
-                raise RuntimeError(f"{table.qualified}: columns {sorted(set(names) - known)} have no replica column")
-            stats.applied_rows += self._insert(
-                table, columns, lambda values, n=names: self.sink.upsert(table, n, values), group, stats
-            )
+        for (_, specs), groups in zip(phases, upserts, strict=True):
+            if not groups:
+                continue
+            phase_columns = _phase_columns(columns, specs)
+            # Each row in its own schema's types: the replica's columns take this group's types first (a
+            # no-op unless a type changed within the batch; then ClickHouse converts the rows before).
+            if refused := self._ensure_columns(table, phase_columns):
+                for group in groups.values():
+                    for row, _ in group:
+                        self._dead_letter(row, f"schema change refused: {refused}", stats)
+                continue
+            for names, group in groups.items():
+                if set(names) - known:  # cannot happen: every converted row's schema is in `columns`
+                    raise RuntimeError(
+                        f"{table.qualified}: columns {sorted(set(names) - known)} have no replica column"
+                    )
+                stats.applied_rows += self._insert(
+                    table, phase_columns, lambda values, n=names: self.sink.upsert(table, n, values), group, stats
+                )
+                for row, _ in group:
+                    stats.saw_source_ts(row.source_ts_ms)
+        # Deletion markers hold the key only: the other columns stay as the last group left them.
+        key_columns = [c for c in columns if c.name in table.key_columns]
+        if deletes and (refused := self._ensure_columns(table, key_columns)):
+            for row, _ in deletes:
+                self._dead_letter(row, f"schema change refused: {refused}", stats)
+            deletes = []
         stats.deleted_rows += self._insert(
-            table, columns, lambda values: self.sink.delete(table, values), deletes, stats
+            table, key_columns, lambda values: self.sink.delete(table, values), deletes, stats
         )
+        for row, _ in deletes:
+            stats.saw_source_ts(row.source_ts_ms)
         self.aggregates.after_write(table)  # aggregates hook: recompute the windows the rows were and are in
         stats.tables[table.name] = stats.tables.get(table.name, 0) + len(rows)
+
+    def _ensure_columns(
+        self, table: ReplicaTable, columns: list[ColumnSpec], partial: Collection[str] = ()
+    ) -> str | None:
+        """Make the replica's columns these (create, add, convert); the reason when ClickHouse cannot convert
+        a column's values to its new type (the column keeps its type; asked once per batch)."""
+        wanted = (table.qualified, tuple((c.name, c.clickhouse_type) for c in columns))
+        if wanted in self._refused:
+            return self._refused[wanted]
+        try:
+            self._retrying(
+                lambda: self.sink.ensure_table(table, columns, partial),
+                f"changing the columns of {table.qualified}",
+                table,
+            )
+        except TypeConversionError as exc:
+            log.error("%s", exc)
+            self._refused[wanted] = str(exc)
+            return str(exc)
+        return None
 
     def _convert(self, row: Any, table: ReplicaTable, schemas: _Schemas) -> _Converted:
         """The row's values for the replica (with META_COLUMNS), or RowError with the dead-letter reason."""
@@ -567,8 +638,12 @@ class ChangeApplier:
                 try:
                     image = _json_object(older.after_json, "after image")
                     specs = schemas.values.get(older.value_schema_id) or {}
+                    own = schemas.values.get(change.row.value_schema_id) or {}
                     for name in list(change.missing):
-                        if name in image and name in specs and not _is_unavailable(image[name]):
+                        same_type = (
+                            name in specs and name in own and specs[name].clickhouse_type == own[name].clickhouse_type
+                        )
+                        if name in image and same_type and not _is_unavailable(image[name]):
                             change.values[change.names.index(name)] = _convert_value(specs, name, image[name])
                             change.missing.remove(name)
                 except RowError:
@@ -657,6 +732,11 @@ def _key_specs(text: str | None) -> dict[str, ColumnSpec] | str | None:
     except (UnsupportedTypeError, RowError) as exc:
         return f"unusable key schema: {exc}"
     return {spec.name: spec for spec in specs}
+
+
+def _phase_columns(columns: list[ColumnSpec], specs: dict[str, ColumnSpec]) -> list[ColumnSpec]:
+    """The batch's columns with the types of one schema group (see _Schemas.phases)."""
+    return [specs.get(c.name, c) for c in columns]
 
 
 def _position(row: Any) -> tuple[int, int, int, int]:

@@ -54,6 +54,12 @@ class SchemaChangeError(RuntimeError):
     the column and the fix."""
 
 
+class TypeConversionError(SchemaChangeError):
+    """ClickHouse cannot convert a replica column's values to a column type the change events now give
+    (the column was put back as it was). Deterministic: retrying cannot help, and the stream refuses the
+    rows that need the new type (dead letters naming the fix) instead of writing them in the old one."""
+
+
 # --- pure decision logic -------------------------------------------------------------------------
 
 

@@ -23,9 +23,9 @@ from cdc_pipeline.streaming.evolution import (
     Action,
     ChangeRecord,
     ColumnPlan,
-    SchemaChangeError,
     SchemaEvolution,
     TypeChange,
+    TypeConversionError,
     plan_new_column,
     plan_type_change,
 )
@@ -343,11 +343,12 @@ class ClickHouseSink:
         log.warning("rebuilt %s with key column %s as %s", table.qualified, change.column, change.new_type)
         return ddl
 
-    def _conversion_failed(self, table: ReplicaTable, change: TypeChange, exc: Exception) -> SchemaChangeError:
-        return SchemaChangeError(
+    def _conversion_failed(self, table: ReplicaTable, change: TypeChange, exc: Exception) -> TypeConversionError:
+        return TypeConversionError(
             f"{table.qualified}: column {change.column!r} changed type in {table.source or 'the source'} from "
             f"{change.old_type} to {change.new_type}, and ClickHouse cannot convert the replica's values "
-            f"({str(exc).splitlines()[0][:300]}). The stream stops rather than write wrong values. To fix: drop "
+            f"({str(exc).splitlines()[0][:300]}); the column keeps its type, and rows that need the new one are "
+            "dead-lettered rather than written in the old type. To fix: drop "
             f"the replica table (DROP TABLE {table.qualified}) and restart the stream; "
             + (
                 "a re-snapshot of the table has been requested and re-reads every row (if it already passed, "
