@@ -127,15 +127,15 @@ def test_a_full_schema_cache_starts_over_without_dead_letters(
     assert dead.letters == []
 
 
-def qty_change(key: int, qty: str, lsn: int, numeric: bool) -> tuple[bytes, bytes]:
+def qty_change(key: int, qty: str, lsn: int, numeric: bool, optional: bool = True) -> tuple[bytes, bytes]:
     """A change of `public.control` (id bigint, qty): qty is numeric(10,2) (decimal.handling.mode=string)
-    or, after an `ALTER COLUMN qty TYPE text`, text."""
+    or, after an `ALTER COLUMN qty TYPE text`, text; NOT NULL unless `optional`."""
     params = {"__debezium.source.column.type": "NUMERIC" if numeric else "TEXT"}
     if numeric:
         params |= {"__debezium.source.column.length": "10", "__debezium.source.column.scale": "2"}
     fields = [
         {"type": "int64", "optional": False, "field": "id"},
-        {"type": "string", "optional": True, "parameters": params, "field": "qty"},
+        {"type": "string", "optional": optional, "parameters": params, "field": "qty"},
     ]
     schema = {
         "type": "struct",
@@ -182,17 +182,17 @@ def test_a_type_change_within_a_batch_writes_each_row_in_its_own_schemas_type(
 def test_a_type_change_the_replica_cannot_take_dead_letters_its_rows_and_the_rest_applies(
     spark: Any, clickhouse: Client, unique_name: str, writer: Any
 ) -> None:
-    """text -> numeric over a replica holding non-numeric text: ClickHouse cannot convert the column. The
-    rows that need the new type are dead-lettered with the fix (not written as text, and the batch does
-    not fail); the column keeps its type and the batch's other rows apply."""
+    """text -> numeric (NOT NULL) over a replica holding non-numeric text: ClickHouse cannot convert the
+    column. The rows that need the new type are dead-lettered with the fix (not written as text, and the
+    batch does not fail); the column keeps its type and the batch's other rows apply."""
     applier, dead, _ = writer
-    run(spark, applier, 1, [qty_change(1, "not a number", 10, numeric=False)])
-    refused = qty_change(2, "1.00", 20, numeric=True)
-    run(spark, applier, 2, [refused, qty_change(3, "three", 30, numeric=False)])
-    assert quantities(clickhouse, unique_name) == ("Nullable(String)", {1: "not a number", 3: "three"})
+    run(spark, applier, 1, [qty_change(1, "not a number", 10, numeric=False, optional=False)])
+    refused = qty_change(2, "1.00", 20, numeric=True, optional=False)
+    run(spark, applier, 2, [refused, qty_change(3, "three", 30, numeric=False, optional=False)])
+    assert quantities(clickhouse, unique_name) == ("String", {1: "not a number", 3: "three"})
     assert [(offset, value) for offset, _, value in dead.letters] == [(200, refused[1])]
     reason = dead.letters[0][1]
     assert "schema change refused" in reason and "'qty'" in reason and "DROP TABLE" in reason, reason
     # The next batch of the new type is refused the same way.
-    run(spark, applier, 3, [qty_change(5, "5.00", 40, numeric=True)])
+    run(spark, applier, 3, [qty_change(5, "5.00", 40, numeric=True, optional=False)])
     assert [offset for offset, _, _ in dead.letters] == [200, 300]
