@@ -196,3 +196,17 @@ def test_a_type_change_the_replica_cannot_take_dead_letters_its_rows_and_the_res
     # The next batch of the new type is refused the same way.
     run(spark, applier, 3, [qty_change(5, "5.00", 40, numeric=True, optional=False)])
     assert [offset for offset, _, _ in dead.letters] == [200, 300]
+
+
+def test_a_type_change_that_would_turn_values_into_null_is_refused(
+    spark: Any, clickhouse: Client, unique_name: str, writer: Any
+) -> None:
+    """text -> numeric on a nullable column: ClickHouse would turn the text it cannot parse into NULL. The
+    change is refused like one that fails (the rows that need it are dead-lettered), no value is lost."""
+    applier, dead, _ = writer
+    run(spark, applier, 1, [qty_change(1, "not a number", 10, numeric=False)])
+    refused = qty_change(2, "1.00", 20, numeric=True)
+    run(spark, applier, 2, [refused, qty_change(3, "three", 30, numeric=False)])
+    assert quantities(clickhouse, unique_name) == ("Nullable(String)", {1: "not a number", 3: "three"})
+    assert [(offset, value) for offset, _, value in dead.letters] == [(200, refused[1])]
+    assert "would become NULL" in dead.letters[0][1], dead.letters[0][1]

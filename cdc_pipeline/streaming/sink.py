@@ -284,6 +284,16 @@ class ClickHouseSink:
         ).result_rows
         if keys and keys[0][0]:
             return self._rebuild(table, change)
+        if change.new_type.startswith("Nullable("):
+            # ClickHouse turns a value it cannot parse into NULL when the new type is Nullable: a conversion
+            # that would empty live values is refused rather than lose them silently.
+            column = quote_identifier(change.column)
+            lost = self.client.command(
+                f"SELECT count() FROM {table.qualified} FINAL WHERE {LIVE_ROWS} AND {column} IS NOT NULL "
+                f"AND CAST({column}, {format_query_value(change.new_type)}) IS NULL"
+            )
+            if lost:
+                raise self._conversion_failed(table, change, ValueError(f"{lost} live value(s) would become NULL"))
         ddl = f"ALTER TABLE {table.qualified} MODIFY COLUMN {quote_identifier(change.column)} {change.new_type}"
         try:
             self.client.command(ddl, settings={"mutations_sync": 2})
