@@ -47,8 +47,8 @@ def up(state_dir: Path | None) -> None:
     from rich.console import Console
 
     from cdc_pipeline.jvm import ArtifactError
+    from cdc_pipeline.stack.lifecycle import LocalStack
     from cdc_pipeline.stack.services import StackError
-    from cdc_pipeline.stack.stack import LocalStack
     from cdc_pipeline.terminal import maven_spinner
 
     try:
@@ -67,7 +67,7 @@ def up(state_dir: Path | None) -> None:
 @click.option("--purge", is_flag=True, help="Also delete all data (PostgreSQL, Kafka, ClickHouse) and logs.")
 def down(state_dir: Path | None, purge: bool) -> None:
     """Stop every service the stack started; data survives unless --purge."""
-    from cdc_pipeline.stack.stack import LocalStack
+    from cdc_pipeline.stack.lifecycle import LocalStack
 
     stopped = LocalStack(_settings(state_dir)).down(purge=purge)
     click.echo("Nothing was running." if not stopped else f"Stack is down ({', '.join(stopped)}).")
@@ -78,7 +78,7 @@ def down(state_dir: Path | None, purge: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(state_dir: Path | None, as_json: bool) -> None:
     """Each service's endpoint, pid and health. Exit code 1 if any service is unhealthy."""
-    from cdc_pipeline.stack.stack import LocalStack
+    from cdc_pipeline.stack.lifecycle import LocalStack
 
     statuses = LocalStack(_settings(state_dir), say=lambda _: None).status()
     if as_json:

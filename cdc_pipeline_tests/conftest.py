@@ -24,7 +24,7 @@ from clickhouse_connect.driver.client import Client
 from cdc_pipeline.bench.env import free_ports
 from cdc_pipeline.clickhouse import connect_clickhouse
 from cdc_pipeline.settings import Settings
-from cdc_pipeline.stack.stack import LocalStack
+from cdc_pipeline.stack.lifecycle import LocalStack
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")

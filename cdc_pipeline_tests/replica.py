@@ -7,7 +7,7 @@ import contextlib
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,19 +170,23 @@ def pipeline_for_schema(
     work_dir: Path,
     trigger: str = "1 seconds",
     schema: str | None = None,
+    before_provision: Callable[[PipelineConfig], None] | None = None,
     **options: Any,
 ) -> Iterator[RunningPipeline]:
     """Provision a connector for the tables of schema `schema` (default `name`; tables already created by
     the caller, see `write_schema_pipeline`, which also takes `options`); stop and remove everything
-    afterwards, also when the test fails."""
+    afterwards, also when the test fails. `before_provision` runs after the source is prepared, just
+    before the connector is created."""
     config, config_path = write_schema_pipeline(name, tables, work_dir, trigger=trigger, schema=schema, **options)
     connect = KafkaConnectResource(url=settings.connect_url)
     running = RunningPipeline(
         settings, config, config_path, str(work_dir / "checkpoint"), name, name, work_dir / "stream.log"
     )
     prepare_source(settings.postgres_conninfo(), config)
-    provision_connector(connect, config, settings)
     try:
+        if before_provision is not None:
+            before_provision(config)
+        provision_connector(connect, config, settings)
         yield running
     finally:
         running.kill_stream(signal.SIGTERM)

@@ -184,7 +184,7 @@ def change_orders(conn: psycopg.Connection, workload: ClusteredWorkload, rng: ra
                     workload.delete(conn, "orders")
 
 
-def replay_whole_topic(settings: Settings, running: RunningPipeline) -> dict:
+def replay_whole_topic(settings: Settings, running: RunningPipeline, workdir: Path) -> dict:
     topic = running.config.topic_for(running.config.table(f"{running.schema}.orders"))
     consumer = KafkaResource(bootstrap_servers=settings.kafka_bootstrap_servers).consumer("aggregates-replay-probe")
     try:
@@ -194,15 +194,15 @@ def replay_whole_topic(settings: Settings, running: RunningPipeline) -> dict:
     argv = SparkSubmit(master="local[2]", jvm_cache_dir=settings.jvm_cache_dir).argv(
         replay_app.__file__, "--config", str(running.config_path),
         "--starting-offsets", json.dumps({topic: {"0": 0}}), "--ending-offsets", json.dumps({topic: {"0": high}}),
+        "--result-file", str(workdir / "replay-result.json"),
         name=f"{running.config.query_name}_replay",
     )  # fmt: skip
     done = subprocess.run(
         argv, env=submit_env(master="local[2]"), capture_output=True, text=True, timeout=900, start_new_session=True
     )
-    lines = done.stdout.splitlines()
-    results = [line for line in lines if line.startswith(replay_app.RESULT_PREFIX)]
-    assert done.returncode == 0 and results, "\n".join((done.stdout + done.stderr).splitlines()[-40:])
-    return json.loads(results[-1].removeprefix(replay_app.RESULT_PREFIX))
+    result = replay_app.read_result(workdir / "replay-result.json")
+    assert done.returncode == 0 and result is not None, "\n".join((done.stdout + done.stderr).splitlines()[-40:])
+    return result
 
 
 def test_aggregates_follow_updates_deletes_a_driver_kill_and_a_replay(
@@ -248,7 +248,7 @@ def test_aggregates_follow_updates_deletes_a_driver_kill_and_a_replay(
 
         # 3. The stream stopped, and the replay job re-applies the whole topic: nothing counts twice.
         running.kill_stream(signal.SIGTERM)
-        summary = replay_whole_topic(settings, running)
+        summary = replay_whole_topic(settings, running, tmp_path)
         assert summary["records"] > 1000, summary
         wait_until_aggregates_match(running, source, clickhouse, timeout=30)
 

@@ -7,7 +7,15 @@ from typing import Any
 
 import pyarrow as pa
 
-from cdc_pipeline.streaming.batch import DECODED_COLUMNS, Change, DecodedBatch, positions
+from cdc_pipeline.streaming.batch import (
+    DECODED_COLUMNS,
+    Change,
+    DecodedBatch,
+    anchor_positions,
+    positions,
+    snapshot_points,
+    unanchored_topics,
+)
 
 TOPIC = "shop.public.customers"
 SCHEMA = pa.schema(
@@ -118,3 +126,40 @@ def test_an_empty_batch() -> None:
 def test_positions_keep_order_without_repeats() -> None:
     records = [Change(TOPIC, 0, o, *([None] * 10)) for o in (3, 1, 3)]
     assert positions(records) == [(TOPIC, 0, 3), (TOPIC, 0, 1)]
+
+
+ANCHORED_SCHEMA = SCHEMA.append(pa.field("snapshot_lsn", pa.int64())).append(pa.field("unanchored", pa.bool_()))
+
+
+def anchored_table(*records: dict[str, Any]) -> pa.Table:
+    rows = [{"snapshot_lsn": None, "unanchored": False, **r} for r in records]
+    return pa.Table.from_pylist(rows, schema=ANCHORED_SCHEMA)
+
+
+def test_snapshot_points_and_unanchored_topics_come_from_valid_changes_only() -> None:
+    table = anchored_table(
+        record(0, "r", 1, 100, 0, snapshot_lsn=100),
+        record(1, "r", 2, 100, 0, snapshot_lsn=100),
+        record(2, "r", 3, 200, 0, snapshot_lsn=200, partition=1),
+        record(3, "r", 4, 300, 0, snapshot_lsn=300, error="bad"),
+        record(4, "u", 1, 90, 90, unanchored=True, topic="other", error="bad"),
+    )
+    assert snapshot_points(table) == [(TOPIC, 0, 0, 100), (TOPIC, 1, 2, 200)]
+    assert unanchored_topics(table) == []
+    assert unanchored_topics(anchored_table(record(5, "u", 1, 90, 90, unanchored=True))) == [TOPIC]
+
+
+def test_anchoring_moves_a_truncate_before_the_batch_decides_what_it_wipes() -> None:
+    # Snapshot at LSN 100; the first streamed transaction (no previous commit) truncates at LSN 90 and
+    # then inserts at 95: anchored, the truncate wipes the snapshot row and the insert survives.
+    table = anchored_table(
+        record(0, "r", 1, 100, 0, snapshot_lsn=100),
+        record(1, "t", None, 90, 90, unanchored=True),
+        record(2, "c", 2, 95, 95, unanchored=True),
+        record(3, "c", 3, None, 96, unanchored=True, error="invalid source position"),  # dead letter: untouched
+    )
+    assert DecodedBatch.of(table).truncates == {TOPIC: (90, 90)}
+    found = DecodedBatch.of(anchor_positions(table, {(TOPIC, 0): [(0, 100)]}))
+    assert found.truncates == {TOPIC: (100, 90)}
+    assert [(c.key_json, c.commit_lsn, c.change_lsn) for c in found.latest_by_topic()[TOPIC]] == [('{"id":2}', 100, 95)]
+    assert [e.commit_lsn for e in found.errors] == [None]

@@ -15,7 +15,7 @@ from pyspark.sql import SparkSession
 from cdc_pipeline.bench import SCENARIOS
 from cdc_pipeline.bench.baseline import position
 from cdc_pipeline.bench.report import Report, Stage, percentile
-from cdc_pipeline.stack.stack import LocalStack
+from cdc_pipeline.stack.lifecycle import LocalStack
 from cdc_pipeline.streaming.envelope import decode_envelope
 
 DATA = Path(__file__).parent / "data" / "debezium"

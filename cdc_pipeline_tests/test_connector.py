@@ -25,7 +25,7 @@ from cdc_pipeline.control.source import UnsupportedSnapshotName, snapshot_collec
 from cdc_pipeline.resources import KafkaConnectResource, KafkaResource
 from cdc_pipeline.resources.connect import ConnectError
 from cdc_pipeline.settings import Settings
-from cdc_pipeline.stack.stack import LocalStack
+from cdc_pipeline.stack.lifecycle import LocalStack
 from cdc_pipeline_tests.conftest import REPO_ROOT
 from cdc_pipeline_tests.test_stack_services import wait_for
 

@@ -49,7 +49,7 @@ from cdc_pipeline.resources import (
 )
 from cdc_pipeline.resources.connect import ConnectError
 from cdc_pipeline.settings import Settings
-from cdc_pipeline.stack.stack import LocalStack
+from cdc_pipeline.stack.lifecycle import LocalStack
 from cdc_pipeline_tests.conftest import free_ports, wait_for
 from cdc_pipeline_tests.replica import RunningPipeline, remove_pipeline, write_schema_pipeline
 

@@ -24,7 +24,7 @@ from playwright.sync_api import Page, sync_playwright
 
 from cdc_pipeline.demo.run import MATCH_LINE
 from cdc_pipeline.process import port_open
-from cdc_pipeline.stack.stack import LocalStack
+from cdc_pipeline.stack.lifecycle import LocalStack
 from cdc_pipeline_tests.conftest import dagster_dev_server, demo_argv, free_ports, stop_process_group, wait_for
 
 pytestmark = pytest.mark.integration
@@ -234,12 +234,24 @@ def test_ui_shows_assets_and_runs_check_services(dagster_dev_on_stack: str, brow
         assert graphql(url, run_query, {"id": run_id})["runOrError"] == {"status": "SUCCESS", "jobName": JOB}
 
 
-SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "demo-asset-graph.png"  # shown by the README
+# The README's picture. A run writes its screenshot to its tmp_path (no diff in git on every run); with
+# CDC_UPDATE_SCREENSHOT=1 it writes it here instead, to refresh the README.
+SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "demo-asset-graph.png"
+# The demo's Dagster runs the checks and observes the sources every minute (its settings reach Dagster),
+# so the test sees them evaluated by the daemon without launching anything.
+AUTOMATION_ENV = {"CDC_CHECKS_CRON": "* * * * *", "CDC_OBSERVE_CRON": "* * * * *"}
+CHECKS_SENSOR = "replica_checks_automation"  # prefixed with the pipeline when a location holds several
+# Numeric metadata of the stream's observations: the stream_metrics and consumer_lag sensors' ones.
+STREAM_PLOTS = ("applied_rows", "num_input_rows", "total_lag")
 
 
-def save_expanded_asset_graph(page: Page, url: str, groups: list[str]) -> None:
+def screenshot_path(tmp_path: Path) -> Path:
+    return SCREENSHOT if os.environ.get("CDC_UPDATE_SCREENSHOT") == "1" else tmp_path / SCREENSHOT.name
+
+
+def save_expanded_asset_graph(page: Page, url: str, groups: list[str], path: Path) -> None:
     """The global lineage graph with every group expanded (a click on a group's node expands it; the UI
-    keeps that in the browser's storage and fits the graph to the page when it loads), as SCREENSHOT."""
+    keeps that in the browser's storage and fits the graph to the page when it loads), saved at `path`."""
     page.goto(f"{url}/asset-groups")
     page.get_by_role("button", name="Hide navigation").click()  # more room for the graph
     for group in groups:
@@ -256,23 +268,123 @@ def save_expanded_asset_graph(page: Page, url: str, groups: list[str]) -> None:
     page.goto(f"{url}/asset-groups")
     page.get_by_text("streaming_query", exact=True).first.wait_for(timeout=180_000)
     page.wait_for_timeout(3000)
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(path))
+    print(f"asset graph screenshot: {path}")
+
+
+def replica_checks(url: str) -> dict[tuple[str, ...], list[str]]:
+    """The replica assets (key path) and their checks' names, as the code location defines them."""
+    query = "{ assetNodes { assetKey { path } assetChecksOrError { ... on AssetChecks { checks { name } } } } }"
+    found: dict[tuple[str, ...], list[str]] = {}
+    for node in graphql(url, query)["assetNodes"]:
+        names = [c["name"] for c in (node["assetChecksOrError"] or {}).get("checks", [])]
+        if "row_count_matches_source" in names:
+            found[tuple(node["assetKey"]["path"])] = sorted(names)
+    return found
+
+
+CHECK_EXECUTIONS = """query ($key: AssetKeyInput!, $check: String!) {
+    assetCheckExecutions(assetKey: $key, checkName: $check, limit: 20) {
+        runId status evaluation { severity description } run { tags { key value } } } }"""
+
+
+def automated_check_results(url: str, checks: dict[tuple[str, ...], list[str]]) -> dict[str, str]:
+    """Per `asset/check`, the status of the newest execution the automation sensor launched and that
+    ended (SUCCEEDED, FAILED, EXECUTION_FAILED), or "missing"."""
+    results: dict[str, str] = {}
+    for path, names in checks.items():
+        for name in names:
+            executions = graphql(url, CHECK_EXECUTIONS, {"key": {"path": list(path)}, "check": name})
+            status = "missing"
+            for execution in executions["assetCheckExecutions"]:
+                tags = {t["key"]: t["value"] for t in (execution["run"] or {}).get("tags", [])}
+                sensor = tags.get("dagster/sensor_name", "")
+                if sensor.endswith(CHECKS_SENSOR) and execution["status"] != "IN_PROGRESS":
+                    status = execution["status"]
+                    break
+            results[f"{'/'.join(path)}:{name}"] = status
+    return results
+
+
+def launched_by_hand(url: str) -> list[str]:
+    """Runs no sensor or schedule launched (the test launches none; the demo only its stream, outside Dagster)."""
+    query = "{ runsOrError { ... on Runs { results { runId jobName tags { key value } } } } }"
+    runs = graphql(url, query)["runsOrError"]["results"]
+    automatic = ("dagster/sensor_name", "dagster/schedule_name", "dagster/auto_materialize", "dagster/backfill")
+    return [
+        f"{run['jobName']} {run['runId']}" for run in runs if not any(tag["key"] in automatic for tag in run["tags"])
+    ]
+
+
+def stream_observations(url: str, path: list[str]) -> dict[str, int]:
+    """Per plotted metadata key, how many observations of the stream's asset carry it."""
+    query = """query ($key: AssetKeyInput!) { assetOrError(assetKey: $key) {
+        ... on Asset { assetObservations(limit: 100) { metadataEntries { label } } } } }"""
+    observations = graphql(url, query, {"key": {"path": path}})["assetOrError"].get("assetObservations") or []
+    labels = [{e["label"] for e in o["metadataEntries"]} for o in observations]
+    return {label: sum(label in found for found in labels) for label in STREAM_PLOTS}
+
+
+def assert_stream_observations_plotted(page: Page, url: str, path: list[str]) -> None:
+    """The stream asset's page plots its observations' numeric metadata over time: once each key has been
+    observed at least twice, the Metadata section's "Plots" view draws one chart (a canvas under the
+    label) per metadata key."""
+    counts: dict[str, int] = {}
+
+    def observed_twice() -> bool:
+        counts.update(stream_observations(url, path))
+        return min(counts.values()) >= 2
+
+    try:
+        wait_for(observed_twice, 600, f"observations of {'/'.join(path)} by its sensors", 5)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {counts}") from None
+    page.goto(f"{url}/assets/{'/'.join(path)}")
+    plots = page.get_by_role("button", name="Plots")
+    plots.first.wait_for(timeout=180_000)
+    plots.first.click()
+    for label in STREAM_PLOTS:
+        heading = page.get_by_text(label, exact=True).first
+        heading.wait_for(timeout=180_000)
+        chart = heading.locator("xpath=ancestor::div[.//canvas][1]//canvas").first
+        chart.wait_for(timeout=60_000)
+        box = chart.bounding_box()
+        assert box and box["width"] > 50 and box["height"] > 20, f"the plot of {label} is not drawn: {box}"
+
+
+# How the checks tab's execution history names the result of an evaluation.
+UI_RESULT = {"SUCCEEDED": "Passed", "FAILED": "Failed", "EXECUTION_FAILED": "Execution failed"}
+
+
+def assert_checks_evaluated_in_ui(page: Page, url: str, path: tuple[str, ...], results: dict[str, str]) -> None:
+    """The replica's Checks tab lists each check, and its execution history shows the automation's
+    evaluation with its result (the latest one is often still running: the cron ticks every minute)."""
+    asset = "/".join(path)
+    for name in sorted(results):
+        page.goto(f"{url}/assets/{asset}?view=checks&checkDetail={name}")
+        page.get_by_text(name, exact=True).first.wait_for(timeout=180_000)
+        page.get_by_text("Execution history", exact=True).first.click()
+        page.get_by_text("Evaluation result", exact=True).first.wait_for(timeout=180_000)
+        result = page.get_by_text(UI_RESULT[results[name]], exact=True).first
+        result.wait_for(timeout=180_000)
+        assert result.is_visible(), f"{asset}:{name}: no {UI_RESULT[results[name]]!r} in its execution history"
 
 
 def test_the_demo_serves_dagster_with_the_pipelines_asset_graph(
     demo_name: str, browser_page: Page, tmp_path: Path
 ) -> None:
-    """`cdc-pipeline demo` starts Dagster (webserver + daemon) for its pipeline: the UI it prints draws the
-    pipeline's asset graph (saved as the README's screenshot) and the stream's asset; Ctrl-C ends the demo
+    """`cdc-pipeline demo` starts Dagster (webserver + daemon) for its pipeline, and nobody launches anything:
+    the UI it prints plots the stream's observations, shows every replica check evaluated by the automation
+    (each one passed) and draws the pipeline's asset graph (the README's screenshot); Ctrl-C ends the demo
     with its summary and stops Dagster."""
     (port,) = free_ports(1)
     log_path = tmp_path / "demo.log"
     with open(log_path, "wb") as log:
         # Pipeline `shop` (the README's names) over a schema and database of the test's own.
         process = subprocess.Popen(
-            demo_argv(demo_name, "--dagster-port", str(port), name="shop"), cwd=tmp_path, env=dict(os.environ),
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            demo_argv(demo_name, "--dagster-port", str(port), name="shop"), cwd=tmp_path,
+            env=dict(os.environ, **AUTOMATION_ENV), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     page = browser_page
     try:
@@ -289,9 +401,32 @@ def test_the_demo_serves_dagster_with_the_pipelines_asset_graph(
         with screenshot_on_failure(page, tmp_path):
             paths = asset_key_paths(url)
             assert ["shop", "streaming_query"] in paths and ["shop", "clickhouse", "payments"] in paths, paths
-            save_expanded_asset_graph(page, url, ["shop_source", "shop_capture", "shop_streaming", "shop_sink"])
-            page.goto(f"{url}/assets/shop/streaming_query")
-            page.get_by_text("streaming_query").first.wait_for(timeout=120_000)
+            assert_stream_observations_plotted(page, url, ["shop", "streaming_query"])
+            page.screenshot(path=str(tmp_path / "stream-plots.png"), full_page=True)
+
+            checks = replica_checks(url)
+            assert ("shop", "clickhouse", "payments") in checks, checks
+            results: dict[str, str] = {}
+
+            def every_check_evaluated() -> bool:
+                results.update(automated_check_results(url, checks))
+                return "missing" not in results.values()
+
+            try:
+                wait_for(every_check_evaluated, 900, "every replica check evaluated by the automation sensor", 10)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}: {results}; demo log:\n{log_tail(log_path)}") from None
+            failed = {check: status for check, status in results.items() if status != "SUCCEEDED"}
+            assert not failed, f"checks evaluated by the automation did not pass: {failed}"
+            for path in checks:
+                asset = "/".join(path)
+                evaluated = {k.split(":")[1]: v for k, v in results.items() if k.split(":")[0] == asset}
+                assert_checks_evaluated_in_ui(page, url, path, evaluated)
+            assert not launched_by_hand(url), launched_by_hand(url)
+
+            save_expanded_asset_graph(
+                page, url, ["shop_source", "shop_capture", "shop_streaming", "shop_sink"], screenshot_path(tmp_path)
+            )
         process.send_signal(signal.SIGINT)
         process.wait(timeout=900)
     finally:

@@ -17,7 +17,7 @@ from psycopg import sql
 from cdc_pipeline.control.stream import StreamController
 from cdc_pipeline.demo.run import MATCH_LINE
 from cdc_pipeline.settings import Settings
-from cdc_pipeline.stack.stack import LocalStack
+from cdc_pipeline.stack.lifecycle import LocalStack
 from cdc_pipeline_tests.conftest import demo_argv, stop_process_group, wait_for
 
 pytestmark = pytest.mark.integration
@@ -112,3 +112,40 @@ def test_the_shops_money_is_exact_through_history_and_activity(source: psycopg.C
         assert set(statuses) == {"new", "paid", "shipped", "delivered", "cancelled"}
     finally:
         source.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(unique_name)))
+
+
+def test_the_demos_dagster_gets_the_control_plane_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dagster runs with the demo's own settings (crons, thresholds, webhook), not the defaults: the demo
+    drops the caller's CDC_* variables from Dagster's environment and passes its settings instead."""
+    from cdc_pipeline.demo.dagster import dagster_env
+
+    monkeypatch.setenv("CDC_CHECKS_CRON", "* * * * *")
+    monkeypatch.setenv("CDC_UNRELATED_LEFTOVER", "x")
+    settings = Settings(
+        _env_file=None, observe_cron="*/2 * * * *", lag_threshold=7, alert_webhook_url="https://hooks.example/T/1"
+    )
+    env = dagster_env(settings, tmp_path / "shop.yaml", tmp_path / "home")
+    assert env["CDC_CHECKS_CRON"] == "* * * * *" and env["CDC_OBSERVE_CRON"] == "*/2 * * * *"
+    assert env["CDC_LAG_THRESHOLD"] == "7" and env["CDC_ALERT_WEBHOOK_URL"] == "https://hooks.example/T/1"
+    assert "CDC_UNRELATED_LEFTOVER" not in env
+    assert env["CDC_PIPELINE_CONFIG"] == str((tmp_path / "shop.yaml").resolve())
+    monkeypatch.delenv("CDC_CHECKS_CRON")
+    for key, value in env.items():  # the child's Settings() equals the demo's
+        if key.startswith("CDC_"):
+            monkeypatch.setenv(key, value)
+    child = Settings(_env_file=None)
+    assert (child.checks_cron, child.observe_cron, child.lag_threshold) == ("* * * * *", "*/2 * * * *", 7)
+
+
+def test_stopping_the_demos_dagster_leaves_nothing_of_its_group(tmp_path: Path) -> None:
+    """A member of Dagster's process group that outlives `dg dev` (as a code server once did) is killed."""
+    from cdc_pipeline.demo.dagster import DagsterProcess, _group_alive
+
+    ready = tmp_path / "ignoring-sigterm"
+    process = subprocess.Popen(
+        ["bash", "-c", f"(trap '' TERM; touch {ready}; exec sleep 300) & wait"], start_new_session=True,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    wait_for(ready.exists, 30, "the member that ignores SIGTERM")
+    DagsterProcess(process, "http://127.0.0.1:1", tmp_path / "log").stop(timeout=10)
+    wait_for(lambda: not _group_alive(process.pid), 30, "every member of the group to end")

@@ -18,7 +18,7 @@ from clickhouse_connect.driver.client import Client
 from cdc_pipeline.clickhouse import connect_clickhouse
 from cdc_pipeline.config import parse_pipeline_config
 from cdc_pipeline.settings import Settings
-from cdc_pipeline.stack.stack import LocalStack
+from cdc_pipeline.stack.lifecycle import LocalStack
 from cdc_pipeline.streaming.envelope import version
 from cdc_pipeline.streaming.evolution import (
     Action,

@@ -19,7 +19,7 @@ from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 from cdc_pipeline.clickhouse import connect_clickhouse
 from cdc_pipeline.resources import KafkaResource
 from cdc_pipeline.settings import Settings
-from cdc_pipeline.stack.stack import LocalStack
+from cdc_pipeline.stack.lifecycle import LocalStack
 from cdc_pipeline.streaming.apply import UNAVAILABLE
 from cdc_pipeline_tests.conftest import wait_for
 from cdc_pipeline_tests.replica import RunningPipeline, pipeline_for_schema

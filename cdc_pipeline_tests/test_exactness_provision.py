@@ -34,7 +34,7 @@ from cdc_pipeline.process import ProcessRecord, group_members
 from cdc_pipeline.resources import KafkaConnectResource
 from cdc_pipeline.resources.connect import ConnectError
 from cdc_pipeline.settings import Settings
-from cdc_pipeline.stack.stack import LocalStack
+from cdc_pipeline.stack.lifecycle import LocalStack
 from cdc_pipeline.streaming.launch import APPLICATION, SparkSubmit, launch
 from cdc_pipeline.topics import pipeline_topics
 from cdc_pipeline_tests.conftest import wait_for

@@ -11,7 +11,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from cdc_pipeline.config import PipelineConfigError, parse_pipeline_config
 from cdc_pipeline.settings import Settings
-from cdc_pipeline.stack.stack import LocalStack
+from cdc_pipeline.stack.lifecycle import LocalStack
 from cdc_pipeline.streaming.limits import (
     ASSUMED_RECORD_BYTES,
     HEAP_PER_RECORD_BYTE,

@@ -17,11 +17,13 @@ import pyspark
 import pytest
 from clickhouse_connect.driver.client import Client
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+from psycopg import sql
 
+from cdc_pipeline.config import PipelineConfig
 from cdc_pipeline.process import port_open
 from cdc_pipeline.resources import KafkaResource
 from cdc_pipeline.settings import Settings
-from cdc_pipeline.stack.stack import LocalStack
+from cdc_pipeline.stack.lifecycle import LocalStack
 from cdc_pipeline.workload.ecommerce import TABLES, Workload, create_schema
 from cdc_pipeline_tests.conftest import free_ports, stop_process_group
 from cdc_pipeline_tests.replica import RunningPipeline, pipeline_for_schema
@@ -205,6 +207,55 @@ def test_truncate_empties_the_replica_and_later_changes_apply(
         workload.insert(source, "order_items")  # same transaction, after the truncate: must survive
     workload.run(source, 300)
     assert running.wait_until_replica_matches(source, clickhouse, list(TABLES), timeout=600) > 100
+
+
+def test_a_transaction_open_across_the_initial_snapshot_is_applied(
+    settings: Settings, source: psycopg.Connection, clickhouse: Client, unique_name: str, tmp_path: Path
+) -> None:
+    """A transaction that wrote before the snapshot point and committed after it is invisible to the
+    snapshot, then streamed as the connector's first transaction (no previous commit position, only
+    change LSNs older than the snapshot's). Its changes must win over the snapshot rows; they lost, and
+    the replica kept the snapshot's value for good."""
+    accounts = sql.Identifier(unique_name, "accounts")
+    source.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(unique_name)))
+    source.execute(sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, balance int NOT NULL)").format(accounts))
+    source.execute(sql.SQL("INSERT INTO {} SELECT i, 10 FROM generate_series(1, 3) i").format(accounts))
+    holder = psycopg.connect(settings.postgres_conninfo())  # not autocommit: holds the transaction open
+
+    def open_transaction(config: PipelineConfig) -> None:
+        # Creating a slot waits for the transactions running at that moment, so the slot comes first.
+        # (pgoutput reads the publication as of each change: it must exist before the slot.)
+        parts = [(t.schema_name, t.table_name) for t in config.tables] + [config.signal_table_parts]
+        published = sql.SQL(", ").join(sql.Identifier(*p) for p in parts)
+        source.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
+            sql.Identifier(config.publication_name), published
+        ))  # fmt: skip
+        source.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (config.slot_name,))
+        holder.execute(sql.SQL("UPDATE {} SET balance = 42 WHERE id = 1").format(accounts))
+        holder.execute(sql.SQL("INSERT INTO {} VALUES (4, 44)").format(accounts))
+        # The slot moves past those changes (they are not committed: the slot keeps them): the connector
+        # snapshots at the slot's position, after the transaction's changes but without them.
+        source.execute("SELECT pg_logical_emit_message(false, 'cdc-test', 'wal')")
+        source.execute("SELECT pg_replication_slot_advance(%s, pg_current_wal_lsn())", (config.slot_name,))
+
+    def snapshot_applied() -> bool:
+        try:
+            query = "SELECT count() FROM {db:Identifier}.accounts FINAL WHERE _is_deleted = 0"
+            return int(clickhouse.command(query, parameters={"db": unique_name})) == 3
+        except Exception:  # the table is created by the first batch
+            return False
+
+    try:
+        with pipeline_for_schema(
+            settings, unique_name, ["accounts"], tmp_path, before_provision=open_transaction
+        ) as running:
+            running.start_stream()
+            wait_for(snapshot_applied, 600, "the snapshot rows in the replica")
+            holder.commit()
+            source.execute(sql.SQL("UPDATE {} SET balance = 7 WHERE id = 2").format(accounts))  # a later one
+            assert running.wait_until_replica_matches(source, clickhouse, ["accounts"], timeout=300) == 4
+    finally:
+        holder.close()
 
 
 def test_connect_killed_and_restarted_mid_stream(

@@ -34,7 +34,7 @@ from cdc_pipeline.definitions import build_definitions
 from cdc_pipeline.defs.translator import key_part
 from cdc_pipeline.resources import KafkaResource
 from cdc_pipeline.settings import Settings
-from cdc_pipeline.stack.stack import LocalStack
+from cdc_pipeline.stack.lifecycle import LocalStack
 from cdc_pipeline_tests.replica import RunningPipeline, pipeline_for_schema
 from cdc_pipeline_tests.test_stack_services import wait_for
 

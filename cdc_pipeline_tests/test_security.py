@@ -28,8 +28,8 @@ from cdc_pipeline.config import PipelineConfigError, parse_pipeline_config
 from cdc_pipeline.jvm import DEBEZIUM_CONNECTOR_CLASS
 from cdc_pipeline.settings import Settings
 from cdc_pipeline.sqlcheck import InvalidFragment, check_expression, validate_condition
+from cdc_pipeline.stack.lifecycle import LocalStack, is_loopback
 from cdc_pipeline.stack.services import CONNECT_CONNECTOR_ENV, JVM_ENV
-from cdc_pipeline.stack.stack import LocalStack, is_loopback
 from cdc_pipeline.streaming.launch import SparkSubmit, submit_env
 from cdc_pipeline_tests.conftest import wait_for
 from cdc_pipeline_tests.test_connector import cleanup

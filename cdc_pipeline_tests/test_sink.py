@@ -10,7 +10,7 @@ import pytest
 from clickhouse_connect.driver.client import Client
 
 from cdc_pipeline.clickhouse import connect_clickhouse
-from cdc_pipeline.stack.stack import LocalStack
+from cdc_pipeline.stack.lifecycle import LocalStack
 from cdc_pipeline.streaming.envelope import version
 from cdc_pipeline.streaming.sink import ClickHouseSink, ReplicaTable
 from cdc_pipeline.streaming.types import columns_from_schema

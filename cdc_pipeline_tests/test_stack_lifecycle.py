@@ -17,7 +17,7 @@ from psycopg import sql
 from cdc_pipeline.clickhouse import connect_clickhouse
 from cdc_pipeline.process import port_open
 from cdc_pipeline.settings import Settings
-from cdc_pipeline.stack.stack import LocalStack
+from cdc_pipeline.stack.lifecycle import LocalStack
 
 pytestmark = pytest.mark.integration
 SERVICES = {"postgres", "kafka", "connect", "clickhouse"}

@@ -23,7 +23,7 @@ from cdc_pipeline.resources import (
     SparkResource,
 )
 from cdc_pipeline.settings import Settings
-from cdc_pipeline.stack.stack import LocalStack
+from cdc_pipeline.stack.lifecycle import LocalStack
 from cdc_pipeline_tests.conftest import wait_for
 
 pytestmark = pytest.mark.integration

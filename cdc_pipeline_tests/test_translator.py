@@ -28,7 +28,7 @@ from cdc_pipeline.resources import (
     SparkResource,
 )
 from cdc_pipeline.settings import Settings
-from cdc_pipeline.stack.stack import LocalStack
+from cdc_pipeline.stack.lifecycle import LocalStack
 from cdc_pipeline_tests.replica import write_schema_pipeline
 from cdc_pipeline_tests.test_control_plane import Webhook
 

@@ -27,8 +27,8 @@ def _interrupt(signum: int, _frame: object) -> None:
 def run_bench(base: Settings, options: BenchOptions, *, output: Path, use_running_stack: bool) -> int:
     """Returns the exit code: 0 when every scenario was measured (targets do not change it), 1 otherwise."""
     from cdc_pipeline.jvm import ArtifactError
+    from cdc_pipeline.stack.lifecycle import LocalStack
     from cdc_pipeline.stack.services import StackError
-    from cdc_pipeline.stack.stack import LocalStack
 
     console = Console(width=None if sys.stdout.isatty() else 150)
     signal.signal(signal.SIGTERM, _interrupt)  # a terminated run still stops its stack

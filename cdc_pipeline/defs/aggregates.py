@@ -197,7 +197,8 @@ def build_aggregate_definitions(
     specs = {a.name: aggregate_spec(pipeline, translator, a) for a in pipeline.aggregates}
     keys = {name: spec.key for name, spec in specs.items()}
 
-    @multi_asset(specs=list(specs.values()), name=f"{prefix}_rebuild_aggregates", can_subset=True)
+    @multi_asset(specs=list(specs.values()), name=f"{prefix}_recompute_aggregates", can_subset=True)
+    @translator.with_resource_keys
     def rebuild(context: AssetExecutionContext, pipeline: PipelineResource, clickhouse: ClickHouseResource):  # noqa: ANN202
         """Recompute every window of the selected aggregates from their replicas."""
         config = pipeline.load()
@@ -239,6 +240,7 @@ def build_aggregate_definitions(
                 ],
                 name=f"{prefix}_{aggregate.name}_aggregate_checks",
             )
+            @translator.with_resource_keys
             def check(context: AssetCheckExecutionContext, pipeline: PipelineResource, clickhouse: ClickHouseResource):  # noqa: ANN202
                 config = pipeline.load()
                 current = next((a for a in config.aggregates if a.name == aggregate.name), aggregate)
@@ -261,6 +263,7 @@ def build_aggregate_definitions(
         description="Records each aggregate's change rate, windows recomputed, late changes, worst lateness and "
         "watermark as observations (from the stream's _cdc_aggregate_progress and _cdc_aggregate_late tables).",
     )
+    @translator.with_resource_keys
     def aggregate_metrics(
         context: SensorEvaluationContext, pipeline: PipelineResource, clickhouse: ClickHouseResource
     ) -> SensorResult | SkipReason:
@@ -283,12 +286,12 @@ def build_aggregate_definitions(
         sensors=[aggregate_metrics],
         jobs=[
             define_asset_job(
-                "rebuild_aggregates",
+                translator.name("rebuild_aggregates"),
                 selection=selection,
                 description="Recompute every window of the aggregates from the replicas (idempotent).",
             ),
             define_asset_job(
-                "check_aggregates",
+                translator.name("check_aggregates"),
                 selection=AssetSelection.checks_for_assets(*keys.values()),
                 description="Compare the aggregates' closed windows with a recomputation from the replicas.",
             ),

@@ -1,7 +1,11 @@
 """A job that asks every external system a real question and reports the answers."""
 
-from dagster import Failure, MetadataValue, OpExecutionContext, job, op
+from collections.abc import Callable
+from typing import Any
 
+from dagster import Failure, JobDefinition, MetadataValue, OpExecutionContext, job, op
+
+from cdc_pipeline.defs.translator import CdcTranslator
 from cdc_pipeline.resources import (
     ClickHouseResource,
     KafkaConnectResource,
@@ -11,7 +15,6 @@ from cdc_pipeline.resources import (
 )
 
 
-@op(description="Probe PostgreSQL, Kafka, Kafka Connect, Spark and ClickHouse in their own protocols.")
 def probe_services(
     context: OpExecutionContext,
     postgres: PostgresResource,
@@ -34,6 +37,20 @@ def probe_services(
         raise Failure(description=f"Unhealthy: {', '.join(failed)}", metadata=metadata)
 
 
-@job(description="Check that every system the pipeline depends on answers.")
-def check_services() -> None:
-    probe_services()
+def build_check_services(translator: CdcTranslator | None = None) -> JobDefinition:
+    """check_services, probing the resources of `translator`'s pipeline (default: the plain resource keys)."""
+    name: Callable[[str], str] = translator.name if translator else (lambda base: base)
+    scoped: Callable[[Any], Any] = translator.with_resource_keys if translator else (lambda fn: fn)
+    probe = op(
+        name=name("probe_services"),
+        description="Probe PostgreSQL, Kafka, Kafka Connect, Spark and ClickHouse in their own protocols.",
+    )(scoped(probe_services))
+
+    @job(name=name("check_services"), description="Check that every system the pipeline depends on answers.")
+    def check_services() -> None:
+        probe()
+
+    return check_services
+
+
+check_services = build_check_services()

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -71,7 +72,11 @@ def build_stream_jobs(translator: CdcTranslator) -> list[JobDefinition]:
     """start_stream, stop_stream, restart_stream and stream_status, observing `translator`'s stream asset."""
     stream_key = translator.stream_key()
 
-    @op(description="Start the streaming query with spark-submit (idempotent: a running stream is left alone).")
+    @op(
+        name=translator.name("start_stream_op"),
+        description="Start the streaming query with spark-submit (idempotent: a running stream is left alone).",
+    )
+    @translator.with_resource_keys
     def start_stream_op(
         context: OpExecutionContext,
         pipeline: PipelineResource,
@@ -86,7 +91,11 @@ def build_stream_jobs(translator: CdcTranslator) -> list[JobDefinition]:
         )
         _observe_status(context, stream_key, status)
 
-    @op(description="Stop the streaming query: it finishes its batch and exits; SIGKILL only after a timeout.")
+    @op(
+        name=translator.name("stop_stream_op"),
+        description="Stop the streaming query: it finishes its batch and exits; SIGKILL only after a timeout.",
+    )
+    @translator.with_resource_keys
     def stop_stream_op(context: OpExecutionContext, pipeline: PipelineResource) -> None:
         config = pipeline.load()
         controller = pipeline.controller(config)
@@ -94,7 +103,11 @@ def build_stream_jobs(translator: CdcTranslator) -> list[JobDefinition]:
         context.log.info(f"stream {config.query_name}: {'stopped' if stopped else 'was not running'}")
         _observe_status(context, stream_key, controller.status())
 
-    @op(description="Stop, then start the streaming query (e.g. after changing pipeline.yaml or Spark settings).")
+    @op(
+        name=translator.name("restart_stream_op"),
+        description="Stop, then start the streaming query (e.g. after changing pipeline.yaml or Spark settings).",
+    )
+    @translator.with_resource_keys
     def restart_stream_op(
         context: OpExecutionContext,
         pipeline: PipelineResource,
@@ -115,7 +128,11 @@ def build_stream_jobs(translator: CdcTranslator) -> list[JobDefinition]:
         context.log.info(f"stream {config.query_name} restarted as pid {status.pid}")
         _observe_status(context, stream_key, status)
 
-    @op(description="Report whether the stream runs, its lag, and the connector's state.")
+    @op(
+        name=translator.name("stream_status_op"),
+        description="Report whether the stream runs, its lag, and the connector's state.",
+    )
+    @translator.with_resource_keys
     def stream_status_op(
         context: OpExecutionContext,
         pipeline: PipelineResource,
@@ -140,19 +157,25 @@ def build_stream_jobs(translator: CdcTranslator) -> list[JobDefinition]:
             lag_by_partition=MetadataValue.json(lag_metadata(lag)["lag_by_partition"]),
         )  # fmt: skip
 
-    @job(description="Start the pipeline's streaming query (spark-submit on the Spark resource's master).")
+    @job(
+        name=translator.name("start_stream"),
+        description="Start the pipeline's streaming query (spark-submit on the Spark resource's master).",
+    )
     def start_stream() -> None:
         start_stream_op()
 
-    @job(description="Stop the pipeline's streaming query gracefully.")
+    @job(name=translator.name("stop_stream"), description="Stop the pipeline's streaming query gracefully.")
     def stop_stream() -> None:
         stop_stream_op()
 
-    @job(description="Restart the pipeline's streaming query.")
+    @job(name=translator.name("restart_stream"), description="Restart the pipeline's streaming query.")
     def restart_stream() -> None:
         restart_stream_op()
 
-    @job(description="Show whether the stream runs, its consumer lag and the connector state.")
+    @job(
+        name=translator.name("stream_status"),
+        description="Show whether the stream runs, its consumer lag and the connector state.",
+    )
     def stream_status() -> None:
         stream_status_op()
 
@@ -162,28 +185,41 @@ def build_stream_jobs(translator: CdcTranslator) -> list[JobDefinition]:
 # --- connector ------------------------------------------------------------------------------------
 
 
-@op(description="Pause the Debezium connector (changes accumulate in the slot's WAL until resumed).")
-def pause_connector_op(context: OpExecutionContext, pipeline: PipelineResource, kafka_connect: KafkaConnectResource):  # noqa: ANN201
-    name = connector_name(pipeline.load())
-    kafka_connect.pause(name)
-    context.log.info(f"paused {name}; PostgreSQL retains WAL for slot until it resumes: do not leave it paused long")
+def build_connector_jobs(translator: CdcTranslator) -> list[JobDefinition]:
+    """pause_connector and resume_connector."""
 
+    @op(
+        name=translator.name("pause_connector_op"),
+        description="Pause the Debezium connector (changes accumulate in the slot's WAL until resumed).",
+    )
+    @translator.with_resource_keys
+    def pause_connector_op(
+        context: OpExecutionContext, pipeline: PipelineResource, kafka_connect: KafkaConnectResource
+    ) -> None:
+        name = connector_name(pipeline.load())
+        kafka_connect.pause(name)
+        context.log.info(
+            f"paused {name}; PostgreSQL retains WAL for slot until it resumes: do not leave it paused long"
+        )
 
-@op(description="Resume the Debezium connector.")
-def resume_connector_op(context: OpExecutionContext, pipeline: PipelineResource, kafka_connect: KafkaConnectResource):  # noqa: ANN201
-    name = connector_name(pipeline.load())
-    kafka_connect.resume(name)
-    context.log.info(f"resumed {name}")
+    @op(name=translator.name("resume_connector_op"), description="Resume the Debezium connector.")
+    @translator.with_resource_keys
+    def resume_connector_op(
+        context: OpExecutionContext, pipeline: PipelineResource, kafka_connect: KafkaConnectResource
+    ) -> None:
+        name = connector_name(pipeline.load())
+        kafka_connect.resume(name)
+        context.log.info(f"resumed {name}")
 
+    @job(name=translator.name("pause_connector"), description="Pause the Debezium connector.")
+    def pause_connector() -> None:
+        pause_connector_op()
 
-@job(description="Pause the Debezium connector.")
-def pause_connector() -> None:
-    pause_connector_op()
+    @job(name=translator.name("resume_connector"), description="Resume the Debezium connector.")
+    def resume_connector() -> None:
+        resume_connector_op()
 
-
-@job(description="Resume the Debezium connector.")
-def resume_connector() -> None:
-    resume_connector_op()
+    return [pause_connector, resume_connector]
 
 
 # --- backfill -------------------------------------------------------------------------------------
@@ -327,7 +363,11 @@ def _configured_table(pipeline_config: PipelineConfig, name: str) -> TableConfig
 
 
 def build_backfill_job(translator: CdcTranslator) -> JobDefinition:
-    @op(description="Re-read a table (or the rows matching a filter) from PostgreSQL through Debezium.")
+    @op(
+        name=translator.name("backfill_table_op"),
+        description="Re-read a table (or the rows matching a filter) from PostgreSQL through Debezium.",
+    )
+    @translator.with_resource_keys
     def backfill_table_op(
         context: OpExecutionContext,
         config: BackfillConfig,
@@ -346,7 +386,10 @@ def build_backfill_job(translator: CdcTranslator) -> JobDefinition:
             context.log_event(AssetObservation(asset_key=key, metadata={"backfill": result}))
         context.log.info(json.dumps(result))
 
-    @job(description="Backfill a table through a Debezium incremental snapshot (signal table), with progress.")
+    @job(
+        name=translator.name("backfill_table"),
+        description="Backfill a table through a Debezium incremental snapshot (signal table), with progress.",
+    )
     def backfill_table() -> None:
         backfill_table_op()
 
@@ -379,7 +422,11 @@ def _offset_for_time(consumer: Any, topic: str, partition: int, when: str, defau
 
 
 def build_replay_job(translator: CdcTranslator) -> JobDefinition:
-    @op(description="Replay a range of a table's topic into ClickHouse (Spark batch job, same writer as the stream).")
+    @op(
+        name=translator.name("replay_op"),
+        description="Replay a range of a table's topic into ClickHouse (Spark batch job, same writer as the stream).",
+    )
+    @translator.with_resource_keys
     def replay_op(
         context: OpExecutionContext,
         config: ReplayConfig,
@@ -413,19 +460,24 @@ def build_replay_job(translator: CdcTranslator) -> JobDefinition:
         if end <= start:
             context.log.info(f"{topic}: empty range [{start}, {end}), nothing to replay")
             return
-        argv = spark.submit().argv(
-            replay_app.__file__, "--config", str(pipeline.resolved_config_path),
-            "--starting-offsets", json.dumps({topic: {"0": start}}),
-            "--ending-offsets", json.dumps({topic: {"0": end}}),
-            name=f"{pipeline_config.query_name}_replay",
-        )  # fmt: skip
         context.log.info(
             f"replaying {topic} offsets [{start}, {end}) ({end - start} records) with spark-submit on {spark.master}"
         )
         # In its own process group, so a timeout stops spark-submit's JVM and its Python driver together. Output
         # goes to a file (no pipe to fill); a log line every REPLAY_NOTE_S says the replay is still at work.
         started = time.monotonic()
-        with tempfile.TemporaryFile("w+", errors="replace") as out:
+        with (
+            tempfile.TemporaryDirectory(prefix="cdc-replay-") as workdir,
+            open(Path(workdir) / "output.log", "w+", errors="replace") as out,
+        ):
+            result_file = Path(workdir) / "result.json"
+            argv = spark.submit().argv(
+                replay_app.__file__, "--config", str(pipeline.resolved_config_path),
+                "--starting-offsets", json.dumps({topic: {"0": start}}),
+                "--ending-offsets", json.dumps({topic: {"0": end}}),
+                "--result-file", str(result_file),
+                name=f"{pipeline_config.query_name}_replay",
+            )  # fmt: skip
             process = subprocess.Popen(
                 argv, env=submit_env(stream_env(kafka, clickhouse, pipeline), master=spark.master), stdout=out,
                 stderr=subprocess.STDOUT, text=True, start_new_session=True,
@@ -454,18 +506,19 @@ def build_replay_job(translator: CdcTranslator) -> JobDefinition:
                     os.killpg(process.pid, signal.SIGKILL)
                     process.wait()
             out.seek(0)
-            output = out.read()
-        lines = output.splitlines()
-        result_lines = [line for line in lines if line.startswith(replay_app.RESULT_PREFIX)]
-        if process.returncode != 0 or not result_lines:
+            lines = out.read().splitlines()
+            summary = replay_app.read_result(result_file)
+        if process.returncode != 0 or summary is None:
             raise Failure(f"replay of {topic} failed (exit {process.returncode}):\n" + "\n".join(lines[-40:]))
-        summary = json.loads(result_lines[-1].removeprefix(replay_app.RESULT_PREFIX))
         summary.update(topic=topic, start_offset=start, end_offset=end, seconds=round(time.monotonic() - started, 1))
         context.log.info(f"replayed: {summary}")
         for key in translator.replica_keys(table):
             context.log_event(AssetObservation(asset_key=key, metadata={"replay": summary}))
 
-    @job(description="Replay a topic range (offsets or a time window) into ClickHouse; idempotent.")
+    @job(
+        name=translator.name("replay"),
+        description="Replay a topic range (offsets or a time window) into ClickHouse; idempotent.",
+    )
     def replay() -> None:
         replay_op()
 
@@ -599,7 +652,11 @@ def _existing_keys(conn: psycopg.Connection, table: TableConfig, key: list[str],
 
 
 def build_reconcile_job(translator: CdcTranslator) -> JobDefinition:
-    @op(description="Row-level diff by primary key between each source table and its replicas.")
+    @op(
+        name=translator.name("reconcile_op"),
+        description="Row-level diff by primary key between each source table and its replicas.",
+    )
+    @translator.with_resource_keys
     def reconcile_op(
         context: OpExecutionContext,
         config: ReconcileConfig,
@@ -659,7 +716,10 @@ def build_reconcile_job(translator: CdcTranslator) -> JobDefinition:
             )
         return Output(report, metadata={"report": MetadataValue.json(report)})
 
-    @job(description="Diff each replica with its source by primary key; optionally backfill what differs.")
+    @job(
+        name=translator.name("reconcile_tables"),
+        description="Diff each replica with its source by primary key; optionally backfill what differs.",
+    )
     def reconcile_tables() -> None:
         reconcile_op()
 
@@ -669,6 +729,6 @@ def build_reconcile_job(translator: CdcTranslator) -> JobDefinition:
 def build_jobs(translator: CdcTranslator) -> list[JobDefinition]:
     """The operator's jobs of one pipeline; every observation they record goes to `translator`'s keys."""
     return [
-        *build_stream_jobs(translator), pause_connector, resume_connector, build_backfill_job(translator),
+        *build_stream_jobs(translator), *build_connector_jobs(translator), build_backfill_job(translator),
         build_replay_job(translator), build_reconcile_job(translator),
     ]  # fmt: skip

@@ -6,6 +6,7 @@ name in the UI; an unset one falls back to the local-stack default from `Setting
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from dagster import EnvVar
@@ -23,16 +24,37 @@ from cdc_pipeline.resources import (
 )
 from cdc_pipeline.settings import ENV_PREFIX, Settings
 
+# The settings a pipeline may read from variables of its own (`build_resources(env=...)`): the connections.
+RENAMABLE = tuple(
+    ENV_PREFIX + field.upper()
+    for field in (
+        "postgres_dsn", "postgres_password", "warehouse_dsn", "warehouse_password", "kafka_bootstrap_servers",
+        "connect_url", "spark_master", "clickhouse_url", "clickhouse_user", "clickhouse_password",
+        "clickhouse_database", "stack_dir", "control_dir",
+    )
+)  # fmt: skip
 
-def _value(field: str, default: Any) -> Any:
-    name = ENV_PREFIX + field.upper()
-    return EnvVar(name) if os.environ.get(name) else default
 
-
-def build_resources(settings: Settings | None = None, config_path: str | None = None) -> dict[str, Any]:
+def build_resources(
+    settings: Settings | None = None, config_path: str | None = None, env: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The resources by their plain keys (`postgres`, `kafka`, ...). `env` renames variables: with
+    `{"CDC_POSTGRES_DSN": "CRM_POSTGRES_DSN"}` the DSN is read from CRM_POSTGRES_DSN (a second pipeline's
+    source database in the same code location)."""
+    renamed = dict(env or {})
+    unknown = sorted(set(renamed) - set(RENAMABLE))
+    if unknown:
+        raise ValueError(f"env: {unknown} cannot be read from another variable; these can: {', '.join(RENAMABLE)}")
     defaults = settings or Settings(_env_file=None)  # defaults only; live values come via EnvVar
     # Thresholds and switches are not secret: read once (environment and .env) and shown in the UI.
     tuning = settings or Settings()
+
+    def _value(field: str, default: Any) -> Any:
+        name = ENV_PREFIX + field.upper()
+        if name in renamed:  # always from the named variable: a run names it if it is unset
+            return EnvVar(renamed[name])
+        return EnvVar(name) if os.environ.get(name) else default
+
     return {
         "pipeline": PipelineResource(
             config_path=config_path or str(default_config_path()),

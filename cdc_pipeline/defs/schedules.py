@@ -9,26 +9,29 @@ from dagster import (
     schedule,
 )
 
-from cdc_pipeline.config import PipelineConfig
+from cdc_pipeline.defs.translator import CdcTranslator
 
 
 def build_schedules(
-    pipeline: PipelineConfig, reconcile_job: JobDefinition, backfill_job: JobDefinition
+    translator: CdcTranslator, reconcile_job: JobDefinition, backfill_job: JobDefinition
 ) -> list[ScheduleDefinition]:
+    pipeline = translator.pipeline
     nightly_reconcile = ScheduleDefinition(
-        name="nightly_reconcile",
+        name=translator.name("nightly_reconcile"),
         job=reconcile_job,
         cron_schedule="0 3 * * *",
         execution_timezone="UTC",
         default_status=DefaultScheduleStatus.RUNNING,
         description="Every night at 03:00 UTC: diff every replica with its source by key. A difference fails "
         "the run (and the run-failure sensor alerts); set backfill_differences to repair automatically.",
-        run_config={"ops": {"reconcile_op": {"config": {"tables": [], "backfill_differences": False}}}},
+        run_config={
+            "ops": {translator.name("reconcile_op"): {"config": {"tables": [], "backfill_differences": False}}}
+        },
     )
     example_table = pipeline.tables[0].name
 
     @schedule(
-        name="weekly_backfill_example",
+        name=translator.name("weekly_backfill_example"),
         job=backfill_job,
         cron_schedule="0 4 * * 0",
         execution_timezone="UTC",
@@ -39,7 +42,7 @@ def build_schedules(
     def weekly_backfill_example(context: ScheduleEvaluationContext) -> RunRequest:
         return RunRequest(
             run_key=f"backfill-{example_table}-{context.scheduled_execution_time:%Y-%m-%d}",
-            run_config={"ops": {"backfill_table_op": {"config": {"table": example_table}}}},
+            run_config={"ops": {translator.name("backfill_table_op"): {"config": {"table": example_table}}}},
         )
 
     return [nightly_reconcile, weekly_backfill_example]

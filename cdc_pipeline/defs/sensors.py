@@ -262,16 +262,72 @@ def _latest_check_outcome(instance: DagsterInstance, key: AssetCheckKey) -> Chec
     )
 
 
-def build_sensors(translator: CdcTranslator, restart_stream_job: JobDefinition) -> list[SensorDefinition]:
-    """The sensors of one pipeline; their observations and alerts name `translator`'s asset keys."""
+def build_run_failure_sensor() -> SensorDefinition:
+    """alert_on_run_failure: one per code location (it alerts on every failed run of the location, whichever
+    pipeline the run belongs to), with the shared `notifier`."""
 
     @sensor(
-        name="consumer_lag",
+        name="alert_on_run_failure",
+        minimum_interval_seconds=30,
+        default_status=DefaultSensorStatus.RUNNING,
+        description="Alerts on every failed run of this code location, with the failed steps' errors; an alert "
+        "the webhook did not take is sent again at the next evaluation.",
+    )
+    def alert_on_run_failure(context: SensorEvaluationContext, notifier: NotifierResource) -> SensorResult:
+        state = _cursor(context)
+        instance = context.instance
+        if "after" not in state and "record_id" in state:  # the cursor of Dagster's run_failure_sensor
+            state["after"] = state["record_id"]
+        if "after" not in state:  # the first evaluation: failures from now on, not the instance's history
+            latest = instance.fetch_run_status_changes(DagsterEventType.RUN_FAILURE, limit=1).records
+            after = latest[0].storage_id if latest else 0
+            return SensorResult(skip_reason="watching for failed runs", cursor=json.dumps({"after": after}))
+        after, pending = state["after"], list(state.get("pending", []))
+        records = instance.fetch_run_status_changes(
+            RunStatusChangeRecordsFilter(DagsterEventType.RUN_FAILURE, after_storage_id=after),
+            limit=RUN_FAILURE_BATCH, ascending=True,
+        ).records  # fmt: skip
+        for record in records:
+            after = record.storage_id
+            run = instance.get_run_by_id(record.event_log_entry.run_id)
+            if run is not None and _in_this_location(context, run) and run.run_id not in pending:
+                pending.append(run.run_id)
+        undelivered: list[str] = []
+        deadline = time.monotonic() + RUN_ALERT_BUDGET_S
+        for index, run_id in enumerate(pending):
+            if time.monotonic() > deadline:  # the rest at the next evaluation, inside the daemon's time limit
+                undelivered += pending[index:]
+                break
+            run = instance.get_run_by_id(run_id)
+            if run is None:
+                continue
+            try:
+                notifier.send(_run_failure_alert(instance, run))
+            except Exception as exc:
+                # The webhook is down: keep this and the rest for the next evaluation rather than time out.
+                context.log.error(f"could not deliver the alert for the failed run {run_id}: {exc}")
+                undelivered += pending[index:]
+                break
+        if len(undelivered) > MAX_UNDELIVERED:
+            context.log.error(f"dropping {len(undelivered) - MAX_UNDELIVERED} undelivered run-failure alerts")
+            undelivered = undelivered[-MAX_UNDELIVERED:]
+        return SensorResult(cursor=json.dumps({"after": after, "pending": undelivered}))
+
+    return alert_on_run_failure
+
+
+def build_sensors(translator: CdcTranslator, restart_stream_job: JobDefinition) -> list[SensorDefinition]:
+    """The sensors of one pipeline (alert_on_run_failure is the location's: `build_run_failure_sensor`); their
+    observations and alerts name `translator`'s asset keys, their names and resource keys are its own."""
+
+    @sensor(
+        name=translator.name("consumer_lag"),
         minimum_interval_seconds=30,
         default_status=DefaultSensorStatus.RUNNING,
         description="Lag of the stream's consumer group per topic-partition; alerts when it stays above the "
         "threshold, keeps growing or stops moving over the window, and when it recovers.",
     )
+    @translator.with_resource_keys
     def consumer_lag(
         context: SensorEvaluationContext,
         pipeline: PipelineResource,
@@ -321,13 +377,14 @@ def build_sensors(translator: CdcTranslator, restart_stream_job: JobDefinition) 
         )
 
     @sensor(
-        name="checkpoint_health",
+        name=translator.name("checkpoint_health"),
         minimum_interval_seconds=60,
         default_status=DefaultSensorStatus.RUNNING,
         job=restart_stream_job,
         description="The stream is alive, commits batches while there is lag, no batch hangs uncommitted and the "
         "checkpoint is readable; alerts otherwise and, if enabled, restarts the stream with backoff.",
     )
+    @translator.with_resource_keys
     def checkpoint_health(
         context: SensorEvaluationContext,
         pipeline: PipelineResource,
@@ -347,7 +404,10 @@ def build_sensors(translator: CdcTranslator, restart_stream_job: JobDefinition) 
         except UnsupportedCheckpoint as exc:
             checkpoint = None
             context.log.debug(str(exc))
-        starting = any(_active_runs(context, job, START_GRACE_S) for job in ("start_stream", restart_stream_job.name))
+        starting = any(
+            _active_runs(context, job, START_GRACE_S)
+            for job in (translator.name("start_stream"), restart_stream_job.name)
+        )
         if status.desired == "running" and not status.running and not starting:
             problems["dead"] = f"the stream (pid {status.pid or '-'}) is not running though it should"
         if checkpoint is not None and checkpoint.exists and not checkpoint.readable:
@@ -442,12 +502,13 @@ def build_sensors(translator: CdcTranslator, restart_stream_job: JobDefinition) 
         )
 
     @sensor(
-        name="connector_status",
+        name=translator.name("connector_status"),
         minimum_interval_seconds=60,
         default_status=DefaultSensorStatus.RUNNING,
         description="Alerts when the Debezium connector or one of its tasks FAILED (with the error), optionally "
         "restarts failed tasks, and reports recovery.",
     )
+    @translator.with_resource_keys
     def connector_status(
         context: SensorEvaluationContext,
         pipeline: PipelineResource,
@@ -536,12 +597,13 @@ def build_sensors(translator: CdcTranslator, restart_stream_job: JobDefinition) 
         )
 
     @sensor(
-        name="stream_metrics",
+        name=translator.name("stream_metrics"),
         minimum_interval_seconds=30,
         default_status=DefaultSensorStatus.RUNNING,
         description="Records each micro-batch's input rate, processing rate, duration and dead letters as "
         "observations of the streaming query (from the stream's progress table in ClickHouse).",
     )
+    @translator.with_resource_keys
     def stream_metrics(
         context: SensorEvaluationContext, pipeline: PipelineResource, clickhouse: ClickHouseResource
     ) -> SensorResult | SkipReason:
@@ -574,60 +636,14 @@ def build_sensors(translator: CdcTranslator, restart_stream_job: JobDefinition) 
         return SensorResult(asset_events=events, cursor=cursor)
 
     @sensor(
-        name="alert_on_run_failure",
-        minimum_interval_seconds=30,
-        default_status=DefaultSensorStatus.RUNNING,
-        description="Alerts on every failed run of this code location, with the failed steps' errors; an alert "
-        "the webhook did not take is sent again at the next evaluation.",
-    )
-    def alert_on_run_failure(context: SensorEvaluationContext, notifier: NotifierResource) -> SensorResult:
-        state = _cursor(context)
-        instance = context.instance
-        if "after" not in state and "record_id" in state:  # the cursor of Dagster's run_failure_sensor
-            state["after"] = state["record_id"]
-        if "after" not in state:  # the first evaluation: failures from now on, not the instance's history
-            latest = instance.fetch_run_status_changes(DagsterEventType.RUN_FAILURE, limit=1).records
-            after = latest[0].storage_id if latest else 0
-            return SensorResult(skip_reason="watching for failed runs", cursor=json.dumps({"after": after}))
-        after, pending = state["after"], list(state.get("pending", []))
-        records = instance.fetch_run_status_changes(
-            RunStatusChangeRecordsFilter(DagsterEventType.RUN_FAILURE, after_storage_id=after),
-            limit=RUN_FAILURE_BATCH, ascending=True,
-        ).records  # fmt: skip
-        for record in records:
-            after = record.storage_id
-            run = instance.get_run_by_id(record.event_log_entry.run_id)
-            if run is not None and _in_this_location(context, run) and run.run_id not in pending:
-                pending.append(run.run_id)
-        undelivered: list[str] = []
-        deadline = time.monotonic() + RUN_ALERT_BUDGET_S
-        for index, run_id in enumerate(pending):
-            if time.monotonic() > deadline:  # the rest at the next evaluation, inside the daemon's time limit
-                undelivered += pending[index:]
-                break
-            run = instance.get_run_by_id(run_id)
-            if run is None:
-                continue
-            try:
-                notifier.send(_run_failure_alert(instance, run))
-            except Exception as exc:
-                # The webhook is down: keep this and the rest for the next evaluation rather than time out.
-                context.log.error(f"could not deliver the alert for the failed run {run_id}: {exc}")
-                undelivered += pending[index:]
-                break
-        if len(undelivered) > MAX_UNDELIVERED:
-            context.log.error(f"dropping {len(undelivered) - MAX_UNDELIVERED} undelivered run-failure alerts")
-            undelivered = undelivered[-MAX_UNDELIVERED:]
-        return SensorResult(cursor=json.dumps({"after": after, "pending": undelivered}))
-
-    @sensor(
-        name="replication_health",
+        name=translator.name("replication_health"),
         minimum_interval_seconds=60,
         default_status=DefaultSensorStatus.RUNNING,
         description="Alerts when the replication slot retains WAL above the limit (bytes) or has not advanced for "
         "too long, when the connector has been PAUSED too long, and when the configured connector is missing; "
         "and once when each clears.",
     )
+    @translator.with_resource_keys
     def replication_health(
         context: SensorEvaluationContext,
         pipeline: PipelineResource,
@@ -715,12 +731,13 @@ def build_sensors(translator: CdcTranslator, restart_stream_job: JobDefinition) 
         )
 
     @sensor(
-        name="alert_on_check_failure",
+        name=translator.name("alert_on_check_failure"),
         minimum_interval_seconds=30,
         default_status=DefaultSensorStatus.RUNNING,
         description="Alerts when the newest evaluation of an ERROR-severity replica check failed (once per "
         "failing check), and once when it passes again.",
     )
+    @translator.with_resource_keys
     def alert_on_check_failure(
         context: SensorEvaluationContext, pipeline: PipelineResource, notifier: NotifierResource
     ) -> SensorResult:
@@ -747,6 +764,5 @@ def build_sensors(translator: CdcTranslator, restart_stream_job: JobDefinition) 
         return SensorResult(cursor=json.dumps({"incidents": incidents.state}))
 
     return [
-        consumer_lag, checkpoint_health, connector_status, replication_health, stream_metrics, alert_on_run_failure,
-        alert_on_check_failure,
+        consumer_lag, checkpoint_health, connector_status, replication_health, stream_metrics, alert_on_check_failure,
     ]  # fmt: skip

@@ -6,13 +6,16 @@ translator): subclass `CdcTranslator` and override a method to change keys, grou
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import re
-from collections.abc import Mapping
+import typing
+from collections.abc import Callable, Mapping
 from typing import Any, Self
 
 from clickhouse_connect.driver.binding import quote_identifier
-from dagster import AssetKey, AssetSpec, MetadataValue
+from dagster import AssetKey, AssetSpec, ConfigurableResource, MetadataValue
 
 from cdc_pipeline.config import PipelineConfig, TableConfig
 from cdc_pipeline.connector import connector_config, connector_name
@@ -23,6 +26,9 @@ _KEY_PART = re.compile(r"^[A-Za-z0-9_]+$")
 _SECRET_KEY = re.compile(r"password|secret|token|credential|sasl\.jaas|ssl\.key", re.IGNORECASE)
 MASK = "********"
 DEFAULT_DATABASE = Settings.model_fields["clickhouse_database"].default
+# The resources every pipeline of a code location shares: the alert channel. Every other resource key is the
+# pipeline's own (`<prefix>_postgres`, ...), so two pipelines can read two source databases.
+SHARED_RESOURCES = frozenset({"notifier"})
 
 
 def mask_secrets(config: dict[str, Any]) -> dict[str, Any]:
@@ -51,15 +57,78 @@ class CdcTranslator:
     masked); `from_settings` fills both from `Settings`."""
 
     def __init__(
-        self, pipeline: PipelineConfig, *, database: str = DEFAULT_DATABASE, connector: Mapping[str, str] | None = None
+        self,
+        pipeline: PipelineConfig,
+        *,
+        database: str = DEFAULT_DATABASE,
+        connector: Mapping[str, str] | None = None,
+        prefix: str = "",
     ) -> None:
         self.pipeline = pipeline
         self.database = database
         self.connector = dict(connector or {})
+        if prefix and not _KEY_PART.match(prefix):
+            raise ValueError(f"prefix {prefix!r} of pipeline {pipeline.name}: use letters, digits and _")
+        self.prefix = prefix
 
     @classmethod
-    def from_settings(cls, pipeline: PipelineConfig, settings: Settings) -> Self:
-        return cls(pipeline, database=settings.clickhouse_database, connector=connector_config(pipeline, settings))
+    def from_settings(cls, pipeline: PipelineConfig, settings: Settings, *, prefix: str = "") -> Self:
+        return cls(
+            pipeline,
+            database=settings.clickhouse_database,
+            connector=connector_config(pipeline, settings),
+            prefix=prefix,
+        )
+
+    # Names of the pipeline's jobs, ops, sensors, schedules and resource keys. Without a prefix (one pipeline
+    # in the code location) they are the plain names (`start_stream`, `postgres`); with one, `<prefix>_<name>`,
+    # so several pipelines live side by side in one code location.
+    def name(self, base: str) -> str:
+        """The name of this pipeline's job, op, sensor or schedule `base`."""
+        return f"{self.prefix}_{base}" if self.prefix else base
+
+    def resource_key(self, kind: str) -> str:
+        """The key under which this pipeline's resource `kind` (`postgres`, `kafka`, ...) is bound."""
+        return kind if kind in SHARED_RESOURCES else self.name(kind)
+
+    def with_resource_keys(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """`fn` (an op, asset, check or sensor body) taking its resources under this pipeline's keys: its
+        resource parameters (`pipeline: PipelineResource`, ...) are advertised to Dagster as
+        `resource_key(name)` and handed to `fn` under their own names. Unchanged without a prefix."""
+        hints = typing.get_type_hints(fn)
+        renamed = {
+            name: self.resource_key(name)
+            for name in inspect.signature(fn).parameters
+            if isinstance(hints.get(name), type) and issubclass(hints[name], ConfigurableResource)
+        }
+        renamed = {name: key for name, key in renamed.items() if key != name}
+        if not renamed:
+            return fn
+        original = {key: name for name, key in renamed.items()}
+        signature = inspect.signature(fn)
+        parameters = [
+            p.replace(name=renamed.get(p.name, p.name), annotation=hints.get(p.name, p.annotation))
+            for p in signature.parameters.values()
+        ]
+
+        if inspect.isgeneratorfunction(fn):  # Dagster tells generator bodies (yielding results) apart
+
+            @functools.wraps(fn)
+            def scoped_generator(*args: Any, **kwargs: Any) -> Any:
+                yield from fn(*args, **{original.get(k, k): v for k, v in kwargs.items()})
+
+            scoped: Callable[..., Any] = scoped_generator
+        else:
+
+            @functools.wraps(fn)
+            def scoped_function(*args: Any, **kwargs: Any) -> Any:
+                return fn(*args, **{original.get(k, k): v for k, v in kwargs.items()})
+
+            scoped = scoped_function
+        scoped.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=parameters, return_annotation=hints.get("return", signature.return_annotation)
+        )
+        return scoped
 
     # Keys. Every key starts with the pipeline name, so several pipelines share one code location.
     def source_key(self, table: TableConfig) -> AssetKey:

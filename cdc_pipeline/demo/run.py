@@ -161,8 +161,8 @@ class Demo:
     # --- steps ---------------------------------------------------------------------------------------
     def start_stack(self) -> None:
         from cdc_pipeline.jvm import ArtifactError
+        from cdc_pipeline.stack.lifecycle import LocalStack
         from cdc_pipeline.stack.services import StackError
-        from cdc_pipeline.stack.stack import LocalStack
 
         with maven_spinner(self.console) as progress:
             local = LocalStack(self.settings, say=self.say, maven_progress=progress)

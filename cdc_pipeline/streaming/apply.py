@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
 from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError, DataError, OperationalError
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
@@ -37,11 +38,20 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_de
 
 from cdc_pipeline.config import PipelineConfig, TableConfig
 from cdc_pipeline.streaming.aggregates import StreamAggregates
-from cdc_pipeline.streaming.batch import Change, DecodedBatch, SchemaUse, positions
+from cdc_pipeline.streaming.batch import (
+    Change,
+    DecodedBatch,
+    SchemaUse,
+    anchor_positions,
+    positions,
+    snapshot_points,
+    unanchored_topics,
+)
 from cdc_pipeline.streaming.dlq import DeadLetters
 from cdc_pipeline.streaming.envelope import decode_envelope, records_at, schema_from_prefix, version
 from cdc_pipeline.streaming.evolution import TypeConversionError
 from cdc_pipeline.streaming.sink import ClickHouseSink, ReplicaTable, ReplicaTableMissingError, normalize_key
+from cdc_pipeline.streaming.snapshots import SnapshotPointLog
 from cdc_pipeline.streaming.types import ColumnSpec, OutOfRange, UnsupportedTypeError, columns_from_schema
 
 if TYPE_CHECKING:
@@ -118,7 +128,8 @@ class BatchStats:
     sink_retries: int = 0
     latest_source_ts_ms: int | None = None
     tables: dict[str, int] = field(default_factory=dict)
-    # Where the batch's time went, in seconds: decode (the Spark job and the Arrow transfer), schemas,
+    # Where the batch's time went, in seconds: decode (the Spark job and the Arrow transfer), positions
+    # (snapshot points, anchoring), schemas,
     # convert (Python), sink (ClickHouse writes, retries included), dead_letters.
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -241,6 +252,7 @@ class ChangeApplier:
         self._refused: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
         # Aggregates hook (streaming/aggregates.py): no cost for tables without aggregates.
         self.aggregates = StreamAggregates(pipeline, database, sink.client, self._retrying)
+        self.snapshot_points = SnapshotPointLog(sink.client, database)
 
     def __call__(self, batch: DataFrame, batch_id: int) -> None:
         """Apply one micro-batch. Spark runs one job over it in the usual case: decode every record in one
@@ -251,8 +263,10 @@ class ChangeApplier:
         self._refused = {}
         started = now = time.perf_counter()
         decoded = decode_envelope(batch).filter(F.col("op").isNotNull() | F.col("error").isNotNull())
-        found = DecodedBatch.of(decoded.toArrow())
+        table = decoded.toArrow()
         now = stats.timed("decode", now)
+        found = DecodedBatch.of(self._positions(table))
+        now = stats.timed("positions", now)
         for record in found.errors:
             self._dead_letter(record, record.error or "invalid record", stats)
         self._apply(batch, found, stats)
@@ -310,6 +324,21 @@ class ChangeApplier:
         return retrying(action)
 
     # -- the batch -----------------------------------------------------------------------------------------
+
+    def _positions(self, table: pa.Table) -> pa.Table:
+        """Record the batch's snapshot points and anchor its unanchored changes (see envelope.py): the
+        batch with final positions, before truncates, ordering and last change per key are decided. The
+        recorded points are read back only when the batch holds an unanchored change."""
+        snapshots = snapshot_points(table)
+        if snapshots:
+            self._retrying(lambda: self.snapshot_points.record(snapshots), "recording snapshot points")
+        unanchored = unanchored_topics(table)
+        if unanchored:
+            points = self._retrying(lambda: self.snapshot_points.read(unanchored), "reading snapshot points")
+            if points:
+                log.info("anchoring the first transaction after a connector start in %s to %s", unanchored, points)
+                table = anchor_positions(table, points)
+        return table
 
     def _send_dead_letters(self, batch: DataFrame) -> None:
         """Produce the batch's dead letters with their original key and value, read back from the batch by

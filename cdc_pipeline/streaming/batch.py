@@ -3,9 +3,10 @@ where each topic was last truncated, the last change per primary key, the schema
 history of a row. Pure pyarrow (vectorized: no Python loop over the batch's rows but for the changes
 that are applied), so it is tested without Spark.
 
-The table has the columns of `envelope.decode_envelope` (DECODED_COLUMNS): Spark decodes the batch in
-one pass and ships these few columns with `DataFrame.toArrow()`; the raw key and value bytes stay in
-Kafka and are read again only for dead letters.
+The table has the columns of `envelope.decode_envelope` (DECODED_COLUMNS, and ANCHOR_COLUMNS for
+`snapshot_points`, `unanchored_topics` and `anchor_positions`, which run before `DecodedBatch.of`): Spark
+decodes the batch in one pass and ships these few columns with `DataFrame.toArrow()`; the raw key and
+value bytes stay in Kafka and are read again only for dead letters.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -24,6 +26,11 @@ DECODED_COLUMNS = (
     "topic", "partition", "offset", "op", "commit_lsn", "change_lsn", "key_json", "after_json", "before_json",
     "value_schema_id", "key_schema_id", "source_ts_ms", "error",
 )  # fmt: skip
+# Where each snapshot starts and which changes have no previous commit position (see envelope.py).
+ANCHOR_COLUMNS = ("snapshot_lsn", "unanchored")
+
+# (topic, partition) -> [(first offset of a snapshot's rows, its LSN)] (see streaming/snapshots.py).
+SnapshotPoints = dict[tuple[str, int], list[tuple[int, int]]]
 
 
 class Change(NamedTuple):
@@ -137,6 +144,67 @@ class DecodedBatch:
         for change in changes(rows.filter(mask)):
             found.setdefault(change.key_json, []).append(change)  # type: ignore[arg-type]
         return found
+
+
+def _valid(table: pa.Table) -> pa.Table:
+    return table.filter(pc.and_(pc.is_null(table.column("error")), pc.is_valid(table.column("op"))))
+
+
+def snapshot_points(table: pa.Table) -> list[tuple[str, int, int, int]]:
+    """(topic, partition, first offset, LSN) of each snapshot whose rows are in the batch (valid rows only)."""
+    rows = _valid(table)
+    rows = rows.filter(pc.is_valid(rows.column("snapshot_lsn")))
+    if rows.num_rows == 0:
+        return []
+    grouped = rows.group_by(["topic", "partition", "snapshot_lsn"], use_threads=False).aggregate([("offset", "min")])
+    return sorted(
+        zip(
+            *(grouped.column(name).to_pylist() for name in ("topic", "partition", "offset_min", "snapshot_lsn")),
+            strict=True,
+        )
+    )
+
+
+def unanchored_topics(table: pa.Table) -> list[str]:
+    """The topics of the batch's valid changes that have no previous commit position."""
+    rows = _valid(table)
+    rows = rows.filter(pc.fill_null(rows.column("unanchored"), False))
+    return sorted(set(rows.column("topic").to_pylist()))
+
+
+def anchor_positions(table: pa.Table, points: SnapshotPoints) -> pa.Table:
+    """Raise each unanchored valid change's commit_lsn to the newest snapshot LSN recorded before it in its
+    topic partition (points whose first offset is below the change's offset); other rows as they are."""
+    if table.num_rows == 0 or not points:
+        return table
+    topic = table.column("topic").to_pylist()
+    partition = table.column("partition").to_numpy(zero_copy_only=False)
+    offset = table.column("offset").to_numpy(zero_copy_only=False)
+    commit = table.column("commit_lsn")
+    candidates = pc.and_(
+        pc.and_(pc.fill_null(table.column("unanchored"), False), pc.is_null(table.column("error"))),
+        pc.is_valid(commit),
+    ).to_numpy(zero_copy_only=False)
+    if not candidates.any():
+        return table
+    floor = np.full(table.num_rows, -1, dtype=np.int64)
+    topics = np.array(topic, dtype=object)
+    for (point_topic, point_partition), found in sorted(points.items()):
+        here = candidates & (topics == point_topic) & (partition == point_partition)
+        if not here.any():
+            continue
+        ordered = sorted(found)
+        starts = np.array([first for first, _ in ordered], dtype=np.int64)
+        newest = np.maximum.accumulate(np.array([lsn for _, lsn in ordered], dtype=np.int64))
+        before = np.searchsorted(starts, offset[here], side="left")  # points with first offset < offset
+        floor[here] = np.where(before > 0, newest[np.maximum(before - 1, 0)], -1)
+    raise_to = floor >= 0
+    if not raise_to.any():
+        return table
+    values = pc.fill_null(commit, 0).to_numpy(zero_copy_only=False).astype(np.int64)  # exact: no float
+    values = np.where(raise_to, np.maximum(values, floor), values)
+    anchored = pa.array(values, type=pa.int64(), mask=pc.is_null(commit).to_numpy(zero_copy_only=False))
+    return table.set_column(table.schema.get_field_index("commit_lsn"), "commit_lsn", anchored)
 
 
 def _schema_uses(rows: pa.Table) -> list[SchemaUse]:

@@ -13,9 +13,15 @@ transaction, where the second grows. Special cases:
   newer than every change committed before that point (a re-snapshot repairs a stale replica row)
   and older than every change streamed after it (those have a commit position at or past the
   snapshot LSN and a change LSN above 0);
-- the first transaction after the connector starts has no previous commit (null first element): it
-  uses its change LSN, which is past the commit of any earlier change to the same row (row locks
-  make a later change to a row start after the earlier one committed).
+- the first transaction after the connector starts has no previous commit (null first element, an
+  "unanchored" change): it uses its change LSN, which is past the commit of any earlier streamed
+  change to the same row (row locks make a later change to a row start after the earlier one
+  committed). That LSN can be older than a snapshot the connector took just before: a transaction
+  that wrote before the snapshot point and committed after it is invisible to the snapshot yet
+  streamed after it. Every streamed transaction committed after the snapshots that precede it in
+  its topic, so an unanchored change's commit part is raised to the newest snapshot LSN before it
+  in the topic (`batch.anchor_positions`, with the snapshot points the stream records in ClickHouse,
+  see streaming/snapshots.py); without that, the snapshot row would win and the update be lost.
 Incremental-snapshot rows carry the connector's current position, so they are newer than anything
 streamed before them (Debezium drops snapshot rows changed inside the snapshot window).
 """
@@ -164,6 +170,10 @@ def decode_envelope(raw: DataFrame) -> DataFrame:
         "value_schema_id",
         "key_schema_id",
         "source_ts_ms",
+        # A snapshot row's LSN (where a snapshot starts in its topic, see streaming/snapshots.py), and whether
+        # a streamed change has no previous commit position (the first transaction after a connector start).
+        F.when(snapshot_row, lsn).alias("snapshot_lsn"),
+        (~snapshot_row & sequence.getItem(0).isNull()).alias("unanchored"),
         error.alias("error"),
     )
 

@@ -8,7 +8,9 @@ them without overwriting anything newer.
     spark-submit ... cdc_pipeline/streaming/replay.py --config pipeline.yaml \\
         --starting-offsets '{"shop.public.orders": {"0": 100}}' --ending-offsets '{"shop.public.orders": {"0": 200}}'
 
-Ending offsets are exclusive. Prints one JSON line starting with `REPLAY-RESULT ` with the counts.
+Ending offsets are exclusive. Prints one line starting with `REPLAY-RESULT ` with the counts (for people), and
+with `--result-file PATH` writes them as JSON to PATH (for programs: spark-submit's own log lines share the
+output and can land in the middle of a printed line, so callers read the file, never the output).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from pyspark.sql import SparkSession
 
@@ -43,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=None)
     parser.add_argument("--starting-offsets", required=True, help='JSON {"topic": {"partition": offset}}')
     parser.add_argument("--ending-offsets", required=True, help="JSON, exclusive ends, same topics")
+    parser.add_argument("--result-file", type=Path, default=None, help="write the counts as JSON to this file")
     args = parser.parse_args(argv)
     starting = json.loads(args.starting_offsets)
     ending = json.loads(args.ending_offsets)
@@ -89,9 +93,22 @@ def main(argv: list[str] | None = None) -> int:
         "records": count, "applied_rows": stats.applied_rows, "deleted_rows": stats.deleted_rows,
         "truncates": stats.truncates, "dlq_count": stats.dlq_count, "tables": stats.tables,
     }  # fmt: skip
+    if args.result_file is not None:
+        partial = args.result_file.with_name(args.result_file.name + ".partial")
+        partial.write_text(json.dumps(summary))
+        partial.replace(args.result_file)  # whole or absent, never half written
     print(RESULT_PREFIX + json.dumps(summary), flush=True)
     spark.stop()
     return 0
+
+
+def read_result(path: Path) -> dict[str, Any] | None:
+    """The counts a replay wrote with `--result-file`, or None when it wrote none (it failed first)."""
+    try:
+        result: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    return result
 
 
 if __name__ == "__main__":

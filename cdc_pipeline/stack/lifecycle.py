@@ -1,4 +1,4 @@
-"""`cdc-pipeline stack up | down | status`: the whole local stack on loopback, without Docker."""
+"""`cdc-pipeline stack up | down | status`: the whole local stack's lifecycle on loopback, without Docker."""
 
 from __future__ import annotations
 
