@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 
-from cdc_pipeline.streaming.envelope import anchor_positions, batch_summary, decode_envelope, latest_changes, version
+from cdc_pipeline.streaming.batch import Change, DecodedBatch, anchor_positions, snapshot_points, unanchored_topics
+from cdc_pipeline.streaming.envelope import decode_envelope, latest_changes, version
 
 TOPIC = "shop.public.customers"
 
@@ -126,6 +129,20 @@ def test_real_truncate_has_no_key_and_is_valid(spark: SparkSession) -> None:
     assert len(rows) == 1 and rows[0].error is None and rows[0].key_json is None
 
 
+def arrow(decoded: DataFrame) -> pa.Table:
+    """The decoded batch as the writer ships it to the driver (tombstones left out)."""
+    return decoded.filter(F.col("op").isNotNull() | F.col("error").isNotNull()).toArrow()
+
+
+def latest(table: pa.Table) -> dict[str, Change]:
+    return {change.key_json: change for change in DecodedBatch.of(table).latest_by_topic()[TOPIC]}  # type: ignore[misc]
+
+
+def by_offset(table: pa.Table) -> list[tuple[int, int]]:
+    ordered = table.sort_by("offset")
+    return list(zip(ordered.column("commit_lsn").to_pylist(), ordered.column("change_lsn").to_pylist(), strict=True))
+
+
 def test_a_transaction_that_straddles_the_snapshot_point_wins_over_the_snapshot_row(spark: SparkSession) -> None:
     # It wrote at LSN 90, before the snapshot point 100 (so the snapshot did not see it), and committed
     # after it: the first transaction streamed, with no previous commit position.
@@ -136,32 +153,33 @@ def test_a_transaction_that_straddles_the_snapshot_point_wins_over_the_snapshot_
         envelope("c", 3, "straddling", None, 95),
         envelope("u", 2, "next", 150, 160),
     ]
-    decoded = decode_envelope(kafka_rows(spark, records))
-    summary = batch_summary(decoded).collect()
-    snapshots = [(r.topic, r.partition, r.first_offset, r.snapshot_lsn) for r in summary if r.snapshot_lsn]
-    assert snapshots == [(TOPIC, 0, 0, 100)]
-    assert [r.topic for r in summary if r.unanchored] == [TOPIC]
+    table = arrow(decode_envelope(kafka_rows(spark, records)))
+    assert snapshot_points(table) == [(TOPIC, 0, 0, 100)]
+    assert unanchored_topics(table) == [TOPIC]
 
-    unanchored = {row.key_json: row for row in latest_changes(decoded).collect()}
-    assert json.loads(unanchored['{"id":1}'].after_json)["name"] == "snapshot"  # the lost update, unanchored
+    unanchored = latest(table)
+    assert json.loads(unanchored['{"id":1}'].after_json)["name"] == "snapshot"  # type: ignore[arg-type]  # lost
 
-    anchored = anchor_positions(decoded, {(TOPIC, 0): [(0, 100)]})
-    latest = {row.key_json: row for row in latest_changes(anchored).collect()}
-    assert json.loads(latest['{"id":1}'].after_json)["name"] == "straddling"
-    assert (latest['{"id":1}'].commit_lsn, latest['{"id":1}'].change_lsn) == (100, 90)
-    assert json.loads(latest['{"id":2}'].after_json)["name"] == "next"
+    anchored = anchor_positions(table, {(TOPIC, 0): [(0, 100)]})
+    found = latest(anchored)
+    assert json.loads(found['{"id":1}'].after_json)["name"] == "straddling"  # type: ignore[arg-type]
+    assert (found['{"id":1}'].commit_lsn, found['{"id":1}'].change_lsn) == (100, 90)
+    assert json.loads(found['{"id":2}'].after_json)["name"] == "next"  # type: ignore[arg-type]
     # Anchored changes keep their order among themselves and stay before the next transaction.
-    positions = [(r.commit_lsn, r.change_lsn) for r in anchored.orderBy("offset").collect()[2:]]
+    positions = by_offset(anchored)[2:]
     assert positions == sorted(positions) == [(100, 90), (100, 95), (150, 160)]
+    # Snapshot rows and anchored streamed rows alike: only the commit part moved.
+    assert by_offset(anchored)[:2] == [(100, 0), (100, 0)]
 
 
 def test_anchoring_uses_only_the_snapshots_before_the_change(spark: SparkSession) -> None:
     # A replay of an old range: a later re-snapshot (LSN 500, from offset 10) must not lift a change at offset 3.
     records = [envelope("r", 1, "snapshot", 100, 100, snapshot="true"), envelope("u", 1, "first", None, 300)]
-    decoded = decode_envelope(kafka_rows(spark, records))
+    table = arrow(decode_envelope(kafka_rows(spark, records)))
     points = {(TOPIC, 0): [(0, 100), (10, 500)], ("other.topic", 0): [(0, 900)]}
-    rows = anchor_positions(decoded, points).orderBy("offset").collect()
-    assert [(r.commit_lsn, r.change_lsn) for r in rows] == [(100, 0), (300, 300)]
+    assert by_offset(anchor_positions(table, points)) == [(100, 0), (300, 300)]
     # Nothing recorded for the topic: positions as decoded.
-    same = anchor_positions(decoded, {("other.topic", 0): [(0, 900)]}).orderBy("offset").collect()
-    assert [(r.commit_lsn, r.change_lsn) for r in same] == [(100, 0), (300, 300)]
+    assert by_offset(anchor_positions(table, {("other.topic", 0): [(0, 900)]})) == [(100, 0), (300, 300)]
+    # A snapshot before it with a newer LSN lifts it; one at its own offset or after does not count.
+    assert by_offset(anchor_positions(table, {(TOPIC, 0): [(0, 400)]})) == [(100, 0), (400, 300)]
+    assert by_offset(anchor_positions(table, {(TOPIC, 0): [(1, 400)]})) == [(100, 0), (300, 300)]

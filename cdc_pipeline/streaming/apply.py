@@ -23,12 +23,14 @@ import base64
 import json
 import logging
 import struct
+import time
 from collections import defaultdict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
 from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError, DataError, OperationalError
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
@@ -36,17 +38,17 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_de
 
 from cdc_pipeline.config import PipelineConfig, TableConfig
 from cdc_pipeline.streaming.aggregates import StreamAggregates
-from cdc_pipeline.streaming.dlq import DeadLetters
-from cdc_pipeline.streaming.envelope import (
+from cdc_pipeline.streaming.batch import (
+    Change,
+    DecodedBatch,
+    SchemaUse,
     anchor_positions,
-    batch_summary,
-    decode_envelope,
-    latest_changes,
-    newest_first,
-    row_changes,
-    schema_texts,
-    version,
+    positions,
+    snapshot_points,
+    unanchored_topics,
 )
+from cdc_pipeline.streaming.dlq import DeadLetters
+from cdc_pipeline.streaming.envelope import decode_envelope, records_at, schema_from_prefix, version
 from cdc_pipeline.streaming.evolution import TypeConversionError
 from cdc_pipeline.streaming.sink import ClickHouseSink, ReplicaTable, ReplicaTableMissingError, normalize_key
 from cdc_pipeline.streaming.snapshots import SnapshotPointLog
@@ -88,6 +90,9 @@ CONTENT_ERROR_CODES = frozenset(
         407,  # DECIMAL_OVERFLOW
     }
 )
+# Distinct parsed schemas the writer keeps across batches before it starts over (mutated records can each
+# carry a schema of their own).
+SCHEMA_CACHE_LIMIT = 10_000
 # The replica table (or its database) is gone: forget what is cached about it before trying again.
 MISSING_TABLE_CODES = frozenset({60, 81})
 
@@ -123,6 +128,16 @@ class BatchStats:
     sink_retries: int = 0
     latest_source_ts_ms: int | None = None
     tables: dict[str, int] = field(default_factory=dict)
+    # Where the batch's time went, in seconds: decode (the Spark job and the Arrow transfer), positions
+    # (snapshot points, anchoring), schemas,
+    # convert (Python), sink (ClickHouse writes, retries included), dead_letters.
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def timed(self, phase: str, started: float) -> float:
+        """Add the time since `started` to `phase`; returns now."""
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - started
+        return now
 
     def saw_source_ts(self, ts_ms: int | None) -> None:
         # A source timestamp is epoch milliseconds; anything else (a mangled record) is not a timestamp.
@@ -138,8 +153,14 @@ def _ts(ts_ms: int | None) -> datetime:
     return datetime.fromtimestamp(ts_ms / 1000, tz=UTC)
 
 
+_UNAVAILABLE_TEXTS = frozenset(form for form in _UNAVAILABLE_FORMS if isinstance(form, str))
+_UNAVAILABLE_LISTS = tuple(form for form in _UNAVAILABLE_FORMS if isinstance(form, list))
+
+
 def _is_unavailable(value: Any) -> bool:
-    return value in _UNAVAILABLE_FORMS if isinstance(value, str | list) else False
+    if isinstance(value, str):
+        return value in _UNAVAILABLE_TEXTS
+    return value in _UNAVAILABLE_LISTS if isinstance(value, list) else False
 
 
 @dataclass
@@ -192,8 +213,13 @@ class _Converted:
     row: Any
     names: tuple[str, ...]
     values: list[Any]
-    key: tuple[Any, ...]
+    key_values: list[Any]
     missing: list[str]  # unchanged TOASTed columns still to be filled
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """The normalized key (see sink.normalize_key): computed only for the rows that need it."""
+        return normalize_key(self.key_values)
 
 
 class ChangeApplier:
@@ -215,7 +241,13 @@ class ChangeApplier:
         self.on_batch = on_batch
         self.retry_seconds = pipeline.stream.sink_retry_seconds if retry_seconds is None else retry_seconds
         self._stats = BatchStats(-1)
-        self._clamp_context = ""
+        self._clamp_context: tuple[ReplicaTable | None, str | None] = (None, None)  # the row being converted
+        # Parsed schemas by (topic, schema id), kept across batches: a schema's JSON is read and parsed
+        # once, when a record first carries it. A value: columns by name, or the reason it is unusable; a
+        # key: its columns, None (a key without a schema) or the reason.
+        self._value_schemas: dict[tuple[str, int], dict[str, ColumnSpec] | str] = {}
+        self._key_schemas: dict[tuple[str, int], dict[str, ColumnSpec] | str | None] = {}
+        self._dead: list[tuple[Change, str]] = []
         # Column types the replica could not convert to in this batch (table, columns) -> the reason.
         self._refused: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
         # Aggregates hook (streaming/aggregates.py): no cost for tables without aggregates.
@@ -223,24 +255,36 @@ class ChangeApplier:
         self.snapshot_points = SnapshotPointLog(sink.client, database)
 
     def __call__(self, batch: DataFrame, batch_id: int) -> None:
+        """Apply one micro-batch. Spark runs one job over it in the usual case: decode every record in one
+        pass and ship a few columns per record (no raw bytes) to the driver as Arrow. The batch is read
+        again only for the first record of a schema not seen before and for dead letters' raw bytes."""
         stats = self._stats = BatchStats(batch_id)
+        self._dead = []
         self._refused = {}
-        batch.persist()
-        try:
-            decoded = decode_envelope(batch).persist()
-            positioned = decoded
-            try:
-                self._dead_letter_invalid(decoded, stats)
-                positioned, truncates = self._positions(decoded)
-                self._apply(positioned, truncates, stats)
-                # Dead letters must be durable before Spark commits the batch.
-                self.dead_letters.flush()
-            finally:
-                if positioned is not decoded:
-                    positioned.unpersist()
-                decoded.unpersist()
-        finally:
-            batch.unpersist()
+        started = now = time.perf_counter()
+        decoded = decode_envelope(batch).filter(F.col("op").isNotNull() | F.col("error").isNotNull())
+        table = decoded.toArrow()
+        now = stats.timed("decode", now)
+        found = DecodedBatch.of(self._positions(table))
+        now = stats.timed("positions", now)
+        for record in found.errors:
+            self._dead_letter(record, record.error or "invalid record", stats)
+        self._apply(batch, found, stats)
+        now = time.perf_counter()
+        self._send_dead_letters(batch)
+        # Dead letters must be durable before Spark commits the batch.
+        self.dead_letters.flush()
+        stats.timed("dead_letters", now)
+        log.info(
+            "batch %s: %s record(s), %s applied, %s deleted, %s dead-lettered in %.3fs (%s)",
+            batch_id,
+            found.records,
+            stats.applied_rows,
+            stats.deleted_rows,
+            stats.dlq_count,
+            time.perf_counter() - started,
+            ", ".join(f"{phase} {seconds:.3f}s" for phase, seconds in stats.seconds.items()),
+        )
         if stats.clamped_values:
             log.warning("batch %s: %s out-of-range value(s) clamped", batch_id, stats.clamped_values)
         if self.on_batch:
@@ -281,50 +325,101 @@ class ChangeApplier:
 
     # -- the batch -----------------------------------------------------------------------------------------
 
-    def _dead_letter_invalid(self, decoded: DataFrame, stats: BatchStats) -> None:
-        bad = decoded.filter(F.col("error").isNotNull()).select("topic", "partition", "offset", "key", "value", "error")
-        for row in bad.toLocalIterator():
-            self._dead_letter(row, row.error, stats)
+    def _positions(self, table: pa.Table) -> pa.Table:
+        """Record the batch's snapshot points and anchor its unanchored changes (see envelope.py): the
+        batch with final positions, before truncates, ordering and last change per key are decided. The
+        recorded points are read back only when the batch holds an unanchored change."""
+        snapshots = snapshot_points(table)
+        if snapshots:
+            self._retrying(lambda: self.snapshot_points.record(snapshots), "recording snapshot points")
+        unanchored = unanchored_topics(table)
+        if unanchored:
+            points = self._retrying(lambda: self.snapshot_points.read(unanchored), "reading snapshot points")
+            if points:
+                log.info("anchoring the first transaction after a connector start in %s to %s", unanchored, points)
+                table = anchor_positions(table, points)
+        return table
 
-    def _schemas(self, decoded: DataFrame) -> dict[str, _Schemas]:
+    def _send_dead_letters(self, batch: DataFrame) -> None:
+        """Produce the batch's dead letters with their original key and value, read back from the batch by
+        position (one Spark job, only when there are any)."""
+        if not self._dead:
+            return
+        raw = {
+            (row.topic, row.partition, row.offset): (row.key, row.value)
+            for row in records_at(batch, positions(record for record, _ in self._dead)).collect()
+        }
+        for record, reason in self._dead:
+            key, value = raw.get((record.topic, record.partition, record.offset), (None, None))
+            self.dead_letters.send(key, value, reason, record.topic, record.partition, record.offset)
+        self._dead = []
+
+    def _schemas(self, batch: DataFrame, found: DecodedBatch) -> dict[str, _Schemas]:
+        uses = [u for u in found.schema_uses if self.pipeline.table_for_topic(u.topic) is not None]
+
+        def unknown(use: SchemaUse) -> bool:
+            value_known = (use.topic, use.value_schema_id) in self._value_schemas
+            return not value_known or (use.topic, use.key_schema_id) not in self._key_schemas
+
+        texts: dict[tuple[str, int, int], Any] = {}
+        if any(unknown(u) for u in uses):
+            if len(self._value_schemas) + len(self._key_schemas) > SCHEMA_CACHE_LIMIT:
+                self._value_schemas.clear()
+                self._key_schemas.clear()
+            for row in records_at(batch, positions(u for u in uses if unknown(u))).collect():
+                texts[(row.topic, row.partition, row.offset)] = row
         by_topic: dict[str, _Schemas] = defaultdict(_Schemas)
-        for row in sorted(schema_texts(decoded).collect(), key=lambda r: (r.topic, r.first_offset)):
-            table_config = self.pipeline.table_for_topic(row.topic)
-            if table_config is None:
-                continue
-            schemas = by_topic[row.topic]
-            vid, kid = row.value_schema_id, row.key_schema_id
-            if vid not in schemas.values and ("value", vid) not in schemas.bad:
-                try:
-                    specs = columns_from_schema(
-                        _json_object(row.value_schema, "value schema"),
-                        self._policy(table_config),
-                        self._on_clamp,
-                    )
-                    schemas.values[vid] = {spec.name: spec for spec in specs}
-                    schemas.merge(specs)
-                except (UnsupportedTypeError, RowError) as exc:
-                    schemas.bad[("value", vid)] = f"unusable value schema: {exc}"
-            if kid not in schemas.keys and ("key", kid) not in schemas.bad:
-                if row.key_schema is None:
-                    # A key without a schema: its columns convert with the value schema's (the after struct
-                    # has every column), and the replica's key comes from other records or primary_key.
-                    schemas.keys[kid] = None
+        for use in uses:
+            table_config = self.pipeline.table_for_topic(use.topic)
+            assert table_config is not None
+            schemas = by_topic[use.topic]
+            vid, kid = use.value_schema_id, use.key_schema_id
+            if unknown(use):
+                raw = texts.get((use.topic, use.partition, use.offset))
+                if raw is None:  # cannot happen: the record is in the batch. Not cached: the next batch retries.
+                    schemas.bad[("value", vid)] = "the record's schema could not be read back from the batch"
                     continue
-                try:
-                    key_schema = _json_object(row.key_schema, "key schema")
-                    if key_schema.get("type") != "struct":
-                        raise RowError(f"the key schema is a {key_schema.get('type')!r}, not a struct")
-                    # A key schema is a struct like `after`: wrapping it lets the same mapping convert key values.
-                    specs = columns_from_schema({"fields": [{**key_schema, "field": "after"}]})
-                    if not specs:
-                        raise RowError("the key schema has no fields")
-                    schemas.keys[kid] = {spec.name: spec for spec in specs}
-                    if not schemas.key_columns:
-                        schemas.key_columns = specs
-                except (UnsupportedTypeError, RowError) as exc:
-                    schemas.bad[("key", kid)] = f"unusable key schema: {exc}"
+                self._value_schemas.setdefault((use.topic, vid), self._value_specs(raw, table_config))
+                self._key_schemas.setdefault((use.topic, kid), _key_specs(raw.key_schema))
+            if vid not in schemas.values and ("value", vid) not in schemas.bad:
+                value_specs = self._value_schemas[(use.topic, vid)]
+                if isinstance(value_specs, str):
+                    schemas.bad[("value", vid)] = value_specs
+                else:
+                    schemas.values[vid] = value_specs
+                    schemas.merge(list(value_specs.values()))
+            if kid not in schemas.keys and ("key", kid) not in schemas.bad:
+                key_specs = self._key_schemas[(use.topic, kid)]
+                if isinstance(key_specs, str):
+                    schemas.bad[("key", kid)] = key_specs
+                else:
+                    # None: a key without a schema. Its columns convert with the value schema's (the after
+                    # struct has every column), and the replica's key comes from other records or primary_key.
+                    schemas.keys[kid] = key_specs
+                    if key_specs and not schemas.key_columns:
+                        schemas.key_columns = list(key_specs.values())
         return by_topic
+
+    def _value_specs(self, raw: Any, table_config: TableConfig) -> dict[str, ColumnSpec] | str:
+        """A value schema's columns by name, or the reason it cannot be used, from the first record that
+        carries it (a row of `records_at`)."""
+        try:
+            if raw is not None and raw.value_prefix is not None:
+                try:
+                    schema = schema_from_prefix(raw.value_prefix)
+                except ValueError:
+                    raise RowError(
+                        'the value is not laid out as Kafka Connect\'s JsonConverter writes it ({"schema":...,'
+                        '"payload":...} with no "payload" key inside the schema)'
+                    ) from None
+                if not isinstance(schema, dict):
+                    raise RowError(f"the value schema is not a JSON object but {type(schema).__name__}")
+            else:
+                schema = _json_object(raw.value_schema if raw is not None else None, "value schema")
+            specs = columns_from_schema(schema, self._policy(table_config), self._on_clamp)
+        except (UnsupportedTypeError, RowError) as exc:
+            return f"unusable value schema: {exc}"
+        return {spec.name: spec for spec in specs}
 
     def _policy(self, table: TableConfig) -> Callable[[str], OutOfRange]:
         default = self.pipeline.sink.clickhouse.out_of_range
@@ -334,38 +429,21 @@ class ChangeApplier:
     def _on_clamp(self, column: str, value: Any) -> None:
         self._stats.clamped_values += 1
         if self._stats.clamped_values <= 20:
-            log.warning("clamped out-of-range value %r of column %r (%s)", value, column, self._clamp_context)
+            table, key_json = self._clamp_context
+            log.warning(
+                "clamped out-of-range value %r of column %r (%s key %s)",
+                value,
+                column,
+                table.qualified if table else "?",
+                str(key_json)[:200],
+            )
 
-    def _positions(self, decoded: DataFrame) -> tuple[DataFrame, dict[str, int]]:
-        """Record the batch's snapshot points, anchor its unanchored changes (see envelope.py) and return
-        the batch with final positions and, per topic, the version of its last truncate."""
-        summary = batch_summary(decoded).collect()
-        snapshots = [
-            (row.topic, row.partition, row.first_offset, row.snapshot_lsn)
-            for row in summary
-            if row.snapshot_lsn is not None
-        ]
-        if snapshots:
-            self._retrying(lambda: self.snapshot_points.record(snapshots), "recording snapshot points")
-        unanchored = sorted({row.topic for row in summary if row.unanchored})
-        if unanchored:
-            points = self._retrying(lambda: self.snapshot_points.read(unanchored), "reading snapshot points")
-            if points:
-                log.info("anchoring the first transaction after a connector start in %s to %s", unanchored, points)
-                decoded = anchor_positions(decoded, points).persist()
-                summary = batch_summary(decoded).collect()  # a truncate may have moved
-        truncates: dict[str, int] = {}
-        for row in summary:
-            if row.last_truncate is not None:
-                position = version(row.last_truncate.commit_lsn, row.last_truncate.change_lsn)
-                truncates[row.topic] = max(truncates.get(row.topic, position), position)
-        return decoded, truncates
-
-    def _apply(self, decoded: DataFrame, truncates: dict[str, int], stats: BatchStats) -> None:
-        schemas = self._schemas(decoded)
-        changes: dict[str, list[Any]] = defaultdict(list)
-        for row in latest_changes(decoded).toLocalIterator():
-            changes[row.topic].append(row)
+    def _apply(self, batch: DataFrame, found: DecodedBatch, stats: BatchStats) -> None:
+        now = time.perf_counter()
+        schemas = self._schemas(batch, found)
+        stats.timed("schemas", now)
+        truncates = {topic: version(*position) for topic, position in found.truncates.items()}
+        changes = found.latest_by_topic()
 
         for topic in sorted(set(changes) | set(truncates)):
             table_config = self.pipeline.table_for_topic(topic)
@@ -401,19 +479,20 @@ class ChangeApplier:
                     table,
                 )
                 stats.truncates += 1 if done else 0
-            self._write_rows(decoded, table, columns, topic_schemas, changes.get(topic, []), stats)
+            self._write_rows(found, table, columns, topic_schemas, changes.get(topic, []), stats)
 
     # -- rows ----------------------------------------------------------------------------------------------
 
     def _write_rows(
         self,
-        decoded: DataFrame,
+        found: DecodedBatch,
         table: ReplicaTable,
         columns: list[ColumnSpec],
         schemas: _Schemas,
         rows: list[Any],
         stats: BatchStats,
     ) -> None:
+        started = time.perf_counter()
         converted: list[_Converted] = []
         retry_keys: dict[str, set[int]] = {}  # key_json -> offsets already dead-lettered
         for row in rows:
@@ -422,11 +501,12 @@ class ChangeApplier:
             except RowError as exc:
                 self._dead_letter(row, str(exc), stats)
                 retry_keys[row.key_json] = {row.offset}
+        stats.timed("convert", started)
 
         pending = [c for c in converted if c.missing]
         history: dict[str, list[Any]] = {}
         if retry_keys or pending:
-            history = self._history(decoded, rows[0].topic, {*retry_keys, *(c.row.key_json for c in pending)})
+            history = found.history(rows[0].topic, {*retry_keys, *(c.row.key_json for c in pending)})
 
         # A dead-lettered change falls back to the newest older change of its row in this batch that applies.
         for key_json, dead in retry_keys.items():
@@ -529,7 +609,7 @@ class ChangeApplier:
             if not set(table.key_columns) <= set(value_specs):
                 raise RowError(f"the key has no schema and the value schema lacks key columns {table.key_columns}")
             key_specs = {name: value_specs[name] for name in table.key_columns}
-        self._clamp_context = f"{table.qualified} key {str(row.key_json)[:200]}"
+        self._clamp_context = (table, row.key_json)
         meta = [version(row.commit_lsn, row.change_lsn), 1 if row.op == "d" else 0, _ts(row.source_ts_ms)]
         key_payload = _json_object(row.key_json, "key payload")
         if set(key_payload) != set(key_specs):
@@ -540,38 +620,31 @@ class ChangeApplier:
             raise RowError(f"the key columns {sorted(key_specs)} are not the replica's key {list(table.key_columns)}")
         key = [_convert_value(key_specs, name, key_payload[name]) for name in table.key_columns]
         if row.op == "d":
-            return _Converted(row, table.key_columns, key + meta, normalize_key(key), [])
+            return _Converted(row, table.key_columns, key + meta, key, [])
         after = _json_object(row.after_json, "after image")
-        if set(after) != set(value_specs):
+        if after.keys() != value_specs.keys():
             missing, extra = sorted(set(value_specs) - set(after)), sorted(set(after) - set(value_specs))
             raise RowError(f"the after image does not match its schema (missing {missing}, not in schema {extra})")
         names = tuple(after)
         values: list[Any] = []
         missing_columns: list[str] = []
-        before = _json_object(row.before_json, "before image") if row.op == "u" and row.before_json else {}
-        for name in names:
-            value = after[name]
-            if row.op == "u" and _is_unavailable(value):
+        update = row.op == "u"
+        before: dict[str, Any] | None = None
+        for name, value in after.items():
+            if update and _is_unavailable(value):
+                if before is None:  # parsed only for a row with a placeholder
+                    before = _json_object(row.before_json, "before image") if row.before_json else {}
                 if name in before and not _is_unavailable(before[name]):
                     value = before[name]  # REPLICA IDENTITY FULL: the old image holds the unchanged value
                 else:
                     missing_columns.append(name)
                     values.append(None)
                     continue
-            values.append(_convert_value(value_specs, name, value))
-        return _Converted(row, names, values + meta, normalize_key(key), missing_columns)
-
-    def _history(self, decoded: DataFrame, topic: str, key_jsons: set[str]) -> dict[str, list[Any]]:
-        """Every change of these rows in this batch (after its last truncate), newest first."""
-        found: dict[str, list[Any]] = defaultdict(list)
-        rows = (
-            row_changes(decoded)
-            .filter((F.col("topic") == topic) & F.col("key_json").isin(*sorted(key_jsons)))
-            .orderBy(*newest_first())
-        )
-        for row in rows.toLocalIterator():
-            found[row.key_json].append(row)
-        return found
+            try:
+                values.append(value_specs[name].convert(value))
+            except Exception as exc:  # any value, whatever its JSON type, either converts or dead-letters its row
+                raise RowError(f"conversion failed: column {name!r}: {exc}") from None
+        return _Converted(row, names, values + meta, key, missing_columns)
 
     def _fill_unavailable(
         self,
@@ -647,8 +720,12 @@ class ChangeApplier:
             return 0
 
         def attempt() -> int:
-            self.sink.ensure_table(table, columns)  # cached: no round trip unless the table changed or vanished
-            return write([values for _, values in group])
+            started = time.perf_counter()
+            try:
+                self.sink.ensure_table(table, columns)  # cached: no round trip unless the table changed or vanished
+                return write([values for _, values in group])
+            finally:
+                stats.timed("sink", started)
 
         try:
             return self._retrying(attempt, f"writing {len(group)} row(s) to {table.qualified}", table)
@@ -663,9 +740,27 @@ class ChangeApplier:
                 table, columns, write, group[middle:], stats
             )
 
-    def _dead_letter(self, row: Any, reason: str, stats: BatchStats) -> None:
-        self.dead_letters.send(row.key, row.value, reason, row.topic, row.partition, row.offset)
+    def _dead_letter(self, record: Change, reason: str, stats: BatchStats) -> None:
+        """Dead-letter the record: sent with its raw bytes at the end of the batch (see _send_dead_letters)."""
+        self._dead.append((record, reason))
         stats.dlq_count += 1
+
+
+def _key_specs(text: str | None) -> dict[str, ColumnSpec] | str | None:
+    """A key schema's columns by name, None for a key without a schema, or the reason it cannot be used."""
+    if text is None:
+        return None
+    try:
+        key_schema = _json_object(text, "key schema")
+        if key_schema.get("type") != "struct":
+            raise RowError(f"the key schema is a {key_schema.get('type')!r}, not a struct")
+        # A key schema is a struct like `after`: wrapping it lets the same mapping convert key values.
+        specs = columns_from_schema({"fields": [{**key_schema, "field": "after"}]})
+        if not specs:
+            raise RowError("the key schema has no fields")
+    except (UnsupportedTypeError, RowError) as exc:
+        return f"unusable key schema: {exc}"
+    return {spec.name: spec for spec in specs}
 
 
 def _phase_columns(columns: list[ColumnSpec], specs: dict[str, ColumnSpec]) -> list[ColumnSpec]:

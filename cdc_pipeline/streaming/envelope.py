@@ -20,13 +20,17 @@ transaction, where the second grows. Special cases:
   that wrote before the snapshot point and committed after it is invisible to the snapshot yet
   streamed after it. Every streamed transaction committed after the snapshots that precede it in
   its topic, so an unanchored change's commit part is raised to the newest snapshot LSN before it
-  in the topic (`anchor_positions`, with the snapshot points the stream records in ClickHouse, see
-  streaming/snapshots.py); without that, the snapshot row would win and the update be lost.
+  in the topic (`batch.anchor_positions`, with the snapshot points the stream records in ClickHouse,
+  see streaming/snapshots.py); without that, the snapshot row would win and the update be lost.
 Incremental-snapshot rows carry the connector's current position, so they are newer than anything
 streamed before them (Debezium drops snapshot rows changed inside the snapshot window).
 """
 
 from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Sequence
 
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
@@ -40,33 +44,103 @@ def _json(column: Column, path: str) -> Column:
     return F.get_json_object(column, path)
 
 
+# The parts of the envelope the stream reads, parsed in one pass per record. A field declared `string`
+# keeps the JSON text of whatever value it holds (object, array, number), as `get_json_object` would.
+_SOURCE_TYPE = "struct<lsn:string,sequence:string,snapshot:string,ts_ms:string>"
+VALUE_TYPE = f"struct<payload:struct<op:string,before:string,after:string,source:{_SOURCE_TYPE}>>"
+KEY_TYPE = "struct<schema:string,payload:string>"
+# JsonConverter writes `{"schema":{...},"payload":{...}}`: schema first, no spaces. The value is parsed
+# with a type that has no `schema` field, so the JSON parser skips the schema (~6 KB) without building or
+# re-serializing it, and the schema's id is the hash of the text before the first `,"payload":`. That
+# text is the whole schema unless the schema itself holds an object key "payload" (no Connect schema
+# does): the writer checks it once per schema id (`schema_from_prefix`) and dead-letters the records of a
+# schema that fails, so one id never stands for two schemas. Any other layout hashes the `$.schema` text.
+SCHEMA_PREFIX = '{"schema":'
+_PAYLOAD_MARK = ',"payload":'
+
+
+def _canonical(value: Column) -> Column:
+    return value.startswith(SCHEMA_PREFIX + "{") & value.contains(_PAYLOAD_MARK)
+
+
+def value_schema_text(value: Column) -> Column:
+    """The JSON text of a record value's `schema` (null when absent): read once per distinct schema id."""
+    return _json(value, "$.schema")
+
+
+def schema_from_prefix(prefix: str) -> object:
+    """The schema of a JsonConverter-layout value from its text before the first `,"payload":`; ValueError
+    when that text is not exactly `{"schema":` and one JSON value (then the payload that follows it is not
+    the envelope's own)."""
+    if not prefix.startswith(SCHEMA_PREFIX):
+        raise ValueError("the value does not start with its schema")
+    return json.loads(prefix[len(SCHEMA_PREFIX) :])
+
+
+def _value_schema_id(value: Column) -> tuple[Column, Column]:
+    """(schema id, has a schema) of a record value (see SCHEMA_PREFIX)."""
+    canonical = _canonical(value)
+    schema = value_schema_text(value)
+    # Byte-wise string functions only: instr/length/substr count characters and cost more than the parse.
+    schema_id = F.when(canonical, F.xxhash64(F.substring_index(value, _PAYLOAD_MARK, 1))).otherwise(F.xxhash64(schema))
+    return schema_id, canonical | schema.isNotNull()
+
+
 def decode_envelope(raw: DataFrame) -> DataFrame:
-    """One row per Kafka record: op, source position, key/after JSON, and `error` (null when valid).
+    """One row per Kafka record: op, source position, key/after/before JSON, schema ids and `error`
+    (null when valid). The value is parsed once (`from_json`), not once per field; the raw key and value
+    bytes are not carried along (fetch them by (topic, partition, offset) for the few dead letters).
 
     Tombstones (null value, emitted after a delete for log compaction) get op null and no error:
     they carry nothing to apply.
     """
-    value = F.col("value").cast("string")
-    key = F.col("key").cast("string")
-    op = _json(value, "$.payload.op")
-    # source.sequence is a JSON array in a string: ["<previous commit end LSN>", "<change LSN>"].
-    sequence = F.from_json(_json(value, "$.payload.source.sequence"), T.ArrayType(T.StringType()))
-    lsn = _json(value, "$.payload.source.lsn").cast("long")
-    snapshot = _json(value, "$.payload.source.snapshot")
-    snapshot_row = (op == "r") & snapshot.isNotNull() & ~snapshot.isin("false", "incremental")
-    commit_lsn = F.when(snapshot_row, lsn).otherwise(F.coalesce(sequence.getItem(0).cast("long"), lsn))
-    change_lsn = F.when(snapshot_row, F.lit(0).cast("long")).otherwise(
-        F.coalesce(sequence.getItem(1).cast("long"), lsn)
+    text = F.col("value").cast("string")
+    value_schema_id, has_value_schema = _value_schema_id(text)
+    # Each stage is its own projection: every parse runs once per record and later stages refer to its
+    # result (Spark keeps a projection apart when inlining it would repeat an expensive expression).
+    parsed = raw.select(
+        "topic",
+        "partition",
+        "offset",
+        F.col("value").isNull().alias("_tombstone"),
+        F.from_json(text, VALUE_TYPE).getField("payload").alias("_p"),
+        F.from_json(F.col("key").cast("string"), KEY_TYPE).alias("_k"),
+        value_schema_id.alias("value_schema_id"),
+        has_value_schema.alias("_has_schema"),
     )
-    key_json = _json(key, "$.payload")
-    after_json = _json(value, "$.payload.after")
-    payload = _json(value, "$.payload")
-    value_schema = _json(value, "$.schema")
-    key_schema = _json(key, "$.schema")
-
+    payload, source = F.col("_p"), F.col("_p.source")
+    fields = parsed.select(
+        "topic",
+        "partition",
+        "offset",
+        "_tombstone",
+        "_has_schema",
+        "value_schema_id",
+        payload.isNull().alias("_no_payload"),
+        payload.getField("op").alias("_op"),
+        payload.getField("after").alias("after_json"),
+        payload.getField("before").alias("before_json"),
+        F.col("_k.payload").alias("key_json"),
+        F.xxhash64(F.col("_k.schema")).alias("key_schema_id"),
+        source.getField("lsn").try_cast("long").alias("_lsn"),
+        source.getField("snapshot").alias("_snapshot"),
+        # source.sequence is a JSON array in a string: ["<previous commit end LSN>", "<change LSN>"].
+        F.from_json(source.getField("sequence"), T.ArrayType(T.StringType())).alias("_seq"),
+        source.getField("ts_ms").try_cast("long").alias("source_ts_ms"),
+    )
+    op, lsn, sequence, snapshot = F.col("_op"), F.col("_lsn"), F.col("_seq"), F.col("_snapshot")
+    snapshot_row = (op == "r") & snapshot.isNotNull() & ~snapshot.isin("false", "incremental")
+    positioned = fields.select(
+        "*",
+        F.when(snapshot_row, lsn).otherwise(F.coalesce(sequence.getItem(0).try_cast("long"), lsn)).alias("commit_lsn"),
+        F.when(snapshot_row, F.lit(0).cast("long"))
+        .otherwise(F.coalesce(sequence.getItem(1).try_cast("long"), lsn))
+        .alias("change_lsn"),
+    )
+    commit_lsn, change_lsn, key_json = F.col("commit_lsn"), F.col("change_lsn"), F.col("key_json")
     error = (
-        F.when(F.col("value").isNull(), F.lit(None))
-        .when(payload.isNull(), F.lit("malformed message: not a JSON Debezium envelope with a payload"))
+        F.when(F.col("_tombstone"), F.lit(None))
+        .when(F.col("_no_payload"), F.lit("malformed message: not a JSON Debezium envelope with a payload"))
         .when(
             op.isNull() | ~op.isin(*ROW_OPS, TRUNCATE), F.concat(F.lit("unknown op: "), F.coalesce(op, F.lit("null")))
         )
@@ -75,26 +149,29 @@ def decode_envelope(raw: DataFrame) -> DataFrame:
             commit_lsn.isNull() | change_lsn.isNull() | (commit_lsn < 0) | (change_lsn < 0),
             F.lit("invalid source position (payload.source.lsn / payload.source.sequence)"),
         )
-        .when(op.isin(*ROW_OPS) & value_schema.isNull(), F.lit("missing schema: the record has no value schema"))
+        .when(op.isin(*ROW_OPS) & ~F.col("_has_schema"), F.lit("missing schema: the record has no value schema"))
         .when(op.isin(*ROW_OPS) & key_json.isNull(), F.lit("missing key: the record has no primary-key payload"))
-        .when(op.isin("c", "r", "u") & after_json.isNull(), F.lit("missing after image for a create/read/update"))
+        .when(
+            op.isin("c", "r", "u") & F.col("after_json").isNull(),
+            F.lit("missing after image for a create/read/update"),
+        )
     )
-    return raw.select(
+    return positioned.select(
         "topic",
         "partition",
         "offset",
-        "key",
-        "value",
-        F.when(F.col("value").isNotNull(), op).alias("op"),
-        commit_lsn.alias("commit_lsn"),
-        change_lsn.alias("change_lsn"),
-        key_json.alias("key_json"),
-        after_json.alias("after_json"),
-        _json(value, "$.payload.before").alias("before_json"),
-        # Schemas repeat in every record: the batch parses each distinct one once (see schema_texts).
-        F.xxhash64(value_schema).alias("value_schema_id"),
-        F.xxhash64(key_schema).alias("key_schema_id"),
-        _json(value, "$.payload.source.ts_ms").cast("long").alias("source_ts_ms"),
+        F.when(~F.col("_tombstone"), op).alias("op"),
+        "commit_lsn",
+        "change_lsn",
+        "key_json",
+        "after_json",
+        "before_json",
+        # Schemas repeat in every record: the writer parses each distinct one once, ever (see records_at).
+        "value_schema_id",
+        "key_schema_id",
+        "source_ts_ms",
+        # A snapshot row's LSN (where a snapshot starts in its topic, see streaming/snapshots.py), and whether
+        # a streamed change has no previous commit position (the first transaction after a connector start).
         F.when(snapshot_row, lsn).alias("snapshot_lsn"),
         (~snapshot_row & sequence.getItem(0).isNull()).alias("unanchored"),
         error.alias("error"),
@@ -119,49 +196,30 @@ def truncate_positions(decoded: DataFrame) -> DataFrame:
     )
 
 
-def batch_summary(decoded: DataFrame) -> DataFrame:
-    """One small aggregate of the batch's valid changes, grouped by (topic, partition, snapshot_lsn):
-    `first_offset` (where a snapshot's rows start; snapshot_lsn null for streamed changes), `unanchored`
-    (the group holds a change without a previous commit position) and `last_truncate` (the newest
-    truncate's (commit_lsn, change_lsn) struct, or null)."""
-    truncate = F.when(F.col("op") == TRUNCATE, F.struct("commit_lsn", "change_lsn"))
-    return (
-        valid_changes(decoded)
-        .groupBy("topic", "partition", "snapshot_lsn")
-        .agg(
-            F.min("offset").alias("first_offset"),
-            F.max(F.col("unanchored").cast("int")).alias("unanchored"),
-            F.max(truncate).alias("last_truncate"),
+def records_at(raw: DataFrame, positions: Sequence[tuple[str, int, int]]) -> DataFrame:
+    """The raw records at these (topic, partition, offset) positions (dead letters, the first record of a
+    schema not seen before), with their value schema (JsonConverter's layout: `value_prefix`, see
+    `schema_from_prefix`; else the JSON text `value_schema`) and the JSON text of their key schema."""
+    by_partition: dict[tuple[str, int], list[int]] = defaultdict(list)
+    for topic, partition, offset in positions:
+        by_partition[(topic, partition)].append(offset)
+    wanted = F.lit(False)
+    for (topic, partition), offsets in sorted(by_partition.items()):
+        wanted = wanted | (
+            (F.col("topic") == topic) & (F.col("partition") == partition) & F.col("offset").isin(sorted(offsets))
         )
-    )
-
-
-SnapshotPoints = dict[tuple[str, int], list[tuple[int, int]]]
-
-
-def anchor_positions(decoded: DataFrame, points: SnapshotPoints) -> DataFrame:
-    """Raise each unanchored change's commit part to the newest snapshot LSN that precedes it in its
-    topic partition. `points`: (topic, partition) -> [(first offset of a snapshot's rows, its LSN)]."""
-    floor = F.lit(None).cast("long")
-    for (topic, partition), found in sorted(points.items()):
-        newest = 0
-        for first_offset, lsn in sorted(found):
-            newest = max(newest, lsn)
-            here = (F.col("topic") == topic) & (F.col("partition") == partition) & (F.col("offset") > first_offset)
-            floor = F.when(here, F.lit(newest).cast("long")).otherwise(floor)
-    anchored = F.when(F.col("unanchored") & floor.isNotNull(), F.greatest(F.col("commit_lsn"), floor))
-    return decoded.withColumn("commit_lsn", anchored.otherwise(F.col("commit_lsn")))
-
-
-def schema_texts(decoded: DataFrame) -> DataFrame:
-    """Per topic, each distinct (value schema, key schema) of the batch's row changes, with its JSON
-    text and the first offset it appears at: (topic, value_schema_id, key_schema_id, value_schema,
-    key_schema, first_offset)."""
-    rows = valid_changes(decoded).filter(F.col("op").isin(*ROW_OPS))
-    return rows.groupBy("topic", "value_schema_id", "key_schema_id").agg(
-        F.first(_json(F.col("value").cast("string"), "$.schema")).alias("value_schema"),
-        F.first(_json(F.col("key").cast("string"), "$.schema")).alias("key_schema"),
-        F.min("offset").alias("first_offset"),
+    text = F.col("value").cast("string")
+    return raw.filter(wanted).select(
+        "topic",
+        "partition",
+        "offset",
+        "key",
+        "value",
+        # JsonConverter's layout: the schema is read from the prefix its id was hashed from (see
+        # schema_from_prefix); any other layout: from the parsed value.
+        F.when(_canonical(text), F.substring_index(text, _PAYLOAD_MARK, 1)).alias("value_prefix"),
+        F.when(~_canonical(text), value_schema_text(text)).alias("value_schema"),
+        _json(F.col("key").cast("string"), "$.schema").alias("key_schema"),
     )
 
 

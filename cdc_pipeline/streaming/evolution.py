@@ -19,7 +19,9 @@ For a column new to the replica, PostgreSQL's catalog decides (`plan_new_column`
   (the same signal the backfill job sends), whose rows are newer than everything streamed before.
 For a column whose ClickHouse type changed (`plan_type_change`), the column is converted in place
 (`MODIFY COLUMN`, synchronously) and the table is re-read, since a `USING` expression may have changed
-values. If ClickHouse cannot convert the data the stream stops with an error naming the fix.
+values. If ClickHouse cannot convert the data the column keeps its type (`TypeConversionError`) and the
+stream dead-letters the rows that need the new type, with a reason naming the fix; it never writes them
+in the old type.
 
 Every decision is recorded in `<database>._cdc_schema_changes`; a re-snapshot is requested once per
 change (a replayed batch finds it there), before the DDL, so a crash in between cannot lose it.

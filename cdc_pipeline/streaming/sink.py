@@ -397,15 +397,20 @@ class ClickHouseSink:
         """Insert new row states; each row ends with the META_COLUMNS values."""
         if not rows:
             return 0
-        self.client.insert(table.qualified, list(rows), column_names=[*column_names, *META_NAMES])
+        self._insert_columns(table, [*column_names, *META_NAMES], rows)
         return len(rows)
 
     def delete(self, table: ReplicaTable, key_rows: Sequence[Sequence[Any]]) -> int:
         """Insert deletion markers: key values + (_version, 1, _source_ts); other columns take defaults."""
         if not key_rows:
             return 0
-        self.client.insert(table.qualified, list(key_rows), column_names=[*table.key_columns, *META_NAMES])
+        self._insert_columns(table, [*table.key_columns, *META_NAMES], key_rows)
         return len(key_rows)
+
+    def _insert_columns(self, table: ReplicaTable, names: list[str], rows: Sequence[Sequence[Any]]) -> None:
+        # Column-oriented: one transpose here instead of clickhouse-connect's row-by-row walk.
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        self.client.insert(table.qualified, columns, column_names=names, column_oriented=True)
 
     def truncate(self, table: ReplicaTable, row_version: int, source_ts: Any) -> bool:
         """Mark every live row deleted as of `row_version`; newer rows (higher versions) are unaffected.

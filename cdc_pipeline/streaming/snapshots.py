@@ -1,5 +1,5 @@
 """Where each snapshot starts in each topic, recorded by the stream so that changes can be ordered
-against it later (see `envelope.anchor_positions`).
+against it later (see `batch.anchor_positions`).
 
 A snapshot's rows carry its LSN; the first transaction a connector streams after starting carries no
 previous commit position, only its change LSN, which can be older than the snapshot it follows. The
@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from clickhouse_connect.driver.binding import quote_identifier
 from clickhouse_connect.driver.client import Client
 
-from cdc_pipeline.streaming.envelope import SnapshotPoints
+from cdc_pipeline.streaming.batch import SnapshotPoints
 
 SNAPSHOT_POINTS_TABLE = "_cdc_snapshot_points"
 

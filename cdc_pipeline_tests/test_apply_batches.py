@@ -1,0 +1,126 @@
+"""The writer over several micro-batches of records in Kafka Connect's JsonConverter layout (compact,
+schema first): parsed schemas are reused across batches (the batch is not read again for them), a
+schema whose text holds a `payload` key is dead-lettered rather than mistaken, and a full schema cache
+starts over without dead-lettering anything (type changes within a batch: test_apply_type_changes.py).
+Real Spark and the test stack's ClickHouse."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from clickhouse_connect.driver.client import Client
+
+from cdc_pipeline.config import parse_pipeline_config
+from cdc_pipeline.streaming import apply as apply_module
+from cdc_pipeline.streaming.apply import ChangeApplier
+from cdc_pipeline.streaming.sink import ClickHouseSink
+
+pytestmark = pytest.mark.integration
+
+TOPIC = "cap.public.control"
+
+
+class RecordingDeadLetters:
+    def __init__(self) -> None:
+        self.letters: list[tuple[int, str, bytes | None]] = []
+
+    def send(self, key: Any, value: Any, reason: str, topic: str, partition: int, offset: int) -> None:
+        self.letters.append((offset, reason, bytes(value) if value is not None else None))
+
+    def flush(self, timeout: float = 60.0) -> None:
+        pass
+
+
+def compact(message: Any) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode()
+
+
+def change(key: int, name: str | None, lsn: int, op: str = "c", **schema_extra: Any) -> tuple[bytes, bytes]:
+    """A change of `public.control` (id bigint, name text, and `extra` int when the schema says so), as
+    JsonConverter writes it."""
+    fields = [
+        {"type": "int64", "optional": False, "field": "id"},
+        {"type": "string", "optional": True, "field": "name"},
+    ]
+    after: dict[str, Any] | None = {"id": key, "name": name}
+    if schema_extra.pop("extra", False):
+        fields.append({"type": "int32", "optional": True, "field": "extra"})
+        after = {**after, "extra": 7}
+    schema = {
+        "type": "struct",
+        "fields": [
+            {"type": "struct", "fields": fields, "optional": True, "field": "before"},
+            {"type": "struct", "fields": fields, "optional": True, "field": "after"},
+            {"type": "struct", "fields": [], "optional": False, "field": "source"},
+            {"type": "string", "optional": False, "field": "op"},
+        ],
+        **schema_extra,
+    }
+    source = {"lsn": lsn, "sequence": json.dumps([str(lsn), str(lsn)]), "ts_ms": 1_700_000_000_000}
+    payload = {"op": op, "before": None, "after": None if op == "d" else after, "source": source}
+    key_schema = {"type": "struct", "fields": [{"type": "int64", "optional": False, "field": "id"}]}
+    return compact({"schema": key_schema, "payload": {"id": key}}), compact({"schema": schema, "payload": payload})
+
+
+@pytest.fixture
+def writer(clickhouse: Client, unique_name: str, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+    clickhouse.command(f"CREATE DATABASE IF NOT EXISTS `{unique_name}`")
+    pipeline = parse_pipeline_config(
+        {"name": "cap", "tables": [{"name": "public.control"}], "sink": {"clickhouse": {"database": unique_name}}}
+    )
+    dead = RecordingDeadLetters()
+    applier = ChangeApplier(pipeline, unique_name, ClickHouseSink(clickhouse), dead, retry_seconds=5)  # type: ignore[arg-type]
+    reads: list[list[tuple[str, int, int]]] = []
+    real = apply_module.records_at
+
+    def records_at(raw: Any, positions: Any) -> Any:
+        reads.append(list(positions))
+        return real(raw, positions)
+
+    monkeypatch.setattr(apply_module, "records_at", records_at)
+    return applier, dead, reads
+
+
+def run(spark: Any, applier: ChangeApplier, batch_id: int, records: list[tuple[bytes, bytes]]) -> None:
+    rows = [(key, value, TOPIC, 0, batch_id * 100 + i) for i, (key, value) in enumerate(records)]
+    applier(spark.createDataFrame(rows, "key binary, value binary, topic string, partition int, offset long"), batch_id)
+
+
+def replica(clickhouse: Client, database: str) -> dict[int, Any]:
+    return dict(clickhouse.query(f"SELECT id, name FROM `{database}`.`public_control` FINAL").result_rows)
+
+
+def test_schemas_are_parsed_once_across_batches(spark: Any, clickhouse: Client, unique_name: str, writer: Any) -> None:
+    applier, dead, reads = writer
+    run(spark, applier, 1, [change(1, "one", 10), change(2, "two", 11), change(3, "three", 12)])
+    assert reads == [[(TOPIC, 0, 100)]]  # the first record of the one schema, read once
+    run(spark, applier, 2, [change(1, "one v2", 20), change(2, None, 21, op="d")])
+    assert len(reads) == 1, "a known schema made the writer read the batch again"
+    assert replica(clickhouse, unique_name) == {1: "one v2", 3: "three"}
+    assert dead.letters == []
+
+
+def test_a_schema_holding_a_payload_key_is_dead_lettered_not_mistaken(
+    spark: Any, clickhouse: Client, unique_name: str, writer: Any
+) -> None:
+    applier, dead, _ = writer
+    # The schema's own text holds `,"payload":`: its hash prefix would end inside it.
+    odd = change(9, "odd", 31, parameters={"a": "b", "payload": "x"})
+    run(spark, applier, 3, [change(1, "one", 30), odd])
+    assert replica(clickhouse, unique_name) == {1: "one"}
+    assert [(offset, value) for offset, _, value in dead.letters] == [(301, odd[1])]
+    assert "JsonConverter" in dead.letters[0][1]
+
+
+def test_a_full_schema_cache_starts_over_without_dead_letters(
+    spark: Any, clickhouse: Client, unique_name: str, writer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    applier, dead, _ = writer
+    monkeypatch.setattr(apply_module, "SCHEMA_CACHE_LIMIT", 0)
+    run(spark, applier, 4, [change(1, "one", 40)])
+    # A known schema and a new one (a column added) in the same batch: the cache is full and cleared.
+    run(spark, applier, 5, [change(2, "two", 50), change(3, "three", 51, extra=True)])
+    assert replica(clickhouse, unique_name) == {1: "one", 2: "two", 3: "three"}
+    assert dead.letters == []
