@@ -26,7 +26,7 @@ from psycopg import sql
 
 from cdc_pipeline.config import AggregateConfig
 from cdc_pipeline.definitions import build_definitions
-from cdc_pipeline.resources import ClickHouseResource, KafkaResource, PipelineResource
+from cdc_pipeline.resources import ClickHouseResource, ControlPlaneResource, KafkaResource
 from cdc_pipeline.settings import Settings
 from cdc_pipeline.streaming import replay as replay_app
 from cdc_pipeline.streaming.aggregates import LATE_TABLE, compare, to_micros, window_starts
@@ -258,7 +258,7 @@ def test_aggregates_follow_updates_deletes_a_driver_kill_and_a_replay(
             "clickhouse": ClickHouseResource(
                 url=clickhouse_url, password=os.environ["CDC_CLICKHOUSE_PASSWORD"], database=running.database
             ),
-            "pipeline": PipelineResource(config_path=str(running.config_path), stack_dir=str(tmp_path)),
+            "control_plane": ControlPlaneResource(config_path=str(running.config_path), stack_dir=str(tmp_path)),
         }
         defs = build_definitions(running.config, running.config_path, resources)
         instance = DagsterInstance.ephemeral()

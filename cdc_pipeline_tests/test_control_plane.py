@@ -39,11 +39,11 @@ from cdc_pipeline.defs.common import AUTOMATIC_TAG, stream_lag
 from cdc_pipeline.defs.jobs import run_backfill
 from cdc_pipeline.resources import (
     ClickHouseResource,
+    ControlPlaneResource,
     KafkaConnectResource,
     KafkaResource,
     MonitorResource,
     NotifierResource,
-    PipelineResource,
     PostgresResource,
     SparkResource,
 )
@@ -203,7 +203,7 @@ def control(
         "clickhouse": ClickHouseResource(
             url=clickhouse_url, password=os.environ["CDC_CLICKHOUSE_PASSWORD"], database=name
         ),
-        "pipeline": PipelineResource(
+        "control_plane": ControlPlaneResource(
             config_path=str(config_path), stack_dir=str(work_dir), control_dir=str(work_dir / "control"),
             checkpoint_location=str(work_dir / "checkpoint"),
         ),
@@ -218,7 +218,7 @@ def control(
     try:
         yield plane
     finally:
-        resources["pipeline"].controller(config).stop(timeout=60)
+        resources["control_plane"].controller(config).stop(timeout=60)
         remove_pipeline(settings, config)
         webhook.close()
         client.close()
@@ -234,7 +234,7 @@ def test_provision_start_and_every_check_passes(control: ControlPlane) -> None:
     control.run("provision")  # idempotent: a second run changes nothing and succeeds
 
     control.run("start_stream")
-    status = control.resources["pipeline"].controller(control.config).status()
+    status = control.resources["control_plane"].controller(control.config).status()
     assert status.running and status.desired == "running"
 
     with control.conn.transaction():
@@ -268,13 +268,13 @@ def test_provision_start_and_every_check_passes(control: ControlPlane) -> None:
     # The control plane's state is on disk: a new Definitions (a restarted Dagster) still sees the stream.
     restarted = build_definitions(control.config, control.config_path, control.resources)
     control.run("stream_status", defs=restarted)
-    assert control.resources["pipeline"].controller(control.config).status().running
+    assert control.resources["control_plane"].controller(control.config).status().running
 
 
 def test_lag_sensor_alerts_once_while_stopped_and_recovers_once(control: ControlPlane) -> None:
     control.evaluate("consumer_lag")
     control.run("stop_stream")
-    assert not control.resources["pipeline"].controller(control.config).status().running
+    assert not control.resources["control_plane"].controller(control.config).status().running
     for i in range(5):
         before = control.lag()
         control.conn.execute(
@@ -290,7 +290,7 @@ def test_lag_sensor_alerts_once_while_stopped_and_recovers_once(control: Control
 
     # A restart the checkpoint sensor requested before the operator stopped the stream does not undo the stop.
     control.run("restart_stream", tags={AUTOMATIC_TAG: "true"})
-    assert not control.resources["pipeline"].controller(control.config).status().running
+    assert not control.resources["control_plane"].controller(control.config).status().running
 
     control.run("start_stream")
     wait_for(lambda: control.lag() == 0, 300, "the restarted stream to catch up")
@@ -302,7 +302,7 @@ def test_lag_sensor_alerts_once_while_stopped_and_recovers_once(control: Control
 
 
 def _checkpoint_copy(control: ControlPlane, name: str) -> Path:
-    source = Path(control.resources["pipeline"].checkpoint_location)
+    source = Path(control.resources["control_plane"].checkpoint_location)
     copy = control.work_dir / name
     shutil.copytree(source, copy)
     return copy
@@ -312,9 +312,9 @@ def test_checkpoint_sensor_alerts_on_dead_unreadable_and_stalled_streams(control
     # A dead stream that should run: alert, and (restart enabled) a run request for restart_stream.
     healing = replace(control.resources["monitor"], **{"restart_stream": True, "restart_backoff_s": 1})
     defs = control.with_resources(monitor=healing)
-    status = control.resources["pipeline"].controller(control.config).status()
+    status = control.resources["control_plane"].controller(control.config).status()
     os.killpg(status.pid, signal.SIGKILL)
-    wait_for(lambda: not control.resources["pipeline"].controller(control.config).status().running, 60, "death")
+    wait_for(lambda: not control.resources["control_plane"].controller(control.config).status().running, 60, "death")
     result = control.evaluate("checkpoint_health", defs=defs, monitor=healing)
     assert [r.job_name for r in result.run_requests] in ([None], ["restart_stream"]), (result, control.webhook.received)
     alerts = control.webhook.texts("checkpoint:")
@@ -328,7 +328,7 @@ def test_checkpoint_sensor_alerts_on_dead_unreadable_and_stalled_streams(control
     broken = _checkpoint_copy(control, "checkpoint-unreadable")
     (broken / "metadata").write_text("{not json")
     watcher = replace(
-        control.resources["pipeline"],
+        control.resources["control_plane"],
         **{"checkpoint_location": str(broken), "control_dir": str(control.work_dir / "control-copy")},
     )
     control.evaluate("checkpoint_health", cursor_key="unreadable", pipeline=watcher)

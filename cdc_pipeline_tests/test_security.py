@@ -521,10 +521,10 @@ def test_no_secret_in_a_dagster_run_connect_or_spark_submit(
     from cdc_pipeline.defs.common import stream_env
     from cdc_pipeline.resources import (
         ClickHouseResource,
+        ControlPlaneResource,
         KafkaConnectResource,
         KafkaResource,
         NotifierResource,
-        PipelineResource,
         PostgresResource,
         SparkResource,
     )
@@ -546,7 +546,7 @@ def test_no_secret_in_a_dagster_run_connect_or_spark_submit(
         "kafka_connect": KafkaConnectResource(url=settings.connect_url),
         "spark": SparkResource(master="local[2]", jvm_cache_dir=str(settings.jvm_cache_dir)),
         "clickhouse": ClickHouseResource(url=settings.clickhouse_endpoint, password=secrets["ClickHouse password"]),
-        "pipeline": PipelineResource(config_path=str(config_path), stack_dir=str(tmp_path)),
+        "control_plane": ControlPlaneResource(config_path=str(config_path), stack_dir=str(tmp_path)),
         "notifier": NotifierResource(webhook_url=webhook),
     }
     defs = build_definitions(pipeline, config_path, resources)
@@ -583,7 +583,7 @@ def test_no_secret_in_a_dagster_run_connect_or_spark_submit(
     # spark-submit's command line (anyone on the machine can read it); the secrets go in its environment.
     argv = resources["spark"].submit().stream_argv(config_path, checkpoint_location=str(tmp_path / "checkpoint"))
     _assert_no_secret(" ".join(argv), secrets, "the spark-submit command line")
-    env = stream_env(resources["kafka"], resources["clickhouse"], resources["pipeline"])
+    env = stream_env(resources["kafka"], resources["clickhouse"], resources["control_plane"])
     assert env["CDC_CLICKHOUSE_PASSWORD"] == secrets["ClickHouse password"]
 
 

@@ -19,11 +19,11 @@ from cdc_pipeline.definitions import build_definitions
 from cdc_pipeline.defs.translator import CdcTranslator
 from cdc_pipeline.resources import (
     ClickHouseResource,
+    ControlPlaneResource,
     KafkaConnectResource,
     KafkaResource,
     MonitorResource,
     NotifierResource,
-    PipelineResource,
     PostgresResource,
     SparkResource,
 )
@@ -91,7 +91,7 @@ def prefixed(
             "clickhouse": ClickHouseResource(
                 url=clickhouse_url, password=os.environ["CDC_CLICKHOUSE_PASSWORD"], database=name
             ),
-            "pipeline": PipelineResource(
+            "control_plane": ControlPlaneResource(
                 config_path=str(config_path), stack_dir=str(tmp_path), control_dir=str(tmp_path / "control")
             ),
             "notifier": NotifierResource(webhook_url=webhook.url),

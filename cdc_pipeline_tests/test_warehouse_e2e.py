@@ -17,10 +17,10 @@ from dagster import DagsterInstance
 from cdc_pipeline.definitions import build_definitions
 from cdc_pipeline.resources import (
     ClickHouseResource,
+    ControlPlaneResource,
     KafkaConnectResource,
     KafkaResource,
     MonitorResource,
-    PipelineResource,
     PostgresResource,
 )
 from cdc_pipeline.settings import Settings
@@ -73,7 +73,7 @@ def control_resources(settings: Settings, running: RunningPipeline) -> dict:
             url=settings.clickhouse_endpoint, password=settings.clickhouse_password.get_secret_value(),
             database=running.database,
         ),
-        "pipeline": PipelineResource(
+        "control_plane": ControlPlaneResource(
             config_path=str(running.config_path), stack_dir=str(running.config_path.parent),
             control_dir=str(running.config_path.parent / "control"), checkpoint_location=running.checkpoint,
         ),

@@ -43,7 +43,7 @@ from cdc_pipeline.config import AggregateConfig, PipelineConfig
 from cdc_pipeline.contract import LIVE_ROWS
 from cdc_pipeline.defs.common import database_of
 from cdc_pipeline.defs.translator import CdcTranslator
-from cdc_pipeline.resources import ClickHouseResource, PipelineResource
+from cdc_pipeline.resources import ClickHouseResource, ControlPlaneResource
 from cdc_pipeline.streaming.aggregates import (
     LATE_TABLE,
     PROGRESS_TABLE,
@@ -199,9 +199,9 @@ def build_aggregate_definitions(
 
     @multi_asset(specs=list(specs.values()), name=f"{prefix}_recompute_aggregates", can_subset=True)
     @translator.with_resource_keys
-    def rebuild(context: AssetExecutionContext, pipeline: PipelineResource, clickhouse: ClickHouseResource):  # noqa: ANN202
+    def rebuild(context: AssetExecutionContext, control_plane: ControlPlaneResource, clickhouse: ClickHouseResource):  # noqa: ANN202
         """Recompute every window of the selected aggregates from their replicas."""
-        config = pipeline.load()
+        config = control_plane.load()
         database = database_of(config, clickhouse)
         client = clickhouse.client()
         try:
@@ -241,8 +241,10 @@ def build_aggregate_definitions(
                 name=f"{prefix}_{aggregate.name}_aggregate_checks",
             )
             @translator.with_resource_keys
-            def check(context: AssetCheckExecutionContext, pipeline: PipelineResource, clickhouse: ClickHouseResource):  # noqa: ANN202
-                config = pipeline.load()
+            def check(
+                context: AssetCheckExecutionContext, control_plane: ControlPlaneResource, clickhouse: ClickHouseResource
+            ):  # noqa: ANN202
+                config = control_plane.load()
                 current = next((a for a in config.aggregates if a.name == aggregate.name), aggregate)
                 client = clickhouse.client()
                 try:
@@ -265,9 +267,9 @@ def build_aggregate_definitions(
     )
     @translator.with_resource_keys
     def aggregate_metrics(
-        context: SensorEvaluationContext, pipeline: PipelineResource, clickhouse: ClickHouseResource
+        context: SensorEvaluationContext, control_plane: ControlPlaneResource, clickhouse: ClickHouseResource
     ) -> SensorResult | SkipReason:
-        config = pipeline.load()
+        config = control_plane.load()
         cursor = json.loads(context.cursor) if context.cursor else {}
         after = datetime.fromisoformat(cursor.get("after", "1970-01-01T00:00:00+00:00"))
         client = clickhouse.client()

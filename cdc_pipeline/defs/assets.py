@@ -41,10 +41,10 @@ from cdc_pipeline.defs.common import database_of, group_consumer, source_setting
 from cdc_pipeline.defs.translator import CdcTranslator, mask_secrets
 from cdc_pipeline.resources import (
     ClickHouseResource,
+    ControlPlaneResource,
     KafkaConnectResource,
     KafkaResource,
     MonitorResource,
-    PipelineResource,
     PostgresResource,
 )
 from cdc_pipeline.resources.connect import ConnectError
@@ -85,8 +85,8 @@ def build_assets(pipeline: PipelineConfig, translator: CdcTranslator) -> list[An
     prefix = pipeline.name
     source_specs = {t.name: translator.source_spec(t) for t in pipeline.tables}
 
-    def observe_source_tables(pipeline: PipelineResource, postgres: PostgresResource):  # noqa: ANN202
-        config = pipeline.load()
+    def observe_source_tables(control_plane: ControlPlaneResource, postgres: PostgresResource):  # noqa: ANN202
+        config = control_plane.load()
         with postgres.connect(autocommit=True) as conn:
             wal = wal_position(conn, config)
             for table in config.tables:
@@ -110,14 +110,14 @@ def build_assets(pipeline: PipelineConfig, translator: CdcTranslator) -> list[An
     @translator.with_resource_keys
     def provision(
         context: AssetExecutionContext,
-        pipeline: PipelineResource,
+        control_plane: ControlPlaneResource,
         postgres: PostgresResource,
         kafka_connect: KafkaConnectResource,
         kafka: KafkaResource,
     ) -> MaterializeResult:
         """Check the source, create the signal/heartbeat tables and the missing topics, then create or
         update the connector."""
-        config = pipeline.load()
+        config = control_plane.load()
         created = prepare_source(postgres.conninfo(), config)
         for line in created:
             context.log.info(line)
@@ -347,7 +347,7 @@ def _replica_check(
     @translator.with_resource_keys
     def check_replica(
         context: AssetCheckExecutionContext,
-        pipeline: PipelineResource,
+        control_plane: ControlPlaneResource,
         postgres: PostgresResource,
         kafka: KafkaResource,
         kafka_connect: KafkaConnectResource,
@@ -355,7 +355,7 @@ def _replica_check(
         warehouse: PostgresResource,
         monitor: MonitorResource,
     ):  # noqa: ANN202
-        config = pipeline.load()
+        config = control_plane.load()
         current = config.table(table.name)
         name = config.sink_table(current)
         database = database_of(config, clickhouse)

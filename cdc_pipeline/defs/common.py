@@ -16,7 +16,13 @@ from cdc_pipeline.config import PipelineConfig
 from cdc_pipeline.contract import PROGRESS_TABLE
 from cdc_pipeline.control.lag import LagSnapshot, measure_lag
 from cdc_pipeline.control.stream import StreamController, StreamStatus
-from cdc_pipeline.resources import ClickHouseResource, KafkaResource, PipelineResource, PostgresResource, SparkResource
+from cdc_pipeline.resources import (
+    ClickHouseResource,
+    ControlPlaneResource,
+    KafkaResource,
+    PostgresResource,
+    SparkResource,
+)
 from cdc_pipeline.settings import ENV_PREFIX, Settings
 
 READY_MARKER = "started, checkpoint"  # logged by streaming/app.py once the query runs
@@ -32,7 +38,7 @@ def database_of(pipeline: PipelineConfig, clickhouse: ClickHouseResource) -> str
     return pipeline.clickhouse_database(clickhouse.database)
 
 
-def stream_env(kafka: KafkaResource, clickhouse: ClickHouseResource, pipeline_resource: PipelineResource) -> dict:
+def stream_env(kafka: KafkaResource, clickhouse: ClickHouseResource, control_plane: ControlPlaneResource) -> dict:
     """The CDC_* variables the Spark application reads, from the Dagster resources (so the stream
     writes where the checks look). Secrets pass through the child's environment, never its argv."""
     env = {
@@ -40,7 +46,7 @@ def stream_env(kafka: KafkaResource, clickhouse: ClickHouseResource, pipeline_re
         f"{ENV_PREFIX}CLICKHOUSE_URL": clickhouse.url,
         f"{ENV_PREFIX}CLICKHOUSE_USER": clickhouse.user,
         f"{ENV_PREFIX}CLICKHOUSE_DATABASE": clickhouse.database,
-        f"{ENV_PREFIX}STACK_DIR": pipeline_resource.stack_dir,
+        f"{ENV_PREFIX}STACK_DIR": control_plane.stack_dir,
     }
     if clickhouse.password:
         env[f"{ENV_PREFIX}CLICKHOUSE_PASSWORD"] = clickhouse.password
@@ -54,7 +60,7 @@ def _ready(controller: StreamController) -> bool:
 
 
 def start_stream(
-    pipeline_resource: PipelineResource,
+    control_plane: ControlPlaneResource,
     spark: SparkResource,
     kafka: KafkaResource,
     clickhouse: ClickHouseResource,
@@ -63,14 +69,14 @@ def start_stream(
     timeout: float = 300.0,
 ) -> StreamStatus:
     """Start the pipeline's stream with spark-submit (idempotent) and wait until the query runs."""
-    pipeline = pipeline_resource.load()
-    controller = pipeline_resource.controller(pipeline)
-    checkpoint = pipeline_resource.checkpoint(pipeline)
+    pipeline = control_plane.load()
+    controller = control_plane.controller(pipeline)
+    checkpoint = control_plane.checkpoint(pipeline)
     argv = spark.submit().stream_argv(
-        pipeline_resource.resolved_config_path, checkpoint_location=checkpoint, name=pipeline.query_name
+        control_plane.resolved_config_path, checkpoint_location=checkpoint, name=pipeline.query_name
     )
     return controller.start(
-        argv, env=stream_env(kafka, clickhouse, pipeline_resource), master=spark.master, checkpoint=checkpoint,
+        argv, env=stream_env(kafka, clickhouse, control_plane), master=spark.master, checkpoint=checkpoint,
         started_by=started_by, ready=lambda: _ready(controller), timeout=timeout,
     )  # fmt: skip
 

@@ -53,9 +53,9 @@ from cdc_pipeline.defs.common import AUTOMATIC_TAG, database_of, lag_metadata, s
 from cdc_pipeline.defs.translator import CdcTranslator
 from cdc_pipeline.resources import (
     ClickHouseResource,
+    ControlPlaneResource,
     KafkaConnectResource,
     KafkaResource,
-    PipelineResource,
     PostgresResource,
     SparkResource,
 )
@@ -83,13 +83,13 @@ def build_stream_jobs(translator: CdcTranslator) -> list[JobDefinition]:
     @translator.with_resource_keys
     def start_stream_op(
         context: OpExecutionContext,
-        pipeline: PipelineResource,
+        control_plane: ControlPlaneResource,
         spark: SparkResource,
         kafka: KafkaResource,
         clickhouse: ClickHouseResource,
     ) -> None:
-        config = pipeline.load()
-        status = common.start_stream(pipeline, spark, kafka, clickhouse, started_by=context.run_id)
+        config = control_plane.load()
+        status = common.start_stream(control_plane, spark, kafka, clickhouse, started_by=context.run_id)
         context.log.info(
             f"stream {config.query_name} runs as pid {status.pid} on {status.master}; log {status.log_path}"
         )
@@ -100,9 +100,9 @@ def build_stream_jobs(translator: CdcTranslator) -> list[JobDefinition]:
         description="Stop the streaming query: it finishes its batch and exits; SIGKILL only after a timeout.",
     )
     @translator.with_resource_keys
-    def stop_stream_op(context: OpExecutionContext, pipeline: PipelineResource) -> None:
-        config = pipeline.load()
-        controller = pipeline.controller(config)
+    def stop_stream_op(context: OpExecutionContext, control_plane: ControlPlaneResource) -> None:
+        config = control_plane.load()
+        controller = control_plane.controller(config)
         stopped = controller.stop()
         context.log.info(f"stream {config.query_name}: {'stopped' if stopped else 'was not running'}")
         _observe_status(context, stream_key, controller.status())
@@ -114,13 +114,13 @@ def build_stream_jobs(translator: CdcTranslator) -> list[JobDefinition]:
     @translator.with_resource_keys
     def restart_stream_op(
         context: OpExecutionContext,
-        pipeline: PipelineResource,
+        control_plane: ControlPlaneResource,
         spark: SparkResource,
         kafka: KafkaResource,
         clickhouse: ClickHouseResource,
     ) -> None:
-        config = pipeline.load()
-        controller = pipeline.controller(config)
+        config = control_plane.load()
+        controller = control_plane.controller(config)
         if context.run.tags.get(AUTOMATIC_TAG) and controller.status().desired != "running":
             # Requested by the checkpoint sensor, but an operator stopped the stream since: theirs is the last word.
             context.log.info(
@@ -128,7 +128,7 @@ def build_stream_jobs(translator: CdcTranslator) -> list[JobDefinition]:
             )
             return
         controller.stop(desired="running")
-        status = common.start_stream(pipeline, spark, kafka, clickhouse, started_by=context.run_id)
+        status = common.start_stream(control_plane, spark, kafka, clickhouse, started_by=context.run_id)
         context.log.info(f"stream {config.query_name} restarted as pid {status.pid}")
         _observe_status(context, stream_key, status)
 
@@ -139,12 +139,12 @@ def build_stream_jobs(translator: CdcTranslator) -> list[JobDefinition]:
     @translator.with_resource_keys
     def stream_status_op(
         context: OpExecutionContext,
-        pipeline: PipelineResource,
+        control_plane: ControlPlaneResource,
         kafka: KafkaResource,
         kafka_connect: KafkaConnectResource,
     ) -> None:
-        config = pipeline.load()
-        status = pipeline.controller(config).status()
+        config = control_plane.load()
+        status = control_plane.controller(config).status()
         lag = stream_lag(kafka, config)
         try:
             connector = kafka_connect.connector_status(connector_name(config))
@@ -198,9 +198,9 @@ def build_connector_jobs(translator: CdcTranslator) -> list[JobDefinition]:
     )
     @translator.with_resource_keys
     def pause_connector_op(
-        context: OpExecutionContext, pipeline: PipelineResource, kafka_connect: KafkaConnectResource
+        context: OpExecutionContext, control_plane: ControlPlaneResource, kafka_connect: KafkaConnectResource
     ) -> None:
-        name = connector_name(pipeline.load())
+        name = connector_name(control_plane.load())
         kafka_connect.pause(name)
         context.log.info(
             f"paused {name}; PostgreSQL retains WAL for slot until it resumes: do not leave it paused long"
@@ -209,9 +209,9 @@ def build_connector_jobs(translator: CdcTranslator) -> list[JobDefinition]:
     @op(name=translator.name("resume_connector_op"), description="Resume the Debezium connector.")
     @translator.with_resource_keys
     def resume_connector_op(
-        context: OpExecutionContext, pipeline: PipelineResource, kafka_connect: KafkaConnectResource
+        context: OpExecutionContext, control_plane: ControlPlaneResource, kafka_connect: KafkaConnectResource
     ) -> None:
-        name = connector_name(pipeline.load())
+        name = connector_name(control_plane.load())
         kafka_connect.resume(name)
         context.log.info(f"resumed {name}")
 
@@ -362,12 +362,12 @@ def build_backfill_job(translator: CdcTranslator) -> JobDefinition:
     def backfill_table_op(
         context: OpExecutionContext,
         config: BackfillConfig,
-        pipeline: PipelineResource,
+        control_plane: ControlPlaneResource,
         postgres: PostgresResource,
         kafka: KafkaResource,
         kafka_connect: KafkaConnectResource,
     ) -> None:
-        pipeline_config = pipeline.load()
+        pipeline_config = control_plane.load()
         table = _configured_table(pipeline_config, config.table)
         result = run_backfill(
             context, pipeline_config, table, config.condition, postgres, kafka, kafka_connect, config.timeout_s,
@@ -421,12 +421,12 @@ def build_replay_job(translator: CdcTranslator) -> JobDefinition:
     def replay_op(
         context: OpExecutionContext,
         config: ReplayConfig,
-        pipeline: PipelineResource,
+        control_plane: ControlPlaneResource,
         spark: SparkResource,
         kafka: KafkaResource,
         clickhouse: ClickHouseResource,
     ) -> None:
-        pipeline_config = pipeline.load()
+        pipeline_config = control_plane.load()
         table = _configured_table(pipeline_config, config.table)
         if (config.start_offset is None) == (config.start_time is None):
             raise Failure("give exactly one of start_offset or start_time")
@@ -460,10 +460,10 @@ def build_replay_job(translator: CdcTranslator) -> JobDefinition:
             outcome = run_replay(
                 lambda result_file: spark.submit().argv(
                     replay_app.__file__,
-                    *replay_arguments(pipeline.resolved_config_path, topic, start, end, result_file),
+                    *replay_arguments(control_plane.resolved_config_path, topic, start, end, result_file),
                     name=f"{pipeline_config.query_name}_replay",
                 ),
-                env=submit_env(stream_env(kafka, clickhouse, pipeline), master=spark.master),
+                env=submit_env(stream_env(kafka, clickhouse, control_plane), master=spark.master),
                 timeout_s=config.timeout_s,
                 on_progress=lambda elapsed: context.log.info(
                     f"replay of {topic} [{start}, {end}): {end - start} records, running for {elapsed:.0f} s"
@@ -629,14 +629,14 @@ def build_reconcile_job(translator: CdcTranslator) -> JobDefinition:
     def reconcile_op(
         context: OpExecutionContext,
         config: ReconcileConfig,
-        pipeline: PipelineResource,
+        control_plane: ControlPlaneResource,
         postgres: PostgresResource,
         kafka: KafkaResource,
         clickhouse: ClickHouseResource,
         warehouse: PostgresResource,
         kafka_connect: KafkaConnectResource,
     ) -> Output[dict]:
-        pipeline_config = pipeline.load()
+        pipeline_config = control_plane.load()
         try:
             tables = [pipeline_config.table(name) for name in config.tables] or pipeline_config.tables
         except KeyError as exc:

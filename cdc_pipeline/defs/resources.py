@@ -14,11 +14,11 @@ from dagster import EnvVar
 from cdc_pipeline.config import default_config_path
 from cdc_pipeline.resources import (
     ClickHouseResource,
+    ControlPlaneResource,
     KafkaConnectResource,
     KafkaResource,
     MonitorResource,
     NotifierResource,
-    PipelineResource,
     PostgresResource,
     SparkResource,
 )
@@ -56,7 +56,7 @@ def build_resources(
         return EnvVar(name) if os.environ.get(name) else default
 
     return {
-        "pipeline": PipelineResource(
+        "control_plane": ControlPlaneResource(
             config_path=config_path or str(default_config_path()),
             stack_dir=_value("stack_dir", str(defaults.stack_dir)),
             control_dir=_value("control_dir", None),

@@ -57,11 +57,11 @@ from cdc_pipeline.defs.common import AUTOMATIC_TAG, progress_rows, stream_lag
 from cdc_pipeline.defs.translator import CdcTranslator
 from cdc_pipeline.resources import (
     ClickHouseResource,
+    ControlPlaneResource,
     KafkaConnectResource,
     KafkaResource,
     MonitorResource,
     NotifierResource,
-    PipelineResource,
     PostgresResource,
 )
 from cdc_pipeline.resources.connect import ConnectError
@@ -338,12 +338,12 @@ def build_sensors(translator: CdcTranslator, restart_stream_job: JobDefinition) 
     @translator.with_resource_keys
     def consumer_lag(
         context: SensorEvaluationContext,
-        pipeline: PipelineResource,
+        control_plane: ControlPlaneResource,
         kafka: KafkaResource,
         notifier: NotifierResource,
         monitor: MonitorResource,
     ) -> SensorResult:
-        config = pipeline.load()
+        config = control_plane.load()
         cursor = LagCursor.parse(context.cursor)
         incidents = Incidents(cursor.incidents)
         try:
@@ -394,15 +394,15 @@ def build_sensors(translator: CdcTranslator, restart_stream_job: JobDefinition) 
     @translator.with_resource_keys
     def checkpoint_health(
         context: SensorEvaluationContext,
-        pipeline: PipelineResource,
+        control_plane: ControlPlaneResource,
         kafka: KafkaResource,
         notifier: NotifierResource,
         monitor: MonitorResource,
     ) -> SensorResult:
-        config = pipeline.load()
+        config = control_plane.load()
         cursor = CheckpointCursor.parse(context.cursor)
-        status = pipeline.controller(config).status()
-        location = pipeline.checkpoint(config)
+        status = control_plane.controller(config).status()
+        location = control_plane.checkpoint(config)
         now = time.time()
         try:
             checkpoint = inspect_checkpoint(location)
@@ -495,12 +495,12 @@ def build_sensors(translator: CdcTranslator, restart_stream_job: JobDefinition) 
     @translator.with_resource_keys
     def connector_status(
         context: SensorEvaluationContext,
-        pipeline: PipelineResource,
+        control_plane: ControlPlaneResource,
         kafka_connect: KafkaConnectResource,
         notifier: NotifierResource,
         monitor: MonitorResource,
     ) -> SensorResult | SkipReason:
-        config = pipeline.load()
+        config = control_plane.load()
         name = connector_name(config)
         state = _cursor(context)
         incidents = Incidents(state.get("incidents"))
@@ -582,9 +582,9 @@ def build_sensors(translator: CdcTranslator, restart_stream_job: JobDefinition) 
     )
     @translator.with_resource_keys
     def stream_metrics(
-        context: SensorEvaluationContext, pipeline: PipelineResource, clickhouse: ClickHouseResource
+        context: SensorEvaluationContext, control_plane: ControlPlaneResource, clickhouse: ClickHouseResource
     ) -> SensorResult | SkipReason:
-        config = pipeline.load()
+        config = control_plane.load()
         after = context.cursor or "1970-01-01T00:00:00"
         rows = progress_rows(clickhouse, config, after)
         if not rows:
@@ -623,13 +623,13 @@ def build_sensors(translator: CdcTranslator, restart_stream_job: JobDefinition) 
     @translator.with_resource_keys
     def replication_health(
         context: SensorEvaluationContext,
-        pipeline: PipelineResource,
+        control_plane: ControlPlaneResource,
         postgres: PostgresResource,
         kafka_connect: KafkaConnectResource,
         notifier: NotifierResource,
         monitor: MonitorResource,
     ) -> SensorResult:
-        config = pipeline.load()
+        config = control_plane.load()
         name = connector_name(config)
         state = _cursor(context)
         incidents = Incidents(state.get("incidents"))
@@ -716,11 +716,11 @@ def build_sensors(translator: CdcTranslator, restart_stream_job: JobDefinition) 
     )
     @translator.with_resource_keys
     def alert_on_check_failure(
-        context: SensorEvaluationContext, pipeline: PipelineResource, notifier: NotifierResource
+        context: SensorEvaluationContext, control_plane: ControlPlaneResource, notifier: NotifierResource
     ) -> SensorResult:
         from cdc_pipeline.defs.assets import CHECKS  # assets imports much of the control plane
 
-        config = pipeline.load()
+        config = control_plane.load()
         state = _cursor(context)
         incidents = Incidents(state.get("incidents"))
         for table in config.tables:

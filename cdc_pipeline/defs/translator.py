@@ -93,7 +93,7 @@ class CdcTranslator:
 
     def with_resource_keys(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """`fn` (an op, asset, check or sensor body) taking its resources under this pipeline's keys: its
-        resource parameters (`pipeline: PipelineResource`, ...) are advertised to Dagster as
+        resource parameters (`control_plane: ControlPlaneResource`, ...) are advertised to Dagster as
         `resource_key(name)` and handed to `fn` under their own names. Unchanged without a prefix."""
         hints = typing.get_type_hints(fn)
         renamed = {

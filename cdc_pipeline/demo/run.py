@@ -124,17 +124,19 @@ class Demo:
     def resources(self) -> dict[str, Any]:
         from cdc_pipeline.resources import (
             ClickHouseResource,
+            ControlPlaneResource,
             KafkaConnectResource,
             KafkaResource,
             MonitorResource,
-            PipelineResource,
             PostgresResource,
             SparkResource,
         )
 
         s = self.settings
         return {
-            "pipeline": PipelineResource(config_path=str(self.config_path), stack_dir=str(s.stack_dir.resolve())),
+            "control_plane": ControlPlaneResource(
+                config_path=str(self.config_path), stack_dir=str(s.stack_dir.resolve())
+            ),
             "spark": SparkResource(master=s.spark_master, jvm_cache_dir=str(s.jvm_cache_dir)),
             "kafka": KafkaResource(bootstrap_servers=s.kafka_bootstrap_servers),
             "kafka_connect": KafkaConnectResource(url=s.connect_url),
@@ -241,7 +243,7 @@ class Demo:
 
     def controller(self):  # noqa: ANN201 - StreamController
         assert self.pipeline is not None
-        return self.resources()["pipeline"].controller(self.pipeline)
+        return self.resources()["control_plane"].controller(self.pipeline)
 
     def start_stream(self) -> None:
         from cdc_pipeline.control.stream import StreamControlError
@@ -253,7 +255,7 @@ class Demo:
         try:
             with self.console.status("starting the stream (spark-submit; the JVM takes a while)..."):
                 status = start_stream(
-                    r["pipeline"], r["spark"], r["kafka"], r["clickhouse"], started_by="cdc-pipeline demo",
+                    r["control_plane"], r["spark"], r["kafka"], r["clickhouse"], started_by="cdc-pipeline demo",
                     timeout=self.options.timeout_s,
                 )  # fmt: skip
         except (StreamControlError, ArtifactError) as exc:

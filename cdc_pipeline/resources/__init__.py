@@ -2,9 +2,9 @@
 
 from cdc_pipeline.resources.clickhouse import ClickHouseResource
 from cdc_pipeline.resources.connect import KafkaConnectResource
+from cdc_pipeline.resources.control_plane import ControlPlaneResource, MonitorResource
 from cdc_pipeline.resources.kafka import KafkaResource
 from cdc_pipeline.resources.notifier import NotifierResource
-from cdc_pipeline.resources.pipeline import MonitorResource, PipelineResource
 from cdc_pipeline.resources.postgres import PostgresResource
 from cdc_pipeline.resources.spark import SparkResource
 
@@ -14,7 +14,7 @@ __all__ = [
     "KafkaResource",
     "MonitorResource",
     "NotifierResource",
-    "PipelineResource",
+    "ControlPlaneResource",
     "PostgresResource",
     "SparkResource",
 ]

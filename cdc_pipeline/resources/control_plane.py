@@ -9,8 +9,8 @@ from cdc_pipeline.config import PipelineConfig, load_pipeline_config
 from cdc_pipeline.control.stream import StreamController
 
 
-class PipelineResource(ConfigurableResource):
-    """The pipeline definition and the control plane's local state (stream tracking, checkpoints)."""
+class ControlPlaneResource(ConfigurableResource):
+    """The control plane's handle on one pipeline: its pipeline.yaml and local state (stream tracking, checkpoints)."""
 
     config_path: str = Field(description="pipeline.yaml (CDC_PIPELINE_CONFIG).")
     stack_dir: str = Field(default=".stack", description="CDC_STACK_DIR: default parent of checkpoints.")
