@@ -10,6 +10,9 @@ import csv
 import json
 import re
 import struct
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -18,6 +21,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from cdc_pipeline.config import TableConfig
+from cdc_pipeline.control import source
 from cdc_pipeline.control.replicas import Replica
 
 
@@ -285,3 +290,73 @@ def reconcile(
     result.replica_exists = bool(present)
     result.columns_not_in_replica = [name for name, _ in columns if present and name not in present]
     return result
+
+
+def reconcile_settled(
+    connect: Callable[[], AbstractContextManager[psycopg.Connection[Any]]],
+    lag: Callable[[], int],
+    replica: Replica,
+    table: TableConfig,
+    settle_s: float,
+    warn: Callable[[str], None],
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> Differences:
+    """`reconcile` after the stream caught up (`lag()`, its total lag, reached 0, or `settle_s` passed);
+    keys that differ are compared once more after a pause, so a change in flight at the first pass is
+    not reported. `connect` opens a source connection (autocommit)."""
+    deadline = clock() + settle_s
+    while (behind := lag()) and clock() < deadline:
+        sleep(2)
+    if behind:
+        warn(
+            f"{table.name}: the stream still lags by {behind} after {settle_s:.0f} s; differences may be in "
+            "flight (is the stream running?)"
+        )
+    with connect() as conn:
+        key = source.primary_key(conn, table)
+        captured = source.source_columns(conn, table)
+        result = reconcile(conn, replica, table.schema_name, table.table_name, key, captured)
+        if result.total:
+            sleep(min(10.0, settle_s))
+            again = reconcile(conn, replica, table.schema_name, table.table_name, key, captured)
+            still_missing, still_extra = set(again.missing), set(again.extra)
+            result.missing = [k for k in result.missing if k in still_missing]
+            result.extra = [k for k in result.extra if k in still_extra]
+            result.different = {k: v for k, v in again.different.items() if k in result.different}
+    result.unsettled_lag = behind
+    return result
+
+
+def replica_label(table: TableConfig, replica: Replica) -> str:
+    """How reports name a replica: the table's name, with the sink when it is not ClickHouse."""
+    return table.name if replica.kind == "clickhouse" else f"{table.name} ({replica.kind})"
+
+
+def counts(diff: Differences) -> dict[str, int]:
+    return {"missing": len(diff.missing), "extra": len(diff.extra), "different": len(diff.different)}
+
+
+def summary(diff: Differences, kind: str, max_keys: int = 100) -> dict[str, Any]:
+    """The reconcile job's report of one replica (JSON-ready: keys as lists of strings)."""
+    return {
+        "sink": kind, "source_rows": diff.source_rows, "replica_rows": diff.replica_rows, **counts(diff),
+        "missing_keys": [list(map(str, k)) for k in diff.missing[:max_keys]],
+        "extra_keys": [list(map(str, k)) for k in diff.extra[:max_keys]],
+        "different_keys": [list(map(str, k)) for k in list(diff.different)[:max_keys]],
+        "columns_not_in_replica": diff.columns_not_in_replica, "replica_exists": diff.replica_exists,
+        "lag_at_compare": diff.unsettled_lag,
+    }  # fmt: skip
+
+
+def differences_md(diff: Differences, limit: int = 50) -> str:
+    """The differences as a Markdown table (at most `limit` rows per kind)."""
+    lines = ["| kind | key | columns (source → replica) |", "|---|---|---|"]
+    for key in diff.missing[:limit]:
+        lines.append(f"| missing | {key} | |")
+    for key in diff.extra[:limit]:
+        lines.append(f"| extra | {key} | |")
+    for key, columns in list(diff.different.items())[:limit]:
+        change = ", ".join(f"{c}: {s!r} → {r!r}" for c, (s, r) in columns.items())
+        lines.append(f"| different | {key} | {change[:300]} |")
+    return "\n".join(lines)
