@@ -2,7 +2,9 @@
 one canonical form per PostgreSQL type (the two client libraries return different Python types for
 the same value, and some mappings are lossy by design, see the README's type table).
 
-Both sides are read whole into memory: meant for tables up to a few million rows per run."""
+Both sides are read whole into memory: meant for tables up to a few million rows per run. The reconcile
+job (defs/jobs/reconcile_job.py) compares once the stream settled (`reconcile_settled`) and reports with
+`summary` and `differences_md`; control/repair.py repairs what differs."""
 
 from __future__ import annotations
 
