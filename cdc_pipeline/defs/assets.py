@@ -1,5 +1,7 @@
 """The pipeline as assets: observable source tables, the connector (materialized by provisioning),
-the Kafka topics, the streaming query and the ClickHouse replicas with their asset checks."""
+the Kafka topics, the streaming query and the ClickHouse replicas with their asset checks. What the
+observations and checks read and decide is in control/checks.py; here they only gather the resources and
+turn its outcomes into Dagster results."""
 
 import warnings
 from contextlib import ExitStack
