@@ -503,3 +503,57 @@ def test_aggregate_metrics_per_known_aggregate() -> None:
         )
     ]  # fmt: skip
     assert read_aggregate_metrics(FakeClickHouse({"EXISTS": 0}, []), "cdc", after, set()) == ([], None)
+
+
+# --- the Dagster side: definitions and the conversion of outcomes ---------------------------------------------
+
+
+def test_the_dagster_checks_keep_their_names_and_run_the_control_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from contextlib import nullcontext
+
+    from cdc_pipeline.defs import assets
+    from cdc_pipeline.defs.translator import CdcTranslator
+
+    pipeline = parse_pipeline_config(
+        {"name": "shop", "tables": [{"name": "public.orders"}, {"name": "public.events", "sinks": ["warehouse"]}]}
+    )
+    translator = CdcTranslator(pipeline)
+    definitions = assets.build_checks(pipeline, translator)
+    assert [d.node_def.name for d in definitions] == [
+        "shop_public_orders_checks",
+        "shop_public_events_warehouse_checks",
+    ]
+    assert sorted(key.name for d in definitions for key in d.check_keys) == sorted(CHECKS * 2)
+
+    class Resource:
+        check_wait_s, freshness_max_age_s = 7.0, 600.0
+
+        def connect(self, autocommit: bool) -> Any:
+            return nullcontext("conn")
+
+        def consumer(self, group: str) -> Any:
+            raise AssertionError("the fake checks read nothing")
+
+    seen: dict[str, Any] = {}
+
+    def fake_checks(readings: Any, replica: Any, *, check_wait_s: float, freshness_max_age_s: float) -> list[Any]:
+        seen.update(conn=readings.conn, topic=readings.topic, wait=check_wait_s, replica=replica)
+        return [CheckOutcome(name, name != "freshness", "WARN" if name == "freshness" else "ERROR") for name in CHECKS]
+
+    class Log:
+        lines: list[str] = []
+
+        def info(self, line: str) -> None:
+            self.lines.append(line)
+
+    monkeypatch.setattr(assets, "replica_checks", fake_checks)
+    key = translator.sink_key(pipeline.tables[0])
+    resource, log = Resource(), Log()
+    results = assets.table_checks(
+        pipeline.tables[0], pipeline, resource, resource, resource, "replica", resource, key, log
+    )
+    assert seen == {"conn": "conn", "topic": pipeline.topic_for(pipeline.tables[0]), "wait": 7.0, "replica": "replica"}
+    assert [(r.check_name, r.passed, r.asset_key) for r in results] == [(n, n != "freshness", key) for n in CHECKS]
+    assert log.lines == [
+        "row_count_matches_source: passed; no_duplicate_keys: passed; freshness: FAILED; no_schema_drift: passed"
+    ]
