@@ -9,15 +9,12 @@ stream's back (e.g. `reconcile_tables` marking extra rows deleted), or after an 
 changed."""
 
 import json
-import time
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from clickhouse_connect.driver.binding import quote_identifier
 from dagster import (
     AssetCheckExecutionContext,
-    AssetCheckResult,
-    AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
     AssetKey,
@@ -40,23 +37,12 @@ from dagster import (
 )
 
 from cdc_pipeline.config import AggregateConfig, PipelineConfig
-from cdc_pipeline.contract import LIVE_ROWS
+from cdc_pipeline.control.aggregate_checks import CHECK, check_aggregate, read_aggregate_metrics, rebuild_aggregate
+from cdc_pipeline.defs.assets import check_result
 from cdc_pipeline.defs.common import database_of
 from cdc_pipeline.defs.translator import CdcTranslator
 from cdc_pipeline.resources import ClickHouseResource, ControlPlaneResource
-from cdc_pipeline.streaming.aggregates import (
-    LATE_TABLE,
-    PROGRESS_TABLE,
-    AggregateError,
-    compare,
-    recompute,
-    results_sql,
-    watermark_of,
-)
-
-CHECK = "matches_replica"
-CHECK_ATTEMPTS = 3  # a batch may be between its replica write and its recompute: compare again before failing
-CHECK_PAUSE_S = 5.0
+from cdc_pipeline.streaming.aggregates import AggregateError, results_sql
 
 
 def aggregate_key(pipeline: PipelineConfig, aggregate: AggregateConfig) -> AssetKey:
@@ -91,99 +77,13 @@ def aggregate_spec(pipeline: PipelineConfig, translator: CdcTranslator, aggregat
     )  # fmt: skip
 
 
-def _late_stats(client: Any, database: str, aggregate: AggregateConfig) -> dict[str, Any]:
-    if not int(client.command(f"EXISTS TABLE {quote_identifier(database)}.{LATE_TABLE}")):
-        return {"late_changes": 0, "max_lateness_s": 0.0}
-    count, worst = client.query(
-        f"SELECT count(), max(lateness_s) FROM {quote_identifier(database)}.{LATE_TABLE} FINAL "
-        "WHERE aggregate = {a:String}",
-        parameters={"a": aggregate.name},
-    ).result_rows[0]
-    return {"late_changes": int(count), "max_lateness_s": float(worst or 0.0)}
-
-
-def check_aggregate(
-    client: Any, pipeline: PipelineConfig, database: str, aggregate: AggregateConfig, key: AssetKey
-) -> AssetCheckResult:
-    """The closed windows of the aggregate table against a recomputation from the replica."""
-    try:
-        for attempt in range(CHECK_ATTEMPTS):
-            result = compare(client, pipeline, database, aggregate)
-            if result.ok:
-                break
-            if attempt + 1 < CHECK_ATTEMPTS:
-                time.sleep(CHECK_PAUSE_S)
-    except AggregateError as exc:
-        return AssetCheckResult(
-            asset_key=key, check_name=CHECK, passed=False, severity=AssetCheckSeverity.ERROR, description=str(exc)
-        )
-    if not result.replica_exists:
-        description = f"the replica of {aggregate.table} does not exist yet: nothing to compare"
-    elif result.watermark is None:
-        description = "no change has reached the aggregate yet: no window is closed"
-    elif result.ok:
-        description = f"closed windows: {result.summary()}"
-    else:
-        description = (
-            f"closed windows: {result.summary()}. Materialize the aggregate (rebuild_aggregates job) to recompute "
-            "them from the replica"
-        )
-    return AssetCheckResult(
-        asset_key=key, check_name=CHECK, passed=result.ok, severity=AssetCheckSeverity.ERROR,
-        description=description,
-        metadata={
-            "compared_rows": result.compared_rows, "missing": len(result.missing), "extra": len(result.extra),
-            "different": len(result.different), "watermark": str(result.watermark or ""),
-            "examples": MetadataValue.json([*result.missing[:5], *result.extra[:5], *result.different[:5]]),
-            **(_late_stats(client, database, aggregate) if result.replica_exists else {}),
-        },
-    )  # fmt: skip
-
-
-def _utc(value: Any) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
 def metric_observations(
-    client: Any, pipeline: PipelineConfig, database: str, after: datetime, keys: dict[str, AssetKey]
+    client: Any, database: str, after: datetime, keys: dict[str, AssetKey]
 ) -> tuple[list[AssetObservation], datetime | None]:
-    """Per aggregate, what the stream recorded after `after`: changes and their rate, windows recomputed, late
-    changes and their worst lateness, the watermark. Returns the observations and the newest record's time."""
-    if not int(client.command(f"EXISTS TABLE {quote_identifier(database)}.{PROGRESS_TABLE}")):
-        return [], None
-    rows = client.query(
-        "SELECT aggregate, count(), sum(changes), sum(windows), sum(late_changes), min(recorded_at), "
-        f"max(recorded_at), max(max_event_time), max(watermark) FROM {quote_identifier(database)}.{PROGRESS_TABLE} "
-        "WHERE recorded_at > {after:DateTime64(3, 'UTC')} GROUP BY aggregate",
-        parameters={"after": after},
-        query_tz="UTC",
-    ).result_rows
-    events: list[AssetObservation] = []
-    newest: datetime | None = None
-    for name, batches, changes, windows, late, first, last, max_event, watermark in rows:
-        if name not in keys:
-            continue
-        first, last = _utc(first), _utc(last)
-        newest = last if newest is None or last > newest else newest
-        span = max((last - (after if after.year > 1970 else first)).total_seconds(), 1.0)
-        lateness = client.query(
-            f"SELECT max(lateness_s) FROM {quote_identifier(database)}.{LATE_TABLE} "
-            "WHERE aggregate = {a:String} AND recorded_at > {after:DateTime64(3, 'UTC')}",
-            parameters={"a": name, "after": after},
-        ).result_rows[0][0]
-        events.append(
-            AssetObservation(
-                asset_key=keys[name],
-                metadata={
-                    "batches": int(batches), "changes": int(changes), "changes_per_second": round(changes / span, 3),
-                    "windows_recomputed": int(windows), "late_changes": int(late),
-                    "max_lateness_s": float(lateness or 0.0),
-                    "max_event_time": str(max_event or ""), "watermark": str(watermark or ""),
-                    "watermark_age_s": round((last - _utc(watermark)).total_seconds(), 1) if watermark else 0.0,
-                },
-            )
-        )  # fmt: skip
-    return events, newest
+    """Per aggregate, what the stream recorded after `after` (see `read_aggregate_metrics`), as observations of its
+    asset; and the newest record's time."""
+    metrics, newest = read_aggregate_metrics(client, database, after, keys)
+    return [AssetObservation(asset_key=keys[name], metadata=metadata) for name, metadata in metrics], newest
 
 
 def build_aggregate_definitions(
@@ -201,24 +101,25 @@ def build_aggregate_definitions(
     @translator.with_resource_keys
     def rebuild(context: AssetExecutionContext, control_plane: ControlPlaneResource, clickhouse: ClickHouseResource):  # noqa: ANN202
         """Recompute every window of the selected aggregates from their replicas."""
-        config = control_plane.load()
-        database = database_of(config, clickhouse)
+        pipeline = control_plane.load()
+        database = database_of(pipeline, clickhouse)
         client = clickhouse.client()
         try:
-            for aggregate in config.aggregates:
+            for aggregate in pipeline.aggregates:
                 if aggregate.name not in keys or keys[aggregate.name] not in context.selected_asset_keys:
                     continue
                 try:
-                    done = recompute(client, config, database, aggregate)
+                    rebuilt = rebuild_aggregate(client, pipeline, database, aggregate)
                 except AggregateError as exc:
                     raise Failure(str(exc)) from None
-                table = f"{quote_identifier(database)}.{quote_identifier(aggregate.sink_table)}"
-                rows = int(client.command(f"SELECT count() FROM {table} FINAL WHERE {LIVE_ROWS}")) if done else 0
-                watermark = watermark_of(client, database, aggregate)
-                context.log.info(f"{aggregate.name}: {rows} (window, group) rows recomputed from the replica")
+                context.log.info(rebuilt.line(aggregate))
                 yield MaterializeResult(
                     asset_key=keys[aggregate.name],
-                    metadata={"rows": rows, "replica_exists": bool(done), "watermark": str(watermark or "")},
+                    metadata={
+                        "rows": rebuilt.rows,
+                        "replica_exists": rebuilt.replica_exists,
+                        "watermark": str(rebuilt.watermark or ""),
+                    },
                 )
         finally:
             client.close()
@@ -244,11 +145,13 @@ def build_aggregate_definitions(
             def check(
                 context: AssetCheckExecutionContext, control_plane: ControlPlaneResource, clickhouse: ClickHouseResource
             ):  # noqa: ANN202
-                config = control_plane.load()
-                current = next((a for a in config.aggregates if a.name == aggregate.name), aggregate)
+                pipeline = control_plane.load()
+                current = next((a for a in pipeline.aggregates if a.name == aggregate.name), aggregate)
                 client = clickhouse.client()
                 try:
-                    result = check_aggregate(client, config, database_of(config, clickhouse), current, key)
+                    result = check_result(
+                        check_aggregate(client, pipeline, database_of(pipeline, clickhouse), current), key
+                    )
                 finally:
                     client.close()
                 context.log.info(f"{CHECK}: {'passed' if result.passed else 'FAILED'}: {result.description}")
@@ -269,12 +172,12 @@ def build_aggregate_definitions(
     def aggregate_metrics(
         context: SensorEvaluationContext, control_plane: ControlPlaneResource, clickhouse: ClickHouseResource
     ) -> SensorResult | SkipReason:
-        config = control_plane.load()
+        pipeline = control_plane.load()
         cursor = json.loads(context.cursor) if context.cursor else {}
         after = datetime.fromisoformat(cursor.get("after", "1970-01-01T00:00:00+00:00"))
         client = clickhouse.client()
         try:
-            events, newest = metric_observations(client, config, database_of(config, clickhouse), after, keys)
+            events, newest = metric_observations(client, database_of(pipeline, clickhouse), after, keys)
         finally:
             client.close()
         if not events or newest is None:

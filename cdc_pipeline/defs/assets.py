@@ -1,12 +1,12 @@
 """The pipeline as assets: observable source tables, the connector (materialized by provisioning),
-the Kafka topics, the streaming query and the ClickHouse replicas with their asset checks."""
+the Kafka topics, the streaming query and the ClickHouse replicas with their asset checks. What the
+observations and checks read and decide is in control/checks.py; here they only gather the resources and
+turn its outcomes into Dagster results."""
 
-import time
 import warnings
 from contextlib import ExitStack
 from typing import Any
 
-from confluent_kafka import TopicPartition
 from dagster import (
     AssetCheckExecutionContext,
     AssetCheckResult,
@@ -26,18 +26,19 @@ from dagster import (
 
 from cdc_pipeline.config import PipelineConfig, TableConfig
 from cdc_pipeline.connector import connector_name, prepare_source, provision_connector
-from cdc_pipeline.control.lag import LagSnapshot, measure_lag
-from cdc_pipeline.control.replicas import ClickHouseReplica, Replica, WarehouseReplica
-from cdc_pipeline.control.rules import RUNNING, connector_running, connector_state
-from cdc_pipeline.control.source import (
-    check_source,
-    exact_count,
-    primary_key,
-    source_columns,
-    table_stats,
-    wal_position,
+from cdc_pipeline.control.checks import (
+    CHECKS,
+    CheckOutcome,
+    Json,
+    LiveReadings,
+    Markdown,
+    replica_checks,
+    source_observations,
 )
-from cdc_pipeline.defs.common import database_of, group_consumer, source_settings
+from cdc_pipeline.control.provision import ConnectorFailed, wait_connector_running
+from cdc_pipeline.control.replicas import ClickHouseReplica, Replica, WarehouseReplica
+from cdc_pipeline.control.source import check_source
+from cdc_pipeline.defs.common import database_of, source_settings
 from cdc_pipeline.defs.translator import CdcTranslator, mask_secrets
 from cdc_pipeline.resources import (
     ClickHouseResource,
@@ -47,38 +48,21 @@ from cdc_pipeline.resources import (
     MonitorResource,
     PostgresResource,
 )
-from cdc_pipeline.resources.connect import ConnectError
 from cdc_pipeline.topics import TopicError, ensure_topics
 
-# Observations count rows exactly in tables below this size (a scan of at most this much); above it,
-# they report the planner's estimate only.
-EXACT_COUNT_BYTES = 1 << 30
-CHECKS = ("row_count_matches_source", "no_duplicate_keys", "freshness", "no_schema_drift")
-# How long the row-count check lets Debezium capture the changes committed before its source count, when
-# the counts differ, before it reads the changes in flight (a steady write load never lets them meet).
-IN_FLIGHT_SETTLE_S = 5.0
 
-
-def wait_connector_running(connect: KafkaConnectResource, name: str, timeout: float = 120.0) -> dict[str, Any]:
-    """The connector's status once it and its tasks run; Failure with the task's error if one fails."""
-    deadline = time.monotonic() + timeout
-    status: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        try:
-            status = connect.connector_status(name)
-        except ConnectError as exc:  # just created: the status appears after the first assignment
-            if not str(exc).startswith("404 "):
-                raise
-            time.sleep(2)
-            continue
-        failed = [t for t in status.get("tasks", []) if t["state"] == "FAILED"]
-        if status["connector"]["state"] == "FAILED" or failed:
-            trace = (failed[0] if failed else status["connector"]).get("trace", "")
-            raise Failure(f"connector {name} failed: {trace.splitlines()[0] if trace else 'no trace'}")
-        if connector_running(status):
-            return status
-        time.sleep(2)
-    raise Failure(f"connector {name} not RUNNING after {timeout:.0f} s: {status}")
+def check_result(outcome: CheckOutcome, key: Any) -> AssetCheckResult:
+    """Dagster's result of a check's outcome (its `Json`/`Markdown` metadata as Dagster metadata values)."""
+    metadata = {
+        name: MetadataValue.json(value.value) if isinstance(value, Json)
+        else MetadataValue.md(value.text) if isinstance(value, Markdown)
+        else value
+        for name, value in outcome.metadata.items()
+    }  # fmt: skip
+    return AssetCheckResult(
+        asset_key=key, check_name=outcome.check_name, passed=outcome.passed,
+        severity=AssetCheckSeverity(outcome.severity), description=outcome.description, metadata=metadata,
+    )  # fmt: skip
 
 
 def build_assets(pipeline: PipelineConfig, translator: CdcTranslator) -> list[Any]:
@@ -86,16 +70,10 @@ def build_assets(pipeline: PipelineConfig, translator: CdcTranslator) -> list[An
     source_specs = {t.name: translator.source_spec(t) for t in pipeline.tables}
 
     def observe_source_tables(control_plane: ControlPlaneResource, postgres: PostgresResource):  # noqa: ANN202
-        config = control_plane.load()
+        pipeline = control_plane.load()
         with postgres.connect(autocommit=True) as conn:
-            wal = wal_position(conn, config)
-            for table in config.tables:
-                if table.name not in source_specs:
-                    continue
-                stats = table_stats(conn, table)
-                if stats["exists"] and stats["total_bytes"] < EXACT_COUNT_BYTES:
-                    stats["row_count"] = exact_count(conn, table)  # cheap enough to be exact
-                yield ObserveResult(asset_key=source_specs[table.name].key, metadata={**stats, **wal})
+            for table, metadata in source_observations(conn, pipeline, source_specs):
+                yield ObserveResult(asset_key=source_specs[table.name].key, metadata=metadata)
 
     # Several observable source assets observed in one step: a beta API, used on purpose; its warning only.
     with warnings.catch_warnings():
@@ -117,12 +95,12 @@ def build_assets(pipeline: PipelineConfig, translator: CdcTranslator) -> list[An
     ) -> MaterializeResult:
         """Check the source, create the signal/heartbeat tables and the missing topics, then create or
         update the connector."""
-        config = control_plane.load()
-        created = prepare_source(postgres.conninfo(), config)
+        pipeline = control_plane.load()
+        created = prepare_source(postgres.conninfo(), pipeline)
         for line in created:
             context.log.info(line)
         with postgres.connect(autocommit=True) as conn:
-            checks = check_source(conn, config)
+            checks = check_source(conn, pipeline)
         for check in checks:
             (context.log.info if check.ok else context.log.error)(check.line())
         report = MetadataValue.md("\n".join(f"- {c.line()}" for c in checks))
@@ -133,16 +111,19 @@ def build_assets(pipeline: PipelineConfig, translator: CdcTranslator) -> list[An
                 metadata={"source_checks": report},
             )
         try:
-            topics = ensure_topics(kafka.client_settings(), config)
+            topics = ensure_topics(kafka.client_settings(), pipeline)
         except TopicError as exc:
             raise Failure(description=str(exc)) from None
         for line in topics.lines():
             (context.log.warning if line.startswith("warning") else context.log.info)(line)
         stored = provision_connector(
-            kafka_connect, config, source_settings(postgres), kafka_config=kafka.client_settings()
+            kafka_connect, pipeline, source_settings(postgres), kafka_config=kafka.client_settings()
         )
-        name = connector_name(config)
-        status = wait_connector_running(kafka_connect, name)
+        name = connector_name(pipeline)
+        try:
+            status = wait_connector_running(kafka_connect, name)
+        except ConnectorFailed as exc:
+            raise Failure(str(exc)) from None
         return MaterializeResult(
             metadata={
                 "connector": name, "state": status["connector"]["state"], "tasks": len(status["tasks"]),
@@ -161,34 +142,9 @@ def build_assets(pipeline: PipelineConfig, translator: CdcTranslator) -> list[An
     return assets
 
 
-def _oldest_pending_ts(
-    kafka: KafkaResource, pipeline: PipelineConfig, topic: str, committed: int | None
-) -> float | None:
-    """Timestamp (epoch s) of the first record of `topic` the stream has not applied yet."""
-    consumer = kafka.consumer(f"{pipeline.consumer_group}-freshness-probe")
-    try:
-        consumer.assign([TopicPartition(topic, 0, committed if committed is not None else -2)])
-        message = consumer.poll(10.0)
-        if message is None or message.error():
-            return None
-        kind, ts_ms = message.timestamp()
-        return ts_ms / 1000 if ts_ms > 0 else None
-    finally:
-        consumer.close()
-
-
-def _capture_state(connect: KafkaConnectResource, config: PipelineConfig) -> str:
-    """RUNNING when the connector and every task run; otherwise what they are (or why unknown)."""
-    try:
-        status = connect.connector_status(connector_name(config))
-    except Exception as exc:
-        return f"unknown ({str(exc).splitlines()[0][:120]})"
-    return connector_state(status)
-
-
 def table_checks(
     table: TableConfig,
-    config: PipelineConfig,
+    pipeline: PipelineConfig,
     postgres: PostgresResource,
     kafka: KafkaResource,
     kafka_connect: KafkaConnectResource,
@@ -198,124 +154,13 @@ def table_checks(
     log: Any,
 ) -> list[AssetCheckResult]:
     """The four checks of one replica table (ClickHouse or warehouse), with their numbers as metadata."""
-    topic = config.topic_for(table)
-    results: list[AssetCheckResult] = []
-    exists = False
     with postgres.connect(autocommit=True) as conn:
-        keys = primary_key(conn, table)
-        columns = source_columns(conn, table)
-
-        def measure() -> tuple[int, int, LagSnapshot]:
-            nonlocal exists
-            # The source first, then the stream's position, then the replica: a row of the source count
-            # that the replica lacks is then behind the offsets committed at the lag's reading, or
-            # still on its way from the WAL to Kafka (see in_flight below).
-            source_count = exact_count(conn, table)
-            with group_consumer(kafka, config) as consumer:
-                lag = measure_lag(consumer, [topic])
-            exists = replica.exists()
-            sink_count = replica.live_count() if exists else 0
-            return source_count, sink_count, lag
-
-        # Counts agree only when nothing is in flight: wait (bounded) for the stream to catch up.
-        deadline = time.monotonic() + monitor.check_wait_s
-        source_count, sink_count, snapshot = measure()
-        # With zero lag a change may still be between the WAL and Kafka: a short grace period only.
-        grace = time.monotonic() + min(15.0, monitor.check_wait_s)
-        while source_count != sink_count and time.monotonic() < (deadline if snapshot.total else grace):
-            time.sleep(3)
-            source_count, sink_count, snapshot = measure()
-        difference = source_count - sink_count
-        lag = snapshot.total
-        in_flight = lag
-        if difference:
-            # Under a steady write load the counts never meet: the changes in flight at the source count
-            # are the lag plus those Debezium captured since (they were committed before it, or are
-            # newer ones the replica may already hold), read once the capture has had time to catch up.
-            time.sleep(IN_FLIGHT_SETTLE_S)
-            with group_consumer(kafka, config) as consumer:
-                later = measure_lag(consumer, [topic])
-            captured = sum(p.end_offset for p in later.partitions) - sum(p.end_offset for p in snapshot.partitions)
-            in_flight = lag + max(0, captured)
-        explained = in_flight > 0 and abs(difference) <= in_flight
-        passed = difference == 0 or explained
-        note = (
-            "equal" if difference == 0
-            else f"differs by {difference}, within the {in_flight} changes not applied yet" if explained
-            else f"differs by {difference} with {in_flight} changes in flight: rows were lost or changed behind "
-            "the pipeline's back; run the reconcile job (it can backfill the differences)"
-        )  # fmt: skip
-        results.append(
-            AssetCheckResult(
-                asset_key=key, check_name="row_count_matches_source", passed=passed,
-                severity=AssetCheckSeverity.ERROR,
-                description=note,
-                metadata={"source_rows": source_count, "replica_rows": sink_count, "difference": difference,
-                          "consumer_lag": lag, "changes_in_flight": in_flight,
-                          "explained_by_lag": explained and difference != 0},
-            )
-        )  # fmt: skip
-
-        duplicates = replica.duplicate_keys(keys) if exists and keys else []
-        results.append(
-            AssetCheckResult(
-                asset_key=key, check_name="no_duplicate_keys", passed=not duplicates,
-                metadata={"duplicate_keys": len(duplicates), "key": ", ".join(keys),
-                          "examples": MetadataValue.json([list(map(str, d)) for d in duplicates])},
-            )
-        )  # fmt: skip
-
-        newest = replica.newest_source_ts() if exists else None
-        capture = _capture_state(kafka_connect, config)
-        with group_consumer(kafka, config) as consumer:
-            lag_now = measure_lag(consumer, [topic])
-        pending = lag_now.total
-        committed = lag_now.partitions[0].committed if lag_now.partitions else None
-        oldest_pending = _oldest_pending_ts(kafka, config, topic, committed) if pending else None
-        age = (time.time() - oldest_pending) if oldest_pending else 0.0
-        newest_text = str(newest) if newest else "none"
-        wal = wal_position(conn, config)
-        fresh = age <= monitor.freshness_max_age_s and capture == RUNNING
-        if capture != RUNNING:
-            description = f"the connector is {capture}: source changes are not being captured"
-        elif pending:
-            description = (
-                f"{pending} changes wait, the oldest for {age:.0f} s "
-                f"(limit {monitor.freshness_max_age_s:.0f} s): is the stream running?"
-            )
-        else:
-            description = "every captured change is applied"
-        results.append(
-            AssetCheckResult(
-                asset_key=key, check_name="freshness", passed=fresh, severity=AssetCheckSeverity.WARN,
-                description=description,
-                metadata={"newest_applied_change": newest_text, "pending_changes": pending,
-                          "oldest_pending_age_s": round(age, 1), "max_age_s": monitor.freshness_max_age_s,
-                          "connector": capture, "slot_retained_wal_bytes": wal["slot_retained_wal_bytes"] or 0},
-            )
-        )  # fmt: skip
-
-        sink_columns = replica.columns() if exists else []
-        missing = [c for c in columns if c not in sink_columns]
-        extra = [c for c in sink_columns if c not in columns]
-        ddl = replica.ddl() if exists else "(not created yet)"
-        results.append(
-            AssetCheckResult(
-                asset_key=key, check_name="no_schema_drift", passed=not missing,
-                severity=AssetCheckSeverity.WARN,
-                description=(
-                    "every captured source column is in the replica" if not missing
-                    else f"source columns {missing} are not in the replica yet: added columns appear with their "
-                    "first change; backfill the table to fill them now"
-                ),
-                metadata={"source_columns": len(columns), "replica_columns": len(sink_columns),
-                          "missing_in_replica": MetadataValue.json(missing),
-                          "only_in_replica": MetadataValue.json(extra),
-                          "ddl": MetadataValue.md(f"```sql\n{ddl}\n```")},
-            )
-        )  # fmt: skip
-    log.info("; ".join(f"{r.check_name}: {'passed' if r.passed else 'FAILED'}" for r in results))
-    return results
+        readings = LiveReadings(conn, pipeline, table, kafka.consumer, kafka_connect)
+        outcomes = replica_checks(
+            readings, replica, check_wait_s=monitor.check_wait_s, freshness_max_age_s=monitor.freshness_max_age_s
+        )
+    log.info("; ".join(outcome.line() for outcome in outcomes))
+    return [check_result(outcome, key) for outcome in outcomes]
 
 
 def checks_automation(cron: str) -> AutomationCondition:
@@ -355,10 +200,10 @@ def _replica_check(
         warehouse: PostgresResource,
         monitor: MonitorResource,
     ):  # noqa: ANN202
-        config = control_plane.load()
-        current = config.table(table.name)
-        name = config.sink_table(current)
-        database = database_of(config, clickhouse)
+        pipeline = control_plane.load()
+        current = pipeline.table(table.name)
+        name = pipeline.sink_table(current)
+        database = database_of(pipeline, clickhouse)
         with ExitStack() as stack:
             if sink == "clickhouse":
                 client = clickhouse.client()
@@ -366,6 +211,8 @@ def _replica_check(
                 replica: Replica = ClickHouseReplica(client, database, name)
             else:
                 replica = WarehouseReplica(stack.enter_context(warehouse.connect(autocommit=True)), database, name)
-            yield from table_checks(current, config, postgres, kafka, kafka_connect, replica, monitor, key, context.log)
+            yield from table_checks(
+                current, pipeline, postgres, kafka, kafka_connect, replica, monitor, key, context.log
+            )
 
     return check_replica

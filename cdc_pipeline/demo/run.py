@@ -218,8 +218,7 @@ class Demo:
         self.config_path.write_text(header + yaml.safe_dump(raw, sort_keys=False))
 
     def provision(self) -> None:
-        from cdc_pipeline.control.provision import ProvisionError, provision_pipeline
-        from cdc_pipeline.defs.assets import wait_connector_running
+        from cdc_pipeline.control.provision import ProvisionError, provision_pipeline, wait_connector_running
 
         assert self.pipeline is not None
         try:
@@ -228,7 +227,7 @@ class Demo:
                 wait_connector_running(self.resources()["kafka_connect"], name)
         except ProvisionError as exc:
             raise DemoError(str(exc)) from exc
-        except Exception as exc:  # dagster.Failure with the task's error
+        except Exception as exc:  # ConnectorFailed with the task's error
             raise DemoError(f"connector of {self.options.name} did not start: {exc}") from exc
         self.say(f"connector {name} runs: its initial snapshot reads the history")
 
