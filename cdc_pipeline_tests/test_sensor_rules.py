@@ -42,7 +42,7 @@ from cdc_pipeline.control.sensor_alerts import (
     replication_updates,
     run_failure_alert,
 )
-from cdc_pipeline.control.stream_rules import lag_rule, started_at_epoch
+from cdc_pipeline.control.stream_rules import StreamHealth, lag_rule, started_at_epoch, stream_restart_step
 
 PIPELINE = PipelineConfig.model_validate({"name": "shop", "tables": [{"name": "public.customers"}]})
 LIMITS = ReplicationLimits(
@@ -121,6 +121,14 @@ def test_the_progress_cursor_is_utc() -> None:
 def test_the_stream_start_time_parses_to_epoch_or_zero() -> None:
     assert started_at_epoch("2026-01-01T00:00:00+00:00") == datetime(2026, 1, 1, tzinfo=UTC).timestamp()
     assert started_at_epoch(None) == started_at_epoch("") == started_at_epoch("yesterday") == 0.0
+
+
+def test_the_stream_restart_step() -> None:
+    dead = StreamHealth({"dead": "not running"}, settling=False, restart=True)
+    assert stream_restart_step(dead, restart_now=True) == "restart"
+    assert stream_restart_step(dead, restart_now=False) == "wait"  # backoff, or a restart run is queued
+    assert stream_restart_step(StreamHealth({}, settling=False, restart=False), restart_now=False) == "healthy"
+    assert stream_restart_step(StreamHealth({}, settling=True, restart=False), restart_now=False) == "none"
 
 
 # --- connector status

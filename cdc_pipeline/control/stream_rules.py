@@ -26,6 +26,7 @@ from typing import Any
 from cdc_pipeline.control.checkpoint import CheckpointState
 from cdc_pipeline.control.cursors import as_dict, as_int, load_state
 from cdc_pipeline.control.lag import LagSnapshot, LagVerdict, evaluate_window
+from cdc_pipeline.control.rules import RestartStep
 
 RESTARTABLE = ("dead", "stalled", "no_progress")
 
@@ -153,3 +154,14 @@ def stream_health(
     # While a start/restart run brings the stream up, its state is neither a failure nor a recovery.
     settling = o.starting and wanted and not o.running
     return StreamHealth(problems, settling, restart)
+
+
+def stream_restart_step(health: StreamHealth, restart_now: bool) -> RestartStep:
+    """What the checkpoint_health sensor does with its restart backoff: `restart` the stream (`restart_now`:
+    the rules want it, the backoff allows it and no restart run is queued), `wait` (still failing), count a
+    `healthy` evaluation, or nothing (`none`: a start is under way)."""
+    if restart_now:
+        return "restart"
+    if health.problems:
+        return "wait"
+    return "none" if health.settling else "healthy"

@@ -31,6 +31,7 @@ from cdc_pipeline.control.stream_rules import (
     lag_rule,
     started_at_epoch,
     stream_health,
+    stream_restart_step,
 )
 from cdc_pipeline.defs.common import AUTOMATIC_TAG, progress_rows, stream_lag
 from cdc_pipeline.defs.sensors.shell import active_runs, deliver
@@ -163,7 +164,6 @@ def build_checkpoint_sensor(translator: CdcTranslator, restart_stream_job: JobDe
         problems = health.problems
         incidents = Incidents(cursor.incidents)
         backoff = RestartBackoff(cursor.restart)
-        will_restart = health.restart and backoff.due(now)
         place = StreamPlace(
             location=location, pid=status.pid, log_path=status.log_path,
             last_committed_batch=checkpoint.last_committed_batch if checkpoint else "?",
@@ -172,11 +172,13 @@ def build_checkpoint_sensor(translator: CdcTranslator, restart_stream_job: JobDe
         # While a start/restart run brings the stream up, the incident and the backoff stay as they are.
         if not health.settling:
             deliver(context, incidents, notifier, checkpoint_update(pipeline, problems, place, monitor.restart_stream))
-        run_requests = []
-        if will_restart and active_runs(context, restart_stream_job.name):
+        wanted = health.restart and backoff.due(now)
+        queued = wanted and active_runs(context, restart_stream_job.name)
+        if queued:
             context.log.info("a restart_stream run is already queued or running; not requesting another")
-            will_restart = False
-        if will_restart:
+        step = stream_restart_step(health, wanted and not queued)
+        run_requests = []
+        if step == "restart":
             delay = backoff.record_attempt(now, monitor.restart_backoff_s, monitor.restart_backoff_max_s)
             context.log.warning(
                 f"restarting the stream (attempt {backoff.attempts}); next attempt no sooner than {delay:.0f} s"
@@ -187,9 +189,9 @@ def build_checkpoint_sensor(translator: CdcTranslator, restart_stream_job: JobDe
                     tags={"cdc/reason": ",".join(problems), AUTOMATIC_TAG: "true"},
                 )
             )
-        elif problems:
+        elif step == "wait":
             backoff.failing()
-        elif not health.settling:
+        elif step == "healthy":
             backoff.healthy(now, monitor.restart_backoff_reset_s)
         metadata = {"running": status.running, "desired": status.desired, "problems": MetadataValue.json(problems)}
         if checkpoint is not None:
