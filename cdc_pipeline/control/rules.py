@@ -12,14 +12,19 @@ Rules:
 - missing connector: the pipeline's connector is not in Kafka Connect, for longer than `grace_s`;
 - failed check: the newest evaluation of an ERROR-severity asset check failed;
 - connector running: the connector and every one of its tasks (at least one) are RUNNING;
-- connector failures: the connector or a task is FAILED (the connector_status sensor's incident).
+- connector failures: the connector or a task is FAILED (the connector_status sensor's incident), and
+  whether to restart the failed parts now, wait for the backoff, or count a healthy evaluation;
+- replication health: the slot, paused and missing rules together over the replication_health sensor's
+  typed cursor (a source or Connect that cannot be read leaves its rules' state as it was).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+from cdc_pipeline.control.cursors import ReplicationCursor
 
 RUNNING = "RUNNING"
 
@@ -211,3 +216,93 @@ def connector_failures(status: Mapping[str, Any]) -> tuple[list[dict[str, Any]],
         for t in failed
     )
     return failed, summary
+
+
+@dataclass(frozen=True)
+class ConnectorReading:
+    """One `GET /connectors/<name>/status`: the answer, or `missing` (404: not in Kafka Connect), or why
+    it could not be read (`error`: refused or unreachable)."""
+
+    status: Mapping[str, Any] | None = None
+    missing: bool = False
+    error: str = ""
+
+    @property
+    def exists(self) -> bool | None:
+        """True or False; None when Connect could not say."""
+        return True if self.status is not None else False if self.missing else None
+
+    @property
+    def state(self) -> str | None:
+        """The connector's own state (None: not read, or missing)."""
+        return str(self.status["connector"]["state"]) if self.status is not None else None
+
+
+RestartStep = Literal["restart", "wait", "healthy", "none"]
+
+
+@dataclass(frozen=True)
+class ConnectorHealth:
+    """The connector_status verdict: the FAILED parts, the incident's `problem` ("" when none) and what to do
+    with the task-restart backoff: `restart` the failed parts now, `wait` for the backoff (still failing),
+    count a `healthy` evaluation, or nothing (`none`: a problem no restart fixes, or restarts are off)."""
+
+    failed: list[dict[str, Any]]
+    problem: str
+    step: RestartStep
+
+
+def connector_health(reading: ConnectorReading, restart_enabled: bool, restart_due: bool) -> ConnectorHealth:
+    """The connector_status rules for a reading of an existing (or unreadable) connector; `restart_due`:
+    the backoff allows a restart now."""
+    failed, problem = connector_failures(reading.status) if reading.status is not None else ([], reading.error)
+    if failed and restart_enabled:
+        return ConnectorHealth(failed, problem, "restart" if restart_due else "wait")
+    return ConnectorHealth(failed, problem, "none" if problem else "healthy")
+
+
+@dataclass(frozen=True)
+class ReplicationLimits:
+    """The replication_health thresholds (the monitor's settings)."""
+
+    slot_max_retained_bytes: int
+    slot_max_retention_age_s: float
+    connector_max_paused_s: float
+    connector_missing_grace_s: float
+
+
+@dataclass(frozen=True)
+class ReplicationVerdict:
+    """The slot verdicts (None: the slot could not be read), the paused and missing verdicts (None:
+    Connect could not be read), and the cursor for the next evaluation (its incidents as given)."""
+
+    slot_bytes: Verdict | None
+    slot_age: Verdict | None
+    paused: Verdict | None
+    missing: Verdict | None
+    cursor: ReplicationCursor
+
+
+def replication_health(
+    slot: SlotObservation | None,
+    connector: ConnectorReading,
+    cursor: ReplicationCursor,
+    now: float,
+    limits: ReplicationLimits,
+) -> ReplicationVerdict:
+    """The slot-retention, paused-connector and missing-connector rules over one observation of the slot
+    (None: PostgreSQL could not be read) and of the connector, with their state from `cursor`."""
+    by_bytes = by_age = paused = missing = None
+    slot_state, paused_since, missing_since = cursor.slot, cursor.paused_since, cursor.missing_since
+    if slot is not None:
+        by_bytes, by_age, slot_state = slot_retention(
+            slot, cursor.slot, now, limits.slot_max_retained_bytes, limits.slot_max_retention_age_s
+        )
+    exists = connector.exists
+    if exists is not None:
+        paused, paused_since = connector_paused(
+            connector.state, cursor.paused_since, now, limits.connector_max_paused_s
+        )
+        missing, missing_since = connector_missing(exists, cursor.missing_since, now, limits.connector_missing_grace_s)
+    next_cursor = ReplicationCursor(dict(cursor.incidents), slot_state, paused_since, missing_since)
+    return ReplicationVerdict(by_bytes, by_age, paused, missing, next_cursor)

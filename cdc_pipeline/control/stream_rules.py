@@ -20,24 +20,15 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from cdc_pipeline.control.checkpoint import CheckpointState
+from cdc_pipeline.control.cursors import as_dict, as_int, load_state
 from cdc_pipeline.control.lag import LagSnapshot, LagVerdict, evaluate_window
+from cdc_pipeline.control.rules import RestartStep
 
 RESTARTABLE = ("dead", "stalled", "no_progress")
-
-
-def _load(text: str | None) -> dict[str, Any]:
-    try:
-        state = json.loads(text) if text else {}
-    except ValueError:
-        return {}
-    return state if isinstance(state, dict) else {}
-
-
-def _dict(value: object) -> dict[str, Any]:
-    return dict(value) if isinstance(value, dict) else {}
 
 
 @dataclass
@@ -50,10 +41,10 @@ class LagCursor:
 
     @classmethod
     def parse(cls, text: str | None) -> LagCursor:
-        state = _load(text)
+        state = load_state(text)
         window = state.get("window")
         snapshots = [s for s in window if isinstance(s, dict)] if isinstance(window, list) else []
-        return cls([s for s in snapshots if "total" in s and "committed" in s], _dict(state.get("incidents")))
+        return cls([s for s in snapshots if "total" in s and "committed" in s], as_dict(state.get("incidents")))
 
     def serialize(self) -> str:
         return json.dumps({"window": self.window, "incidents": self.incidents})
@@ -79,16 +70,20 @@ class CheckpointCursor:
 
     @classmethod
     def parse(cls, text: str | None) -> CheckpointCursor:
-        state = _load(text)
-        committed = state.get("committed")
-        return cls(
-            _dict(state.get("incidents")),
-            _dict(state.get("restart")),
-            committed if isinstance(committed, int) and not isinstance(committed, bool) else None,
-        )
+        state = load_state(text)
+        return cls(as_dict(state.get("incidents")), as_dict(state.get("restart")), as_int(state.get("committed")))
 
     def serialize(self) -> str:
         return json.dumps({"incidents": self.incidents, "restart": self.restart, "committed": self.committed})
+
+
+def started_at_epoch(started_at: str | None) -> float:
+    """The stream's start time (ISO 8601, from its controller's status) as epoch seconds; 0.0 when unknown
+    or unparsable."""
+    try:
+        return datetime.fromisoformat(started_at).timestamp() if started_at else 0.0
+    except ValueError:
+        return 0.0
 
 
 @dataclass(frozen=True)
@@ -159,3 +154,14 @@ def stream_health(
     # While a start/restart run brings the stream up, its state is neither a failure nor a recovery.
     settling = o.starting and wanted and not o.running
     return StreamHealth(problems, settling, restart)
+
+
+def stream_restart_step(health: StreamHealth, restart_now: bool) -> RestartStep:
+    """What the checkpoint_health sensor does with its restart backoff: `restart` the stream (`restart_now`:
+    the rules want it, the backoff allows it and no restart run is queued), `wait` (still failing), count a
+    `healthy` evaluation, or nothing (`none`: a start is under way)."""
+    if restart_now:
+        return "restart"
+    if health.problems:
+        return "wait"
+    return "none" if health.settling else "healthy"
