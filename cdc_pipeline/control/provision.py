@@ -10,7 +10,7 @@ import psycopg
 from cdc_pipeline.config import PipelineConfig
 from cdc_pipeline.connector import connector_name, prepare_source, provision_connector
 from cdc_pipeline.control.source import check_source
-from cdc_pipeline.resources import KafkaConnectResource
+from cdc_pipeline.kafka_connect import ConnectClient
 from cdc_pipeline.settings import Settings
 from cdc_pipeline.topics import ensure_topics
 
@@ -32,7 +32,7 @@ def provision_pipeline(settings: Settings, pipeline: PipelineConfig, say: Callab
             raise ProvisionError(f"source checks failed; no topic or connector was provisioned:\n{lines}")
         for line in ensure_topics({"bootstrap.servers": settings.kafka_bootstrap_servers}, pipeline).lines():
             say(line)
-        provision_connector(KafkaConnectResource(url=settings.connect_url), pipeline, settings)
+        provision_connector(ConnectClient(settings.connect_url), pipeline, settings)
     except ProvisionError:
         raise
     except Exception as exc:  # psycopg / Connect errors carry the server's own explanation

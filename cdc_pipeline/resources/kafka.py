@@ -7,7 +7,7 @@ from confluent_kafka.admin import AdminClient
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from cdc_pipeline.health import Health, kafka_health
+from cdc_pipeline.probes import Health, kafka_health
 
 
 class KafkaResource(ConfigurableResource):

@@ -5,7 +5,7 @@ from pathlib import Path
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from cdc_pipeline.health import Health, spark_health
+from cdc_pipeline.probes import Health, spark_health
 from cdc_pipeline.streaming.launch import SparkSubmit
 
 
