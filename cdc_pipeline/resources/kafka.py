@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient
 from dagster import ConfigurableResource
 from pydantic import Field
@@ -27,9 +27,6 @@ class KafkaResource(ConfigurableResource):
 
     def admin(self) -> AdminClient:
         return AdminClient(self._config())
-
-    def producer(self, **extra: Any) -> Producer:
-        return Producer(self._config(**extra))
 
     def consumer(self, group_id: str, **extra: Any) -> Consumer:
         return Consumer(self._config(**{"group.id": group_id, "enable.auto.commit": False, **extra}))

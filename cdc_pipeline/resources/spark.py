@@ -33,9 +33,5 @@ class SparkResource(ConfigurableResource):
     def spark_submit(self) -> str:
         return self.submit().spark_submit()
 
-    def submit_argv(self, application: str, *args: str, name: str | None = None) -> list[str]:
-        """The spark-submit command line for `application` with this resource's settings."""
-        return self.submit().argv(application, *args, name=name)
-
     def health(self) -> Health:
         return spark_health(self.spark_submit(), self.master)
