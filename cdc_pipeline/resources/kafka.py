@@ -11,25 +11,22 @@ from cdc_pipeline.probes import Health, kafka_health
 
 
 class KafkaResource(ConfigurableResource):
-    """The Kafka cluster (confluent-kafka admin, producer and consumer clients)."""
+    """The Kafka cluster (confluent-kafka admin and consumer clients, and its librdkafka settings)."""
 
     bootstrap_servers: str = Field(description="Comma-separated host:port list (CDC_KAFKA_BOOTSTRAP_SERVERS).")
     client_config: dict[str, str] = Field(
         default_factory=dict, description="Extra librdkafka settings, e.g. security.protocol, sasl.*."
     )
 
-    def _config(self, **extra: Any) -> dict[str, Any]:
+    def client_settings(self, **extra: Any) -> dict[str, Any]:
+        """The librdkafka settings of this cluster (bootstrap servers and `client_config`), and `extra`."""
         return {"bootstrap.servers": self.bootstrap_servers, **self.client_config, **extra}
 
-    def client_settings(self) -> dict[str, Any]:
-        """The librdkafka settings of this cluster (bootstrap servers and `client_config`)."""
-        return self._config()
-
     def admin(self) -> AdminClient:
-        return AdminClient(self._config())
+        return AdminClient(self.client_settings())
 
     def consumer(self, group_id: str, **extra: Any) -> Consumer:
-        return Consumer(self._config(**{"group.id": group_id, "enable.auto.commit": False, **extra}))
+        return Consumer(self.client_settings(**{"group.id": group_id, "enable.auto.commit": False, **extra}))
 
     def health(self) -> Health:
         return kafka_health(self.bootstrap_servers)
