@@ -34,14 +34,22 @@ class ConnectError(RuntimeError):
         self.status = status
         self.method = method
         self.path = path
+        self.message = message
         self.url = redact_url(url)
         self.connector = connector
         where = f"Kafka Connect at {self.url}" + (f", connector {connector}" if connector else "")
         super().__init__(f"{status} {method} {path}: {message} ({where})")
 
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable (as exceptions crossing processes are)
+        return _connect_error, (self.status, self.method, self.path, self.message, self.url, self.connector)
+
     @property
     def not_found(self) -> bool:
         return self.status == 404
+
+
+def _connect_error(status: int, method: str, path: str, message: str, url: str, connector: str | None) -> ConnectError:
+    return ConnectError(status, method, path, message, url=url, connector=connector)
 
 
 def _retryable(exc: BaseException) -> bool:

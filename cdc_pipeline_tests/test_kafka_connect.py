@@ -4,6 +4,7 @@ requests sent, the retries (connection errors and 409, nothing else) and the err
 from __future__ import annotations
 
 import json
+import pickle
 from collections.abc import Callable
 from typing import Any
 
@@ -113,6 +114,7 @@ def test_other_refusals_are_final_and_name_the_connector_and_url_without_credent
     assert "s3cret" not in message and "admin" not in message
     assert (raised.value.status, raised.value.connector, raised.value.not_found) == (status, "cdc-shop", status == 404)
     assert len(fake.sent) == 1
+    assert str(pickle.loads(pickle.dumps(raised.value))) == message
 
 
 def test_an_error_without_json_carries_connects_text() -> None:
