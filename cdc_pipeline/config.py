@@ -29,7 +29,6 @@ from cdc_pipeline.contract import IS_DELETED, VERSION
 from cdc_pipeline.sqlcheck import CLICKHOUSE_CLAUSES, check_expression
 
 CONFIG_ENV_VAR = "CDC_PIPELINE_CONFIG"
-DEFAULT_CONFIG_FILE = Path("pipeline.yaml")
 
 # Names the pipeline itself creates (publication, query): unquoted lower-case PostgreSQL identifiers.
 PgIdentifier = Annotated[str, StringConstraints(pattern=r"^[a-z_][a-z0-9_]*$", max_length=63)]
@@ -665,10 +664,6 @@ class PipelineConfig(_Model):
                         _detail(("aggregates", i), f"columns {dropped} are filtered out by {table.name}'s 'columns'")
                     )
         return errors
-
-    def aggregates_of(self, table: TableConfig) -> list[AggregateConfig]:
-        """The aggregates computed from `table`'s replica."""
-        return [a for a in self.aggregates if a.table == table.name]
 
     @property
     def topic_prefix(self) -> str:

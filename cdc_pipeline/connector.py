@@ -6,16 +6,19 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
 
 from cdc_pipeline.config import PipelineConfig, TableConfig, display_name
 from cdc_pipeline.jvm import DEBEZIUM_CONNECTOR_CLASS
-from cdc_pipeline.resources.connect import ConnectError, KafkaConnectResource
+from cdc_pipeline.kafka_connect import ConnectClient, ConnectError
 from cdc_pipeline.settings import ENV_PREFIX, Settings
 from cdc_pipeline.topics import ensure_topics
+
+if TYPE_CHECKING:
+    from cdc_pipeline.resources.connect import KafkaConnectResource
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +114,7 @@ def heartbeat_query(pipeline: PipelineConfig) -> str | None:
 def connector_config(pipeline: PipelineConfig, settings: Settings) -> dict[str, str]:
     """The connector's Kafka Connect config (every value a string, as Connect stores it)."""
     params = settings.postgres_params
-    config = {
+    properties = {
         "connector.class": DEBEZIUM_CONNECTOR_CLASS,
         "tasks.max": "1",
         "database.hostname": params["host"],
@@ -158,19 +161,19 @@ def connector_config(pipeline: PipelineConfig, settings: Settings) -> dict[str, 
         "topic.creation.default.replication.factor": "-1",
     }
     if query := heartbeat_query(pipeline):
-        config["heartbeat.action.query"] = query
+        properties["heartbeat.action.query"] = query
     exclusions = [rule for table in pipeline.tables if (rule := _column_exclusions(pipeline, table))]
     if exclusions:
-        config["column.exclude.list"] = ",".join(exclusions)
+        properties["column.exclude.list"] = ",".join(exclusions)
     keys = [_key_columns(pipeline, t) for t in pipeline.tables if t.primary_key]
     if keys:
-        config["message.key.columns"] = ";".join(keys)
-    config.update(pipeline.source.connector_properties)
-    return config
+        properties["message.key.columns"] = ";".join(keys)
+    properties.update(pipeline.source.connector_properties)
+    return properties
 
 
 def provision_connector(
-    connect: KafkaConnectResource,
+    connect: ConnectClient | KafkaConnectResource,
     pipeline: PipelineConfig,
     settings: Settings,
     *,
@@ -187,7 +190,7 @@ def provision_connector(
     try:
         current = connect.connector_config(name)
     except ConnectError as exc:
-        if not str(exc).startswith("404 "):
+        if not exc.not_found:
             raise
         current = None
     if current == desired:

@@ -22,8 +22,8 @@ from cdc_pipeline.connector import (
     provision_connector,
 )
 from cdc_pipeline.control.source import UnsupportedSnapshotName, snapshot_collection
+from cdc_pipeline.kafka_connect import ConnectError
 from cdc_pipeline.resources import KafkaConnectResource, KafkaResource
-from cdc_pipeline.resources.connect import ConnectError
 from cdc_pipeline.settings import Settings
 from cdc_pipeline.stack.lifecycle import LocalStack
 from cdc_pipeline_tests.conftest import REPO_ROOT

@@ -37,6 +37,7 @@ from cdc_pipeline.connector import connector_name
 from cdc_pipeline.definitions import build_definitions
 from cdc_pipeline.defs.common import AUTOMATIC_TAG, stream_lag
 from cdc_pipeline.defs.jobs import run_backfill
+from cdc_pipeline.kafka_connect import ConnectError
 from cdc_pipeline.resources import (
     ClickHouseResource,
     ControlPlaneResource,
@@ -47,7 +48,6 @@ from cdc_pipeline.resources import (
     PostgresResource,
     SparkResource,
 )
-from cdc_pipeline.resources.connect import ConnectError
 from cdc_pipeline.settings import Settings
 from cdc_pipeline.stack.lifecycle import LocalStack
 from cdc_pipeline_tests.conftest import free_ports, wait_for

@@ -30,9 +30,9 @@ from cdc_pipeline.cli import main
 from cdc_pipeline.connector import connector_name, prepare_source
 from cdc_pipeline.control.source import check_source
 from cdc_pipeline.control.stream import StreamController
+from cdc_pipeline.kafka_connect import ConnectError
 from cdc_pipeline.process import ProcessRecord, group_members
 from cdc_pipeline.resources import KafkaConnectResource
-from cdc_pipeline.resources.connect import ConnectError
 from cdc_pipeline.settings import Settings
 from cdc_pipeline.stack.lifecycle import LocalStack
 from cdc_pipeline.streaming.launch import APPLICATION, SparkSubmit, launch

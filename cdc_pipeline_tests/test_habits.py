@@ -1,6 +1,6 @@
 """Lint, format and type errors fail the suite (no stack needed): ruff check and ruff format --check on
 the repository, and mypy with the configuration in pyproject.toml ([tool.mypy]: control/, streaming/,
-config.py and contract.py; strict on the modules listed in its overrides)."""
+config.py, contract.py, kafka_connect.py and probes.py; strict on the modules listed in its overrides)."""
 
 from __future__ import annotations
 

@@ -35,3 +35,19 @@ def test_production_code_does_not_import_the_local_stack() -> None:
         if not _allowed(path.relative_to(PACKAGE))
     }
     assert {k: v for k, v in offenders.items() if v} == {}
+
+
+# Module names that two modules at different levels still share (each clear within its own package).
+# Add none: `health.py` and `defs/health.py`, `resources/` and `defs/resources.py` were such pairs.
+SHARED_MODULE_NAMES = {"aggregates", "clickhouse", "run", "source"}
+
+
+def test_no_new_module_name_is_used_at_two_levels() -> None:
+    where: dict[str, list[str]] = {}
+    for path in sorted(PACKAGE.rglob("*")):
+        if "__pycache__" in path.parts or path.name == "__init__.py":
+            continue
+        if path.suffix == ".py" or (path.is_dir() and (path / "__init__.py").exists()):
+            where.setdefault(path.stem, []).append(path.relative_to(PACKAGE).as_posix())
+    shared = {name: paths for name, paths in where.items() if len(paths) > 1}
+    assert {name: paths for name, paths in shared.items() if name not in SHARED_MODULE_NAMES} == {}

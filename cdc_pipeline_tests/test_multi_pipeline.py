@@ -98,7 +98,9 @@ def _run_both(defs: Definitions, first: str, second: str) -> None:
         assert {f"{name}_provision", f"{name}_start_stream", f"{name}_check_services", f"{name}_backfill_table"} <= jobs
         assert {f"{name}_replication_health", f"{name}_consumer_lag", f"{name}_checkpoint_health"} <= sensors
         assert {f"{name}_nightly_reconcile", f"{name}_observe_source_tables_schedule"} <= schedules
-        assert {f"{name}_postgres", f"{name}_pipeline", f"{name}_clickhouse", f"{name}_kafka"} <= set(defs.resources)
+        assert {f"{name}_postgres", f"{name}_control_plane", f"{name}_clickhouse", f"{name}_kafka"} <= set(
+            defs.resources
+        )
     assert "alert_on_run_failure" in sensors and "notifier" in defs.resources  # the location's, once
     assert not {"provision", "start_stream", "postgres", "control_plane"} & (jobs | set(defs.resources))
     keys = {key.path[0] for key in repository.asset_graph.get_all_asset_keys()}

@@ -16,7 +16,7 @@ import psycopg
 import pyspark
 import pytest
 from clickhouse_connect.driver.client import Client
-from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Producer, TopicPartition
 from psycopg import sql
 
 from cdc_pipeline.config import PipelineConfig
@@ -138,7 +138,7 @@ def test_poison_records_go_to_the_dlq_and_the_stream_keeps_going(
         b"conversion failed": (json.dumps({"payload": {"id": 999_990}}).encode(), json.dumps(bad_int).encode()),
         b"timestamp": (json.dumps({"payload": {"id": 999_991}}).encode(), json.dumps(bad_date).encode()),
     }
-    producer = kafka.producer()
+    producer = Producer(kafka.client_settings())
     for key, value in poison.values():
         producer.produce(topic, key=key, value=value)
     assert producer.flush(30) == 0

@@ -13,7 +13,6 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from psycopg import sql
 
 from cdc_pipeline.defs.health import check_services
-from cdc_pipeline.defs.resources import build_resources
 from cdc_pipeline.jvm import DEBEZIUM_CONNECTOR_CLASS
 from cdc_pipeline.resources import (
     ClickHouseResource,
@@ -21,6 +20,7 @@ from cdc_pipeline.resources import (
     KafkaResource,
     PostgresResource,
     SparkResource,
+    build_resources,
 )
 from cdc_pipeline.settings import Settings
 from cdc_pipeline.stack.lifecycle import LocalStack

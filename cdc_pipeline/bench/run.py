@@ -45,7 +45,7 @@ from cdc_pipeline.bench.source import (
 from cdc_pipeline.clickhouse import connect_clickhouse
 from cdc_pipeline.config import PipelineConfig, StreamConfig, parse_pipeline_config
 from cdc_pipeline.connector import connector_name, prepare_source, provision_connector
-from cdc_pipeline.resources.connect import KafkaConnectResource
+from cdc_pipeline.kafka_connect import ConnectClient
 from cdc_pipeline.settings import Settings
 from cdc_pipeline.streaming.launch import APPLICATION, SparkSubmit
 
@@ -409,7 +409,7 @@ class Bench:
             stream = self.start_stream("main", self.main)
             self._ready(stream)
         started = time.monotonic()
-        provision_connector(KafkaConnectResource(url=self.settings.connect_url), self.main, self.settings)
+        provision_connector(ConnectClient(self.settings.connect_url), self.main, self.settings)
         self.provisioned = True
         checks: dict[str, Callable[[], bool]] = {"capture": lambda: self.kafka.high(self.orders_topic) >= rows}
         if measured:
@@ -732,7 +732,7 @@ def _group_alive(pgid: int) -> bool:
 def remove_connector(settings: Settings, config: PipelineConfig) -> None:
     """Delete the connector, then its slot (once inactive) and publication."""
     with contextlib.suppress(Exception):
-        KafkaConnectResource(url=settings.connect_url).delete(connector_name(config))
+        ConnectClient(settings.connect_url).delete(connector_name(config))
     with psycopg.connect(settings.postgres_conninfo(), autocommit=True) as conn:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

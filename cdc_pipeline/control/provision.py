@@ -15,7 +15,7 @@ from cdc_pipeline.connector import connector_name, prepare_source, provision_con
 from cdc_pipeline.control.checks import ConnectorStatuses
 from cdc_pipeline.control.rules import connector_running
 from cdc_pipeline.control.source import check_source
-from cdc_pipeline.resources import KafkaConnectResource
+from cdc_pipeline.kafka_connect import ConnectClient
 from cdc_pipeline.settings import Settings
 from cdc_pipeline.topics import ensure_topics
 
@@ -70,7 +70,7 @@ def provision_pipeline(settings: Settings, pipeline: PipelineConfig, say: Callab
             raise ProvisionError(f"source checks failed; no topic or connector was provisioned:\n{lines}")
         for line in ensure_topics({"bootstrap.servers": settings.kafka_bootstrap_servers}, pipeline).lines():
             say(line)
-        provision_connector(KafkaConnectResource(url=settings.connect_url), pipeline, settings)
+        provision_connector(ConnectClient(settings.connect_url), pipeline, settings)
     except ProvisionError:
         raise
     except Exception as exc:  # psycopg / Connect errors carry the server's own explanation

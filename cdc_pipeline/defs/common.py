@@ -4,7 +4,6 @@ lag, and reading the stream's progress table."""
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -124,7 +123,3 @@ def progress_rows(clickhouse: ClickHouseResource, pipeline: PipelineConfig, afte
     finally:
         with contextlib.suppress(Exception):
             client.close()
-
-
-def quiet_clients() -> None:
-    logging.getLogger("clickhouse_connect").setLevel(logging.ERROR)

@@ -27,8 +27,8 @@ from pydantic import Field
 
 from cdc_pipeline.config import PipelineConfig, default_config_path, load_pipeline_config
 from cdc_pipeline.defs.location import location_definitions, pipeline_definitions
-from cdc_pipeline.defs.resources import build_resources
 from cdc_pipeline.defs.translator import CdcTranslator
+from cdc_pipeline.resources import build_resources
 from cdc_pipeline.settings import ENV_PREFIX, Settings
 
 
@@ -53,7 +53,7 @@ class PipelineFile(dg.Model, dg.Resolvable):
 class LoadedPipeline:
     """A pipeline file read and named: what `location` builds from."""
 
-    config: PipelineConfig
+    pipeline: PipelineConfig
     path: Path
     prefix: str
     env: Mapping[str, str]
@@ -77,40 +77,40 @@ def load_pipelines(files: list[PipelineFile], base: Path) -> list[LoadedPipeline
     loaded: list[LoadedPipeline] = []
     for file in files:
         path = Path(file.path) if Path(file.path).is_absolute() else base / file.path
-        config = load_pipeline_config(path)
-        prefix = file.prefix if file.prefix is not None else (config.name if several else "")
-        loaded.append(LoadedPipeline(config, path, prefix, dict(file.env)))
+        pipeline = load_pipeline_config(path)
+        prefix = file.prefix if file.prefix is not None else (pipeline.name if several else "")
+        loaded.append(LoadedPipeline(pipeline, path, prefix, dict(file.env)))
     seen: dict[str, Path] = {}
-    for pipeline in loaded:
-        for what, fix in _claims(pipeline):
+    for entry in loaded:
+        for what, fix in _claims(entry):
             if what in seen:
-                raise ValueError(f"{pipeline.path} and {seen[what]} both use {what}: {fix}")
-            seen[what] = pipeline.path
+                raise ValueError(f"{entry.path} and {seen[what]} both use {what}: {fix}")
+            seen[what] = entry.path
     return loaded
 
 
-def _claims(pipeline: LoadedPipeline) -> list[tuple[str, str]]:
+def _claims(entry: LoadedPipeline) -> list[tuple[str, str]]:
     """What a pipeline must not share with another pipeline of the location, and the fix."""
-    config, settings = pipeline.config, pipeline.settings()
-    database = config.clickhouse_database(settings.clickhouse_database)
+    pipeline, settings = entry.pipeline, entry.settings()
+    database = pipeline.clickhouse_database(settings.clickhouse_database)
     clickhouse = f"in ClickHouse {settings.clickhouse_endpoint}"
     kafka = f"in Kafka {settings.kafka_bootstrap_servers}"
     server = f"in PostgreSQL {settings.postgres_params['host']}:{settings.postgres_params['port']}"
     rename = "give the pipelines different names"
     claims = [
-        (f"the pipeline name {config.name!r}", f"{rename} (asset keys, connector and topics derive from it)"),
-        (f"the prefix {pipeline.prefix!r}", "set `prefix` on one of them"),
-        (f"the topic prefix {config.topic_prefix!r} {kafka}", f"{rename} or set source.topic_prefix"),
-        (f"the consumer group {config.consumer_group!r} {kafka}", f"{rename} or set stream.consumer_group"),
-        (f"the replication slot {config.slot_name!r} {server}", f"{rename} or set source.slot_name"),
+        (f"the pipeline name {pipeline.name!r}", f"{rename} (asset keys, connector and topics derive from it)"),
+        (f"the prefix {entry.prefix!r}", "set `prefix` on one of them"),
+        (f"the topic prefix {pipeline.topic_prefix!r} {kafka}", f"{rename} or set source.topic_prefix"),
+        (f"the consumer group {pipeline.consumer_group!r} {kafka}", f"{rename} or set stream.consumer_group"),
+        (f"the replication slot {pipeline.slot_name!r} {server}", f"{rename} or set source.slot_name"),
         (
-            f"the signal table {config.source.signal_table} {server}/{settings.postgres_params.get('dbname', '')}",
+            f"the signal table {pipeline.source.signal_table} {server}/{settings.postgres_params.get('dbname', '')}",
             "give each pipeline its own source.signal_table (a backfill signals its own connector only)",
         ),
-        (f"the query name {config.query_name!r} {clickhouse}.{database}", f"{rename} or set stream.query_name"),
+        (f"the query name {pipeline.query_name!r} {clickhouse}.{database}", f"{rename} or set stream.query_name"),
     ]
-    tables = [config.sink_table(t) for t in config.tables if "clickhouse" in t.sinks]
-    tables += [a.sink_table for a in config.aggregates]
+    tables = [pipeline.sink_table(t) for t in pipeline.tables if "clickhouse" in t.sinks]
+    tables += [a.sink_table for a in pipeline.aggregates]
     fix = "replicate them to different ClickHouse databases (sink.clickhouse.database) or tables"
     claims += [(f"the table {database}.{t} {clickhouse}", fix) for t in tables]
     return claims
@@ -122,9 +122,9 @@ def location(
     """The code location of `pipelines`, each with its resources from the environment (and its `env`)."""
     settings = Settings()
     parts = []
-    for pipeline in pipelines:
-        bound = build_resources(config_path=str(pipeline.path), env=pipeline.env)
-        translator = CdcTranslator.from_settings(pipeline.config, pipeline.settings(), prefix=pipeline.prefix)
+    for entry in pipelines:
+        bound = build_resources(config_path=str(entry.path), env=entry.env)
+        translator = CdcTranslator.from_settings(entry.pipeline, entry.settings(), prefix=entry.prefix)
         parts.append(
             pipeline_definitions(
                 translator, bound, checks_cron or settings.checks_cron, observe_cron or settings.observe_cron

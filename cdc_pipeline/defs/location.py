@@ -26,6 +26,8 @@ from cdc_pipeline.defs.jobs import build_jobs
 from cdc_pipeline.defs.schedules import build_schedules
 from cdc_pipeline.defs.sensors import build_run_failure_sensor, build_sensors
 from cdc_pipeline.defs.translator import SHARED_RESOURCES, CdcTranslator
+from cdc_pipeline.resources import build_resources
+from cdc_pipeline.settings import Settings
 
 
 def cron(variable: str, value: str) -> str:
@@ -138,9 +140,6 @@ def single_pipeline_definitions(
     `translator` has a prefix; `resources` override the environment-based ones. The checks run and the source
     tables are observed by themselves at the ticks of `checks_cron` and `observe_cron` (default:
     CDC_CHECKS_CRON, CDC_OBSERVE_CRON)."""
-    from cdc_pipeline.defs.resources import build_resources
-    from cdc_pipeline.settings import Settings
-
     if translator is None or checks_cron is None or observe_cron is None:
         settings = Settings()
         translator = translator or CdcTranslator.from_settings(pipeline, settings)

@@ -445,13 +445,13 @@ class Demo:
         try:
             with psycopg.connect(self.conninfo, autocommit=True) as conn:
                 for name in SHOP_TABLES:
-                    config = self.pipeline.table(f"{self.options.schema}.{name}")
-                    key = config.primary_key or primary_key(conn, self.options.schema, name)
+                    table_config = self.pipeline.table(f"{self.options.schema}.{name}")
+                    key = table_config.primary_key or primary_key(conn, self.options.schema, name)
                     sink = ClickHouseReplica(client, self.database, name)
                     diff = reconcile(conn, sink, self.options.schema, name, key)
                     results = table_checks(
-                        config, self.pipeline, r["postgres"], r["kafka"], r["kafka_connect"], sink, r["monitor"],
-                        translator.sink_key(config), _Log(),
+                        table_config, self.pipeline, r["postgres"], r["kafka"], r["kafka_connect"], sink, r["monitor"],
+                        translator.sink_key(table_config), _Log(),
                     )  # fmt: skip
                     failed = [c.check_name for c in results if not c.passed]
                     rows_ok = source[name] == replica[name] and diff.total == 0

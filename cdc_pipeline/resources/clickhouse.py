@@ -5,7 +5,7 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from cdc_pipeline.clickhouse import connect_clickhouse
-from cdc_pipeline.health import Health, clickhouse_health
+from cdc_pipeline.probes import Health, clickhouse_health
 
 
 class ClickHouseResource(ConfigurableResource):

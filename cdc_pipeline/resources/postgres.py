@@ -8,7 +8,7 @@ from dagster import ConfigurableResource
 from psycopg.conninfo import make_conninfo
 from pydantic import Field
 
-from cdc_pipeline.health import Health, postgres_health
+from cdc_pipeline.probes import Health, postgres_health
 
 
 class PostgresResource(ConfigurableResource):

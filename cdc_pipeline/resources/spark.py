@@ -5,7 +5,7 @@ from pathlib import Path
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from cdc_pipeline.health import Health, spark_health
+from cdc_pipeline.probes import Health, spark_health
 from cdc_pipeline.streaming.launch import SparkSubmit
 
 
@@ -32,10 +32,6 @@ class SparkResource(ConfigurableResource):
 
     def spark_submit(self) -> str:
         return self.submit().spark_submit()
-
-    def submit_argv(self, application: str, *args: str, name: str | None = None) -> list[str]:
-        """The spark-submit command line for `application` with this resource's settings."""
-        return self.submit().argv(application, *args, name=name)
 
     def health(self) -> Health:
         return spark_health(self.spark_submit(), self.master)

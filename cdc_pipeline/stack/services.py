@@ -1,5 +1,5 @@
 """The four services of the local stack. Each knows how to prepare its state, start, answer a
-health probe in its own protocol, and which ports it holds. Orchestration lives in `stack.py`."""
+health probe in its own protocol, and which ports it holds. Orchestration lives in `lifecycle.py`."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from cdc_pipeline import health
+from cdc_pipeline import probes
 from cdc_pipeline.jvm import JvmLayout
 from cdc_pipeline.process import ManagedProcess
 from cdc_pipeline.settings import Settings
@@ -64,9 +64,9 @@ class Service(ABC):
     def start(self) -> None: ...
 
     @abstractmethod
-    def health(self) -> health.Health: ...
+    def health(self) -> probes.Health: ...
 
-    def ready(self) -> health.Health:
+    def ready(self) -> probes.Health:
         """The service answers at all (before `after_healthy` has created users and databases)."""
         return self.health()
 
@@ -277,8 +277,8 @@ class PostgresService(Service):
             host=str(self.socket_dir), port=self.params["port"], user="postgres", dbname="postgres"
         )
 
-    def ready(self) -> health.Health:
-        return health.postgres_health(self._superuser_conninfo())
+    def ready(self) -> probes.Health:
+        return probes.postgres_health(self._superuser_conninfo())
 
     def after_healthy(self) -> None:
         """Make sure the product's login role (with REPLICATION) and source database exist."""
@@ -329,8 +329,8 @@ class PostgresService(Service):
         if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)).fetchone():
             conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(dbname), sql.Identifier(role)))
 
-    def health(self) -> health.Health:
-        return health.postgres_health(self.settings.postgres_conninfo())
+    def health(self) -> probes.Health:
+        return probes.postgres_health(self.settings.postgres_conninfo())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -403,8 +403,8 @@ class KafkaService(Service):
                 raise StackError(f"Formatting Kafka's KRaft storage failed:\n{result.stdout}{result.stderr}")
         self.process.start(self._java("kafka.Kafka", str(config)))
 
-    def health(self) -> health.Health:
-        return health.kafka_health(self.settings.kafka_bootstrap_servers)
+    def health(self) -> probes.Health:
+        return probes.kafka_health(self.settings.kafka_bootstrap_servers)
 
 
 # The only variables connectors may reference as ${env:NAME}.
@@ -477,8 +477,8 @@ class ConnectService(Service):
         ]  # fmt: skip
         self.process.start(argv, env=connect_worker_env(self.settings))
 
-    def health(self) -> health.Health:
-        return health.connect_health(self.settings.connect_url)
+    def health(self) -> probes.Health:
+        return probes.connect_health(self.settings.connect_url)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -529,5 +529,5 @@ class ClickHouseService(Service):
         finally:
             client.close()
 
-    def health(self) -> health.Health:
-        return health.clickhouse_health(self.endpoint, self.settings.clickhouse_user, self._password())
+    def health(self) -> probes.Health:
+        return probes.clickhouse_health(self.endpoint, self.settings.clickhouse_user, self._password())

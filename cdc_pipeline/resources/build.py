@@ -12,16 +12,13 @@ from typing import Any
 from dagster import EnvVar
 
 from cdc_pipeline.config import default_config_path
-from cdc_pipeline.resources import (
-    ClickHouseResource,
-    ControlPlaneResource,
-    KafkaConnectResource,
-    KafkaResource,
-    MonitorResource,
-    NotifierResource,
-    PostgresResource,
-    SparkResource,
-)
+from cdc_pipeline.resources.clickhouse import ClickHouseResource
+from cdc_pipeline.resources.connect import KafkaConnectResource
+from cdc_pipeline.resources.control_plane import ControlPlaneResource, MonitorResource
+from cdc_pipeline.resources.kafka import KafkaResource
+from cdc_pipeline.resources.notifier import NotifierResource
+from cdc_pipeline.resources.postgres import PostgresResource
+from cdc_pipeline.resources.spark import SparkResource
 from cdc_pipeline.settings import ENV_PREFIX, Settings
 
 # The settings a pipeline may read from variables of its own (`build_resources(env=...)`): the connections.
