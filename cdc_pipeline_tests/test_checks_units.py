@@ -32,6 +32,7 @@ from cdc_pipeline.control.checks import (
 from cdc_pipeline.control.lag import LagSnapshot, PartitionLag
 from cdc_pipeline.control.provision import ConnectorFailed, wait_connector_running
 from cdc_pipeline.defs.assets import check_result
+from cdc_pipeline.kafka_connect import ConnectError
 from cdc_pipeline.streaming.aggregates import AggregateError, Comparison
 
 
@@ -354,6 +355,9 @@ def test_source_observations_count_small_tables_exactly(monkeypatch: pytest.Monk
 # --- waiting until the connector runs -----------------------------------------------------------------------
 
 
+URL = "http://connect:8083"
+
+
 def wait(connect: FakeConnect, clock: Clock, timeout: float = 120) -> dict[str, Any]:
     return wait_connector_running(connect, "cdc-shop-postgres", timeout, sleep=clock.sleep, monotonic=clock.monotonic)
 
@@ -362,7 +366,7 @@ def test_wait_connector_running_waits_through_404_and_unassigned_tasks() -> None
     clock = Clock()
     connect = FakeConnect(
         [
-            RuntimeError("404 GET /connectors/cdc-shop-postgres/status: No status found"),
+            ConnectError(404, "GET", "/connectors/cdc-shop-postgres/status", "No status found", url=URL),
             status("RUNNING", "UNASSIGNED"),
             status("RUNNING", "RUNNING"),
         ]
@@ -385,7 +389,7 @@ def test_wait_connector_running_names_the_failed_task_and_its_error() -> None:
 
 def test_wait_connector_running_passes_other_connect_errors_and_times_out() -> None:
     with pytest.raises(RuntimeError, match="^500 "):
-        wait(FakeConnect([RuntimeError("500 GET /connectors/x/status: boom")]), Clock())
+        wait(FakeConnect([ConnectError(500, "GET", "/connectors/x/status", "boom", url=URL)]), Clock())
     clock = Clock()
     with pytest.raises(ConnectorFailed, match=r"not RUNNING after 10 s: .*PAUSED"):
         wait(FakeConnect([status("PAUSED", "PAUSED")]), clock, timeout=10)

@@ -51,3 +51,29 @@ def test_no_new_module_name_is_used_at_two_levels() -> None:
             where.setdefault(path.stem, []).append(path.relative_to(PACKAGE).as_posix())
     shared = {name: paths for name, paths in where.items() if len(paths) > 1}
     assert {name: paths for name, paths in shared.items() if name not in SHARED_MODULE_NAMES} == {}
+
+
+def _layout_section() -> str:
+    readme = (PACKAGE.parent / "README.md").read_text()
+    section = readme.split("\n## Layout\n", 1)[1]
+    return section.split("```", 2)[1]  # the tree between the fences
+
+
+def test_the_readme_layout_names_every_module() -> None:
+    """README's Layout section matches the tree: every top-level module and package, and every module of
+    the packages a reader opens first (control/, defs/ and its subpackages, streaming/, resources/), is
+    named there."""
+    import re
+
+    layout = _layout_section()
+    words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", layout))
+    missing: list[str] = []
+    entries = [p for p in PACKAGE.iterdir() if p.name != "__pycache__" and not p.name.startswith(".")]
+    for folder in ("control", "defs", "defs/jobs", "defs/sensors", "streaming", "resources"):
+        entries += [p for p in (PACKAGE / folder).iterdir() if p.suffix == ".py" or p.is_dir()]
+    for path in entries:
+        if path.name in {"__init__.py", "__pycache__"} or path.suffix not in {".py", ".xml", ""}:
+            continue
+        if path.stem not in words:
+            missing.append(path.relative_to(PACKAGE).as_posix())
+    assert not missing, f"README's Layout section does not name: {sorted(missing)}"

@@ -15,7 +15,7 @@ from cdc_pipeline.connector import connector_name, prepare_source, provision_con
 from cdc_pipeline.control.checks import ConnectorStatuses
 from cdc_pipeline.control.rules import connector_running
 from cdc_pipeline.control.source import check_source
-from cdc_pipeline.kafka_connect import ConnectClient
+from cdc_pipeline.kafka_connect import ConnectClient, ConnectError
 from cdc_pipeline.settings import Settings
 from cdc_pipeline.topics import ensure_topics
 
@@ -42,8 +42,8 @@ def wait_connector_running(
     while monotonic() < deadline:
         try:
             status = connect.connector_status(name)
-        except RuntimeError as exc:  # Connect's 404: just created, the status appears after the first assignment
-            if not str(exc).startswith("404 "):
+        except ConnectError as exc:  # Connect's 404: just created, the status appears after the first assignment
+            if not exc.not_found:
                 raise
             sleep(2)
             continue

@@ -9,12 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from cdc_pipeline.config import PipelineConfig
 from cdc_pipeline.control.alerts import Alert
 from cdc_pipeline.control.lag import LagSnapshot, LagVerdict
 from cdc_pipeline.control.rules import CheckOutcome, ReplicationVerdict, Verdict, failed_error_check
+from cdc_pipeline.kafka_connect import redact_url
 
 AlertMaker = Callable[[bool], Alert]  # resolved -> the opening (False) or recovery (True) alert
 
@@ -26,15 +26,6 @@ class IncidentUpdate:
     incident: str
     active: bool
     make: AlertMaker
-
-
-def redact_url(url: str) -> str:
-    """`url` without user and password (they are credentials; alerts and logs must not carry them)."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    return urlunsplit(parts._replace(netloc=host + (f":{parts.port}" if parts.port else "")))
 
 
 def verdict_alert(incident: str, title: str, recovered: str, where: str, verdict: Verdict, action: str) -> AlertMaker:

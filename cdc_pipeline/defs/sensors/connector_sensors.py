@@ -35,6 +35,7 @@ from cdc_pipeline.control.sensor_alerts import (
 from cdc_pipeline.control.source import slot_observation
 from cdc_pipeline.defs.sensors.shell import CONNECT_BUDGET_S, deliver
 from cdc_pipeline.defs.translator import CdcTranslator
+from cdc_pipeline.kafka_connect import ConnectError
 from cdc_pipeline.resources import (
     ControlPlaneResource,
     KafkaConnectResource,
@@ -42,7 +43,6 @@ from cdc_pipeline.resources import (
     NotifierResource,
     PostgresResource,
 )
-from cdc_pipeline.resources.connect import ConnectError
 
 
 def read_connector(kafka_connect: KafkaConnectResource, name: str) -> ConnectorReading:
@@ -50,7 +50,7 @@ def read_connector(kafka_connect: KafkaConnectResource, name: str) -> ConnectorR
     try:
         return ConnectorReading(status=kafka_connect.connector_status(name, budget_s=CONNECT_BUDGET_S))
     except ConnectError as exc:
-        if str(exc).startswith("404 "):
+        if exc.not_found:
             return ConnectorReading(missing=True)
         return ConnectorReading(error=f"Kafka Connect refused the status request: {exc}")
     except Exception as exc:  # unreachable Connect is an incident too
