@@ -337,7 +337,7 @@ def bench(
     consumer), latency under load, and peak memory; prints tables and writes JSON."""
     from cdc_pipeline.bench import SCENARIOS
     from cdc_pipeline.bench.main import run_bench
-    from cdc_pipeline.bench.run import BenchOptions
+    from cdc_pipeline.bench.scenarios import BenchOptions
     from cdc_pipeline.config import StreamConfig, trigger_interval_ms
 
     chosen = tuple(s.strip() for s in scenarios.split(",") if s.strip())

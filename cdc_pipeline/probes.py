@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import psycopg
 import requests
 
-from cdc_pipeline.clickhouse import connect_clickhouse
+from cdc_pipeline.clickhouse_client import connect_clickhouse
 from cdc_pipeline.jvm import DEBEZIUM_CONNECTOR_CLASS
 
 

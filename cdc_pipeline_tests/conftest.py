@@ -22,7 +22,7 @@ import pytest
 from clickhouse_connect.driver.client import Client
 
 from cdc_pipeline.bench.env import free_ports
-from cdc_pipeline.clickhouse import connect_clickhouse
+from cdc_pipeline.clickhouse_client import connect_clickhouse
 from cdc_pipeline.settings import Settings
 from cdc_pipeline.stack.lifecycle import LocalStack
 

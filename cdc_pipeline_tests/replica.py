@@ -7,7 +7,7 @@ import contextlib
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +24,22 @@ from cdc_pipeline.control.reconcile import diff, primary_key, replica_rows, sour
 from cdc_pipeline.control.replicas import ClickHouseReplica, WarehouseReplica
 from cdc_pipeline.resources import KafkaConnectResource
 from cdc_pipeline.settings import Settings
-from cdc_pipeline.streaming.launch import SparkSubmit, launch
+from cdc_pipeline.streaming.launch import SparkSubmit, submit_env
 from cdc_pipeline_tests.conftest import stop_process_group
+
+
+def launch(argv: Sequence[str], *, log_path: Path | None = None) -> subprocess.Popen:
+    """Start spark-submit detached (own session) with output to `log_path` (the tests' own streams; the
+    product starts its stream through control/stream.py)."""
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
+    try:
+        return subprocess.Popen(
+            list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=submit_env(), start_new_session=True,
+        )  # fmt: skip
+    finally:
+        if not isinstance(out, int):
+            out.close()
 
 
 @dataclass

@@ -31,7 +31,7 @@ from dagster import (
     build_sensor_context,
 )
 
-from cdc_pipeline.clickhouse import connect_clickhouse
+from cdc_pipeline.clickhouse_client import connect_clickhouse
 from cdc_pipeline.config import PipelineConfig
 from cdc_pipeline.connector import connector_name
 from cdc_pipeline.definitions import build_definitions

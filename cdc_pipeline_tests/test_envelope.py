@@ -12,7 +12,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from cdc_pipeline.streaming.batch import Change, DecodedBatch, anchor_positions, snapshot_points, unanchored_topics
-from cdc_pipeline.streaming.envelope import decode_envelope, latest_changes, version
+from cdc_pipeline.streaming.envelope import decode_envelope, version
 
 TOPIC = "shop.public.customers"
 
@@ -57,33 +57,6 @@ def test_decode_flags_bad_records_with_a_reason(spark: SparkSession) -> None:
     assert errors[2].startswith("missing key")
     assert errors[3].startswith("missing source position")
     assert errors[4] is None
-
-
-def test_latest_change_per_key_follows_source_position_not_arrival(spark: SparkSession) -> None:
-    records = [
-        envelope("u", 1, "late-commit", 300, 150),  # began first, committed last: must win
-        envelope("u", 1, "early-commit", 200, 190),
-        envelope("c", 2, "two", 210, 205),
-        envelope("d", 2, None, 220, 215),
-        envelope("r", 3, "snap", 50, 50),
-    ]
-    latest = {row.key_json: row for row in latest_changes(decode_envelope(kafka_rows(spark, records))).collect()}
-    assert json.loads(latest['{"id":1}'].after_json)["name"] == "late-commit"
-    assert latest['{"id":2}'].op == "d"
-    assert latest['{"id":3}'].op == "r"
-    assert len(latest) == 3
-
-
-def test_truncate_drops_earlier_changes_of_its_topic_only(spark: SparkSession) -> None:
-    records = [
-        envelope("c", 1, "before", 100, 100),
-        envelope("t", None, None, 200, 200),
-        envelope("c", 2, "after", 300, 300),
-    ]
-    other = [envelope("c", 9, "other-table", 100, 100)]
-    raw = kafka_rows(spark, records).unionByName(kafka_rows(spark, other, topic="shop.public.products"))
-    kept = {(row.topic, row.key_json) for row in latest_changes(decode_envelope(raw)).collect()}
-    assert kept == {(TOPIC, '{"id":2}'), ("shop.public.products", '{"id":9}')}
 
 
 @pytest.mark.parametrize(("a", "b"), [((1, 5), (2, 0)), ((2, 1), (2, 2))])

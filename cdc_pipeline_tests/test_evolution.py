@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from clickhouse_connect.driver.client import Client
 
-from cdc_pipeline.clickhouse import connect_clickhouse
+from cdc_pipeline.clickhouse_client import connect_clickhouse
 from cdc_pipeline.config import parse_pipeline_config
 from cdc_pipeline.settings import Settings
 from cdc_pipeline.stack.lifecycle import LocalStack

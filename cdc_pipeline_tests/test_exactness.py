@@ -16,7 +16,7 @@ import pytest
 from clickhouse_connect.driver.client import Client
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
-from cdc_pipeline.clickhouse import connect_clickhouse
+from cdc_pipeline.clickhouse_client import connect_clickhouse
 from cdc_pipeline.resources import KafkaResource
 from cdc_pipeline.settings import Settings
 from cdc_pipeline.stack.lifecycle import LocalStack

@@ -35,10 +35,10 @@ from cdc_pipeline.process import ProcessRecord, group_members
 from cdc_pipeline.resources import KafkaConnectResource
 from cdc_pipeline.settings import Settings
 from cdc_pipeline.stack.lifecycle import LocalStack
-from cdc_pipeline.streaming.launch import APPLICATION, SparkSubmit, launch
+from cdc_pipeline.streaming.launch import APPLICATION, SparkSubmit
 from cdc_pipeline.topics import pipeline_topics
 from cdc_pipeline_tests.conftest import wait_for
-from cdc_pipeline_tests.replica import RunningPipeline, pipeline_for_schema, write_schema_pipeline
+from cdc_pipeline_tests.replica import RunningPipeline, launch, pipeline_for_schema, write_schema_pipeline
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ import pytest
 from clickhouse_connect.driver.client import Client
 from psycopg import sql
 
-from cdc_pipeline.clickhouse import connect_clickhouse
+from cdc_pipeline.clickhouse_client import connect_clickhouse
 from cdc_pipeline.config import PipelineConfig, TableConfig, parse_pipeline_config
 from cdc_pipeline.control.backfill import SnapshotProgress, end_offsets, follow_snapshot
 from cdc_pipeline.control.reconcile import reconcile

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import pytest
 from clickhouse_connect.driver.client import Client
 
-from cdc_pipeline.clickhouse import connect_clickhouse
+from cdc_pipeline.clickhouse_client import connect_clickhouse
 from cdc_pipeline.stack.lifecycle import LocalStack
 from cdc_pipeline.streaming.envelope import version
 from cdc_pipeline.streaming.sink import ClickHouseSink, ReplicaTable

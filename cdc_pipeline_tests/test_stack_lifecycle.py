@@ -14,7 +14,7 @@ import pytest
 from confluent_kafka import Consumer, Producer
 from psycopg import sql
 
-from cdc_pipeline.clickhouse import connect_clickhouse
+from cdc_pipeline.clickhouse_client import connect_clickhouse
 from cdc_pipeline.process import port_open
 from cdc_pipeline.settings import Settings
 from cdc_pipeline.stack.lifecycle import LocalStack

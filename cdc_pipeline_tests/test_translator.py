@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from dagster import AssetKey, DagsterInstance, Definitions, SensorResult, build_sensor_context
 
-from cdc_pipeline.clickhouse import connect_clickhouse
+from cdc_pipeline.clickhouse_client import connect_clickhouse
 from cdc_pipeline.config import TableConfig
 from cdc_pipeline.definitions import build_definitions
 from cdc_pipeline.defs.translator import CdcTranslator

@@ -24,7 +24,7 @@ from typing import Any
 from clickhouse_connect.driver.client import Client
 from confluent_kafka import Consumer, TopicPartition
 
-from cdc_pipeline.clickhouse import connect_clickhouse
+from cdc_pipeline.clickhouse_client import connect_clickhouse
 from cdc_pipeline.config import PipelineConfig, load_pipeline_config
 from cdc_pipeline.settings import Settings
 from cdc_pipeline.streaming.envelope import ROW_OPS, TRUNCATE, version

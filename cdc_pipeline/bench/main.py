@@ -16,7 +16,7 @@ from rich.console import Console
 from cdc_pipeline.bench.env import throwaway_settings
 from cdc_pipeline.bench.memory import RssSampler, watch_stack
 from cdc_pipeline.bench.report import Report
-from cdc_pipeline.bench.run import BASELINE, Bench, BenchOptions
+from cdc_pipeline.bench.scenarios import BASELINE, Bench, BenchOptions
 from cdc_pipeline.settings import Settings
 
 

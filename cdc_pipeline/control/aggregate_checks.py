@@ -1,7 +1,7 @@
 """What Dagster asks of the pipeline's aggregates, without Dagster: the `matches_replica` check (the closed
 windows of an aggregate table against a recomputation from its replica, with the late changes the stream
 recorded), the rebuild (every window recomputed from the replica), and the metrics the stream recorded
-in its aggregate progress and late tables. defs/aggregates.py turns the results into check results,
+in its aggregate progress and late tables. defs/aggregate_assets.py turns the results into check results,
 materializations and observations."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 from clickhouse_connect.driver.binding import quote_identifier
 from clickhouse_connect.driver.client import Client
 
-from cdc_pipeline.clickhouse import command_int
+from cdc_pipeline.clickhouse_client import command_int
 from cdc_pipeline.config import AggregateConfig, PipelineConfig
 from cdc_pipeline.contract import LIVE_ROWS
 from cdc_pipeline.control.checks import CheckOutcome, Json

@@ -12,7 +12,7 @@ from clickhouse_connect.driver.binding import quote_identifier
 from clickhouse_connect.driver.client import Client
 from psycopg import sql
 
-from cdc_pipeline.clickhouse import command_int
+from cdc_pipeline.clickhouse_client import command_int
 from cdc_pipeline.contract import DELETED, IS_DELETED, LIVE_ROWS, META_NAMES, SOURCE_TS, VERSION
 
 

@@ -19,7 +19,7 @@ from dagster import (
 from dagster._utils.schedules import is_valid_cron_string
 
 from cdc_pipeline.config import PipelineConfig
-from cdc_pipeline.defs.aggregates import aggregate_key, build_aggregate_definitions
+from cdc_pipeline.defs.aggregate_assets import aggregate_key, build_aggregate_definitions
 from cdc_pipeline.defs.assets import build_assets, build_checks, checks_automation
 from cdc_pipeline.defs.health import build_check_services
 from cdc_pipeline.defs.jobs import build_jobs

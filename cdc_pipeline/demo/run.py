@@ -24,7 +24,7 @@ from rich.live import Live
 from rich.table import Table
 
 from cdc_pipeline.bench.env import free_ports
-from cdc_pipeline.clickhouse import connect_clickhouse
+from cdc_pipeline.clickhouse_client import connect_clickhouse
 from cdc_pipeline.config import PipelineConfig, parse_pipeline_config
 from cdc_pipeline.contract import LIVE_ROWS
 from cdc_pipeline.control.reconcile import primary_key, reconcile

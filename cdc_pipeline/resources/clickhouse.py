@@ -4,7 +4,7 @@ from clickhouse_connect.driver.client import Client
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from cdc_pipeline.clickhouse import connect_clickhouse
+from cdc_pipeline.clickhouse_client import connect_clickhouse
 from cdc_pipeline.probes import Health, clickhouse_health
 
 

@@ -521,7 +521,7 @@ class ClickHouseService(Service):
         return self.settings.clickhouse_password.get_secret_value() if self.settings.clickhouse_password else None
 
     def after_healthy(self) -> None:
-        from cdc_pipeline.clickhouse import connect_clickhouse
+        from cdc_pipeline.clickhouse_client import connect_clickhouse
 
         client = connect_clickhouse(self.endpoint, self.settings.clickhouse_user, self._password())
         try:

@@ -43,7 +43,7 @@ from typing import Any
 from clickhouse_connect.driver.binding import format_query_value, quote_identifier
 from clickhouse_connect.driver.client import Client
 
-from cdc_pipeline.clickhouse import command_int
+from cdc_pipeline.clickhouse_client import command_int
 from cdc_pipeline.config import AggregateConfig, MeasureConfig, PipelineConfig, duration_us
 from cdc_pipeline.contract import CLICKHOUSE_ENGINE, DELETED, IS_DELETED, LIVE, LIVE_ROWS, VERSION
 

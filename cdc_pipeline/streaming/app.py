@@ -24,7 +24,7 @@ from typing import Any
 from confluent_kafka import KafkaException
 from pyspark.sql import SparkSession
 
-from cdc_pipeline.clickhouse import connect_clickhouse
+from cdc_pipeline.clickhouse_client import connect_clickhouse
 from cdc_pipeline.config import PipelineConfig, load_pipeline_config
 from cdc_pipeline.settings import Settings
 from cdc_pipeline.streaming.apply import ChangeApplier

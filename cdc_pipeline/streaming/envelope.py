@@ -32,7 +32,7 @@ import json
 from collections import defaultdict
 from collections.abc import Sequence
 
-from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -178,24 +178,6 @@ def decode_envelope(raw: DataFrame) -> DataFrame:
     )
 
 
-def valid_changes(decoded: DataFrame) -> DataFrame:
-    return decoded.filter(F.col("error").isNull() & F.col("op").isNotNull())
-
-
-def truncate_positions(decoded: DataFrame) -> DataFrame:
-    """Per topic, the position of the last truncate in this batch (topic, trunc_commit_lsn, trunc_change_lsn)."""
-    last = F.max(F.struct("commit_lsn", "change_lsn"))
-    return (
-        valid_changes(decoded)
-        .filter(F.col("op") == TRUNCATE)
-        .groupBy("topic")
-        .agg(last.alias("t"))
-        .select(
-            "topic", F.col("t.commit_lsn").alias("trunc_commit_lsn"), F.col("t.change_lsn").alias("trunc_change_lsn")
-        )
-    )
-
-
 def records_at(raw: DataFrame, positions: Sequence[tuple[str, int, int]]) -> DataFrame:
     """The raw records at these (topic, partition, offset) positions (dead letters, the first record of a
     schema not seen before), with their value schema (JsonConverter's layout: `value_prefix`, see
@@ -221,30 +203,6 @@ def records_at(raw: DataFrame, positions: Sequence[tuple[str, int, int]]) -> Dat
         F.when(~_canonical(text), value_schema_text(text)).alias("value_schema"),
         _json(F.col("key").cast("string"), "$.schema").alias("key_schema"),
     )
-
-
-def row_changes(decoded: DataFrame) -> DataFrame:
-    """Every valid row change (c/r/u/d), without those that a later truncate in the same batch wipes out."""
-    rows = valid_changes(decoded).filter(F.col("op").isin(*ROW_OPS))
-    truncates = truncate_positions(decoded)
-    after_truncate = (F.col("trunc_commit_lsn").isNull()) | (
-        F.struct("commit_lsn", "change_lsn") > F.struct("trunc_commit_lsn", "trunc_change_lsn")
-    )
-    return rows.join(truncates, "topic", "left").filter(after_truncate).drop("trunc_commit_lsn", "trunc_change_lsn")
-
-
-def newest_first() -> list[Column]:
-    """Sort order of changes, newest first. Source position decides; partition/offset only break exact
-    ties (the same event delivered twice)."""
-    return [F.col(name).desc() for name in ("commit_lsn", "change_lsn", "partition", "offset")]
-
-
-def latest_changes(decoded: DataFrame) -> DataFrame:
-    """The last row change per (topic, primary key) by source position, dropping changes that a later
-    truncate in the same batch wipes out anyway."""
-    window = Window.partitionBy("topic", "key_json").orderBy(*newest_first())
-    rows = row_changes(decoded)
-    return rows.withColumn("_rank", F.row_number().over(window)).filter(F.col("_rank") == 1).drop("_rank")
 
 
 def version(commit_lsn: int, change_lsn: int) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -113,18 +112,3 @@ def submit_env(extra: Mapping[str, str] | None = None, master: str | None = None
         env.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     env.update(extra or {})
     return env
-
-
-def launch(
-    argv: Sequence[str], *, log_path: Path | None = None, env: Mapping[str, str] | None = None
-) -> subprocess.Popen:
-    """Start spark-submit detached (own session) with output to `log_path`."""
-    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
-    try:
-        return subprocess.Popen(
-            list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=submit_env(env), start_new_session=True,
-        )  # fmt: skip
-    finally:
-        if not isinstance(out, int):
-            out.close()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pyspark.sql import SparkSession
 
-from cdc_pipeline.clickhouse import connect_clickhouse
+from cdc_pipeline.clickhouse_client import connect_clickhouse
 from cdc_pipeline.config import load_pipeline_config
 from cdc_pipeline.control.replay_runner import read_result as read_result  # the reader's side, kept here too
 from cdc_pipeline.settings import Settings

@@ -33,7 +33,7 @@ from cdc_pipeline.bench import SCENARIOS
 from cdc_pipeline.bench.env import child_env, python_path_env
 from cdc_pipeline.bench.memory import SPARK, RssSampler
 from cdc_pipeline.bench.report import Report, Stage, percentile
-from cdc_pipeline.bench.source import (
+from cdc_pipeline.bench.table import (
     ORDERS,
     PROBE,
     BackgroundLoad,
@@ -42,7 +42,7 @@ from cdc_pipeline.bench.source import (
     fill_orders,
     update_burst,
 )
-from cdc_pipeline.clickhouse import connect_clickhouse
+from cdc_pipeline.clickhouse_client import connect_clickhouse
 from cdc_pipeline.config import PipelineConfig, StreamConfig, parse_pipeline_config
 from cdc_pipeline.connector import connector_name, prepare_source, provision_connector
 from cdc_pipeline.kafka_connect import ConnectClient
