@@ -1,11 +1,12 @@
-"""Provisioning outside Dagster (the `provision` command and the demo): the same steps and checks as
-Dagster's `provision` job, reporting each step through `say`; and waiting until the connector runs (the
-`provision` asset and the demo)."""
+"""Provisioning, one sequence for every caller (Dagster's `provision` asset, the `provision` command and
+the demo): prepare the source, check it (nothing is changed while a check fails), create the missing Kafka
+topics, create or update the connector; and waiting until the connector runs."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -14,14 +15,72 @@ from cdc_pipeline.config import PipelineConfig
 from cdc_pipeline.connector import connector_name, prepare_source, provision_connector
 from cdc_pipeline.control.checks import ConnectorStatuses
 from cdc_pipeline.control.rules import connector_running
-from cdc_pipeline.control.source import check_source
+from cdc_pipeline.control.source import SourceCheck, check_source
 from cdc_pipeline.kafka_connect import ConnectClient, ConnectError
 from cdc_pipeline.settings import Settings
-from cdc_pipeline.topics import ensure_topics
+from cdc_pipeline.topics import TopicReport, ensure_topics
 
 
 class ProvisionError(RuntimeError):
     """A source check failed or a system refused a step; the message names it."""
+
+
+class SourceChecksFailed(ProvisionError):
+    """A source check failed; nothing was provisioned. `checks` holds every check, passed or not."""
+
+    def __init__(self, checks: list[SourceCheck]) -> None:
+        self.checks = checks
+        lines = "\n".join(check.line() for check in self.failed)
+        super().__init__(f"source checks failed; no topic or connector was provisioned:\n{lines}")
+
+    @property
+    def failed(self) -> list[SourceCheck]:
+        return [check for check in self.checks if not check.ok]
+
+
+@dataclass(frozen=True)
+class Provisioned:
+    """What provisioning did: the source objects it created, the source checks (all passed), the topics,
+    and the connector's name and stored config."""
+
+    connector: str
+    created: list[str]
+    checks: list[SourceCheck]
+    topics: TopicReport
+    config: dict[str, Any]
+
+
+# log(level, line): "info" (a step), "warning" (a topic's), "passed" or "failed" (a source check).
+Log = Callable[[str, str], None]
+
+
+def provision(
+    pipeline: PipelineConfig,
+    *,
+    conninfo: str,
+    connect: ConnectClient | Any,
+    settings: Settings,
+    kafka_config: Mapping[str, Any],
+    log: Log,
+) -> Provisioned:
+    """Prepare the source (signal and heartbeat tables), check it (`SourceChecksFailed` before anything
+    else is changed), create the missing Kafka topics (`TopicError`), and create or update the connector
+    (`connect`: a ConnectClient or the Dagster resource around one). `settings` carries the source DSN the
+    connector config is rendered from."""
+    created = prepare_source(conninfo, pipeline)
+    for line in created:
+        log("info", line)
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        checks = check_source(conn, pipeline)
+    for check in checks:
+        log("passed" if check.ok else "failed", check.line())
+    if any(not check.ok for check in checks):
+        raise SourceChecksFailed(checks)
+    topics = ensure_topics(kafka_config, pipeline)
+    for line in topics.lines():
+        log("warning" if line.startswith("warning") else "info", line)
+    stored = provision_connector(connect, pipeline, settings, kafka_config=kafka_config)
+    return Provisioned(connector_name(pipeline), created, checks, topics, stored)
 
 
 class ConnectorFailed(RuntimeError):
@@ -58,21 +117,24 @@ def wait_connector_running(
 
 
 def provision_pipeline(settings: Settings, pipeline: PipelineConfig, say: Callable[[str], None]) -> str:
-    """Prepare the source (signal and heartbeat tables), check it (nothing is changed while a check
-    fails), create the missing Kafka topics, and create or update the connector; returns its name."""
-    try:
-        for step in prepare_source(settings.postgres_conninfo(), pipeline):
-            say(step)
-        with psycopg.connect(settings.postgres_conninfo(), autocommit=True) as conn:
-            failed = [check for check in check_source(conn, pipeline) if not check.ok]
-        if failed:
-            lines = "\n".join(check.line() for check in failed)
-            raise ProvisionError(f"source checks failed; no topic or connector was provisioned:\n{lines}")
-        for line in ensure_topics({"bootstrap.servers": settings.kafka_bootstrap_servers}, pipeline).lines():
+    """`provision` from the settings (the `provision` command and the demo), reporting each step but the
+    passed source checks through `say`; any failure is a `ProvisionError` naming it. Returns the connector's
+    name."""
+
+    def steps(level: str, line: str) -> None:
+        if level in ("info", "warning"):  # the failed source checks are in the error's message
             say(line)
-        provision_connector(ConnectClient(settings.connect_url), pipeline, settings)
+
+    try:
+        return provision(
+            pipeline,
+            conninfo=settings.postgres_conninfo(),
+            connect=ConnectClient(settings.connect_url),
+            settings=settings,
+            kafka_config={"bootstrap.servers": settings.kafka_bootstrap_servers},
+            log=steps,
+        ).connector
     except ProvisionError:
         raise
-    except Exception as exc:  # psycopg / Connect errors carry the server's own explanation
+    except Exception as exc:  # psycopg / Connect / topic errors carry the server's own explanation
         raise ProvisionError(f"provisioning failed: {exc}") from exc
-    return connector_name(pipeline)

@@ -25,7 +25,6 @@ from dagster import (
 )
 
 from cdc_pipeline.config import PipelineConfig, TableConfig
-from cdc_pipeline.connector import connector_name, prepare_source, provision_connector
 from cdc_pipeline.control.checks import (
     CHECKS,
     CheckOutcome,
@@ -35,9 +34,10 @@ from cdc_pipeline.control.checks import (
     replica_checks,
     source_observations,
 )
-from cdc_pipeline.control.provision import ConnectorFailed, wait_connector_running
+from cdc_pipeline.control.provision import ConnectorFailed, SourceChecksFailed, wait_connector_running
+from cdc_pipeline.control.provision import provision as provision_source_and_connector
 from cdc_pipeline.control.replicas import ClickHouseReplica, Replica, WarehouseReplica
-from cdc_pipeline.control.source import check_source
+from cdc_pipeline.control.source import SourceCheck
 from cdc_pipeline.defs.common import database_of, source_settings
 from cdc_pipeline.defs.translator import CdcTranslator, mask_secrets
 from cdc_pipeline.resources import (
@@ -48,7 +48,7 @@ from cdc_pipeline.resources import (
     MonitorResource,
     PostgresResource,
 )
-from cdc_pipeline.topics import TopicError, ensure_topics
+from cdc_pipeline.topics import TopicError
 
 
 def check_result(outcome: CheckOutcome, key: Any) -> AssetCheckResult:
@@ -63,6 +63,10 @@ def check_result(outcome: CheckOutcome, key: Any) -> AssetCheckResult:
         asset_key=key, check_name=outcome.check_name, passed=outcome.passed,
         severity=AssetCheckSeverity(outcome.severity), description=outcome.description, metadata=metadata,
     )  # fmt: skip
+
+
+def _checks_md(checks: list[SourceCheck]) -> MetadataValue:
+    return MetadataValue.md("\n".join(f"- {c.line()}" for c in checks))
 
 
 def build_assets(pipeline: PipelineConfig, translator: CdcTranslator) -> list[Any]:
@@ -94,43 +98,29 @@ def build_assets(pipeline: PipelineConfig, translator: CdcTranslator) -> list[An
         kafka: KafkaResource,
     ) -> MaterializeResult:
         """Check the source, create the signal/heartbeat tables and the missing topics, then create or
-        update the connector."""
-        pipeline = control_plane.load()
-        created = prepare_source(postgres.conninfo(), pipeline)
-        for line in created:
-            context.log.info(line)
-        with postgres.connect(autocommit=True) as conn:
-            checks = check_source(conn, pipeline)
-        for check in checks:
-            (context.log.info if check.ok else context.log.error)(check.line())
-        report = MetadataValue.md("\n".join(f"- {c.line()}" for c in checks))
-        failed = [c for c in checks if not c.ok]
-        if failed:
+        update the connector and wait until it runs (control/provision.py)."""
+        levels = {"failed": context.log.error, "warning": context.log.warning}
+        try:
+            done = provision_source_and_connector(
+                control_plane.load(), conninfo=postgres.conninfo(), connect=kafka_connect,
+                settings=source_settings(postgres), kafka_config=kafka.client_settings(),
+                log=lambda level, line: levels.get(level, context.log.info)(line),
+            )  # fmt: skip
+            status = wait_connector_running(kafka_connect, done.connector)
+        except SourceChecksFailed as exc:
             raise Failure(
-                description="source checks failed: " + "; ".join(c.line() for c in failed),
-                metadata={"source_checks": report},
-            )
-        try:
-            topics = ensure_topics(kafka.client_settings(), pipeline)
-        except TopicError as exc:
+                description="source checks failed: " + "; ".join(c.line() for c in exc.failed),
+                metadata={"source_checks": _checks_md(exc.checks)},
+            ) from None
+        except (TopicError, ConnectorFailed) as exc:
             raise Failure(description=str(exc)) from None
-        for line in topics.lines():
-            (context.log.warning if line.startswith("warning") else context.log.info)(line)
-        stored = provision_connector(
-            kafka_connect, pipeline, source_settings(postgres), kafka_config=kafka.client_settings()
-        )
-        name = connector_name(pipeline)
-        try:
-            status = wait_connector_running(kafka_connect, name)
-        except ConnectorFailed as exc:
-            raise Failure(str(exc)) from None
         return MaterializeResult(
             metadata={
-                "connector": name, "state": status["connector"]["state"], "tasks": len(status["tasks"]),
-                "worker": status["connector"].get("worker_id", ""), "source_checks": report,
-                "created": MetadataValue.json(created), "config": MetadataValue.json(mask_secrets(stored)),
-                "topics_created": MetadataValue.json(topics.created),
-                "topic_warnings": MetadataValue.json(topics.warnings),
+                "connector": done.connector, "state": status["connector"]["state"], "tasks": len(status["tasks"]),
+                "worker": status["connector"].get("worker_id", ""), "source_checks": _checks_md(done.checks),
+                "created": MetadataValue.json(done.created), "config": MetadataValue.json(mask_secrets(done.config)),
+                "topics_created": MetadataValue.json(done.topics.created),
+                "topic_warnings": MetadataValue.json(done.topics.warnings),
             }
         )  # fmt: skip
 
