@@ -331,7 +331,7 @@ def test_checkpoint_sensor_alerts_on_dead_unreadable_and_stalled_streams(control
         control.resources["control_plane"],
         **{"checkpoint_location": str(broken), "control_dir": str(control.work_dir / "control-copy")},
     )
-    control.evaluate("checkpoint_health", cursor_key="unreadable", pipeline=watcher)
+    control.evaluate("checkpoint_health", cursor_key="unreadable", control_plane=watcher)
     alerts = control.webhook.texts("checkpoint:")
     assert len(alerts) == 3 and "unreadable" in alerts[2], alerts
 
@@ -345,7 +345,7 @@ def test_checkpoint_sensor_alerts_on_dead_unreadable_and_stalled_streams(control
     watcher = replace(watcher, **{"checkpoint_location": str(stalled)})
     # A stall matters for a stream that should run: say so in the watcher's (copied) control state.
     watcher.controller(control.config)._write_state(desired="running")
-    control.evaluate("checkpoint_health", cursor_key="stalled", pipeline=watcher)
+    control.evaluate("checkpoint_health", cursor_key="stalled", control_plane=watcher)
     alerts = control.webhook.texts("checkpoint:")
     assert len(alerts) == 4 and f"batch {last + 1} started" in alerts[3], alerts
 
