@@ -178,13 +178,16 @@ def provision_connector(
     settings: Settings,
     *,
     kafka_config: Mapping[str, Any] | None = None,
+    create_topics: bool = True,
 ) -> dict[str, Any]:
     """Create the pipeline's missing topics (see `cdc_pipeline.topics`), then create or update its
     connector and return the connector's stored config; unchanged configs are left alone.
+    `create_topics=False` skips the topics (the caller created them).
     `kafka_config`: librdkafka settings of the cluster (default: the settings' bootstrap servers)."""
-    report = ensure_topics(kafka_config or {"bootstrap.servers": settings.kafka_bootstrap_servers}, pipeline)
-    for line in report.lines():
-        log.info("pipeline %s: %s", pipeline.name, line)
+    if create_topics:  # False: the caller has just created them (control/provision.py)
+        report = ensure_topics(kafka_config or {"bootstrap.servers": settings.kafka_bootstrap_servers}, pipeline)
+        for line in report.lines():
+            log.info("pipeline %s: %s", pipeline.name, line)
     name = connector_name(pipeline)
     desired = {**connector_config(pipeline, settings), "name": name}
     try:

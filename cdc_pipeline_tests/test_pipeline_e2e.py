@@ -137,6 +137,8 @@ def test_poison_records_go_to_the_dlq_and_the_stream_keeps_going(
         b"missing key": (None, json.dumps({**template, "payload": {**template["payload"], "op": "c"}}).encode()),
         b"conversion failed": (json.dumps({"payload": {"id": 999_990}}).encode(), json.dumps(bad_int).encode()),
         b"timestamp": (json.dumps({"payload": {"id": 999_991}}).encode(), json.dumps(bad_date).encode()),
+        # Bytes that are not text at all (invalid UTF-8, NUL), as key and value.
+        b"random bytes": (bytes(range(255, 127, -1)), bytes(range(256))[::-1] * 4),
     }
     producer = Producer(kafka.client_settings())
     for key, value in poison.values():
@@ -168,6 +170,7 @@ def test_poison_records_go_to_the_dlq_and_the_stream_keeps_going(
     reasons = b" | ".join(h["cdc.error"] for h in by_value.values())
     for expected in (b"malformed", b"unknown op", b"missing key", b"conversion failed", b"ISO 8601"):
         assert expected in reasons, (reasons, running.log_tail())
+    assert by_value[poison[b"random bytes"][1]]["cdc.error"].startswith(b"malformed"), by_value
 
 
 def test_added_column_appears_while_the_stream_runs(

@@ -58,14 +58,14 @@ def provision(
     pipeline: PipelineConfig,
     *,
     conninfo: str,
-    connect: ConnectClient | Any,
+    connect: ConnectClient,
     settings: Settings,
     kafka_config: Mapping[str, Any],
     log: Log,
 ) -> Provisioned:
     """Prepare the source (signal and heartbeat tables), check it (`SourceChecksFailed` before anything
     else is changed), create the missing Kafka topics (`TopicError`), and create or update the connector
-    (`connect`: a ConnectClient or the Dagster resource around one). `settings` carries the source DSN the
+    through `connect`. `settings` carries the source DSN the
     connector config is rendered from."""
     created = prepare_source(conninfo, pipeline)
     for line in created:
@@ -79,7 +79,7 @@ def provision(
     topics = ensure_topics(kafka_config, pipeline)
     for line in topics.lines():
         log("warning" if line.startswith("warning") else "info", line)
-    stored = provision_connector(connect, pipeline, settings, kafka_config=kafka_config)
+    stored = provision_connector(connect, pipeline, settings, kafka_config=kafka_config, create_topics=False)
     return Provisioned(connector_name(pipeline), created, checks, topics, stored)
 
 

@@ -102,7 +102,7 @@ def build_assets(pipeline: PipelineConfig, translator: CdcTranslator) -> list[An
         levels = {"failed": context.log.error, "warning": context.log.warning}
         try:
             done = provision_source_and_connector(
-                control_plane.load(), conninfo=postgres.conninfo(), connect=kafka_connect,
+                control_plane.load(), conninfo=postgres.conninfo(), connect=kafka_connect.client(),
                 settings=source_settings(postgres), kafka_config=kafka.client_settings(),
                 log=lambda level, line: levels.get(level, context.log.info)(line),
             )  # fmt: skip
