@@ -53,16 +53,26 @@ def _connect_error(status: int, method: str, path: str, message: str, url: str, 
 
 
 def _retryable(exc: BaseException) -> bool:
-    # Connection trouble and 409 (a rebalance in progress) pass; other answers are final.
+    """Connection trouble and a worker that cannot answer *yet* pass; other answers are final.
+    A rebalance shows up as 409 ("conflicting operation (e.g. worker rebalance)"), as 500 with Connect's
+    `RebalanceNeededException` ("Request cannot be completed because a rebalance is expected"), or as 503;
+    a worker too busy to answer in time says 500 "Request timed out". Every call this client makes is safe to
+    repeat (PUT of a config, pause, resume, restart; a repeated DELETE answers 404, which callers accept)."""
     if isinstance(exc, requests.ConnectionError | requests.Timeout):
         return True
-    return isinstance(exc, ConnectError) and exc.status == 409
+    if not isinstance(exc, ConnectError):
+        return False
+    if exc.status in (409, 503):
+        return True
+    message = exc.message.lower()
+    return exc.status >= 500 and ("rebalance" in message or "request timed out" in message)
 
 
 class ConnectClient:
-    """A Kafka Connect cluster's REST API. Every call is retried on connection errors and 409 (a rebalance);
-    other refusals raise `ConnectError`. `session`: a `requests.Session` to send through (default: a fresh
-    connection per request, as `requests.request` does); `sleep`: how to wait between attempts."""
+    """A Kafka Connect cluster's REST API. Every call is retried on connection errors and a rebalance
+    (409, 503, or 500 saying a rebalance is expected or the request timed out); other refusals raise
+    `ConnectError`. `session`: a `requests.Session` to send through (default: a fresh connection per
+    request, as `requests.request` does); `sleep`: how to wait between attempts."""
 
     def __init__(
         self,
@@ -80,7 +90,7 @@ class ConnectClient:
     def request(
         self, method: str, path: str, body: Any = None, *, budget_s: float | None = None, connector: str | None = None
     ) -> Any:
-        """One REST call, retried on connection errors and 409 (a rebalance). `budget_s` bounds the
+        """One REST call, retried on connection errors and a rebalance (see `_retryable`). `budget_s` bounds the
         whole call, retries included (sensors must answer within the daemon's evaluation timeout).
         `connector`: the connector the call is about (named in a `ConnectError`)."""
         deadline = None if budget_s is None else time.monotonic() + budget_s

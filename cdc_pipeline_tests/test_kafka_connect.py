@@ -1,5 +1,6 @@
 """The Kafka Connect REST client without a server: a fake `requests` transport adapter answers, so the
-requests sent, the retries (connection errors and 409, nothing else) and the error messages are checked."""
+requests sent, the retries (connection errors and a worker that cannot answer yet: 409, 503, 500 saying
+a rebalance is expected or a timeout; nothing else) and the error messages are checked."""
 
 from __future__ import annotations
 
@@ -93,6 +94,21 @@ def test_a_rebalance_and_connection_errors_are_retried() -> None:
     fake = FakeConnect(answer(409, {"message": "rebalance in progress"}), refuse, answer(200, {"connector": {}}))
     assert client(fake, sleeps=sleeps).connector_status("c") == {"connector": {}}
     assert len(fake.sent) == 3 and len(sleeps) == 2  # waited before each retry
+
+
+@pytest.mark.parametrize(
+    ("status", "message"),
+    [
+        (409, "Cannot complete request because of a conflicting operation (e.g. worker rebalance)"),
+        (500, "Request cannot be completed because a rebalance is expected"),  # seen in CI on a PUT's GET
+        (500, "Request timed out"),
+        (503, "Service Unavailable"),
+    ],
+)
+def test_a_worker_that_cannot_answer_yet_is_asked_again(status: int, message: str) -> None:
+    fake = FakeConnect(answer(status, {"error_code": status, "message": message}), answer(200, {"name": "c"}))
+    assert client(fake).connector_config("c") == {"name": "c"}
+    assert len(fake.sent) == 2
 
 
 def test_connection_errors_give_up_after_the_attempts_with_requests_own_error() -> None:

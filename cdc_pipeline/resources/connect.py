@@ -21,7 +21,8 @@ class KafkaConnectResource(ConfigurableResource):
         return ConnectClient(self.url, self.timeout_s)
 
     def request(self, method: str, path: str, body: Any = None, *, budget_s: float | None = None) -> Any:
-        """One REST call, retried on connection errors and 409 (a rebalance); `budget_s` bounds the whole call."""
+        """One REST call, retried on connection errors and a rebalance (see `ConnectClient`); `budget_s`
+        bounds the whole call."""
         return self.client().request(method, path, body, budget_s=budget_s)
 
     def connector_plugins(self) -> list[dict[str, Any]]:
