@@ -383,7 +383,11 @@ class SinkConfig(_Model):
 class StreamConfig(_Model):
     """The Spark Structured Streaming query that applies the changes."""
 
-    trigger_interval: str = Field("5 seconds", description="Micro-batch interval: `<N> milliseconds|seconds|minutes`.")
+    trigger_interval: str = Field(
+        "1 second",
+        description="Micro-batch interval: `<N> milliseconds|seconds|minutes`. A batch that takes longer starts the "
+        "next one at once; an idle stream only asks Kafka for new offsets.",
+    )
     checkpoint_location: str | None = Field(
         None, description="Spark checkpoint directory or URI; default: `<stack dir>/checkpoints/<name>`."
     )
@@ -398,6 +402,13 @@ class StreamConfig(_Model):
         gt=0,
         description="Byte budget of a micro-batch's Kafka records (key + value), e.g. `64MiB`; default: derived "
         "from the heap at start (a 1 GiB driver: 128 MiB). Offsets per trigger are lowered to fit it.",
+    )
+    read_parallelism: int | None = Field(
+        None,
+        gt=0,
+        description="Spark tasks that read and decode a micro-batch (Kafka source `minPartitions`): a Kafka "
+        "partition's offsets are split among them, so one busy partition uses every core. Default: Spark's "
+        "default parallelism (the master's cores); 1: one task per Kafka partition.",
     )
     starting_offsets: Literal["earliest", "latest"] = Field(
         "earliest", description="Where a query without a checkpoint starts reading."

@@ -152,6 +152,14 @@ def connector_config(pipeline: PipelineConfig, settings: Settings) -> dict[str, 
         "notification.enabled.channels": "sink",
         "notification.sink.topic.name": pipeline.notification_topic,
         "heartbeat.interval.ms": str(pipeline.source.heartbeat_interval_ms),
+        # Throughput and latency of capture (README: Benchmark). Debezium hands Connect batches of up to
+        # max.batch.size changes, and sleeps poll.interval.ms (its default: 500) whenever its queue is empty:
+        # a change committed then waits that long before it is even produced. The queue is bounded by bytes
+        # too, so wide rows cannot fill the worker's heap.
+        "poll.interval.ms": "50",
+        "max.batch.size": "4096",
+        "max.queue.size": "16384",
+        "max.queue.size.in.bytes": str(64 << 20),
         "key.converter": JSON_CONVERTER,
         "key.converter.schemas.enable": "true",
         "value.converter": JSON_CONVERTER,

@@ -57,7 +57,7 @@ def test_defaults_derive_from_the_name() -> None:
     assert pipeline.clickhouse_database("cdc") == "cdc"
     assert pipeline.signal_table_parts == ("public", "cdc_signal")
     assert pipeline.heartbeat_table_parts is None
-    assert pipeline.stream.trigger_interval_ms == 5_000
+    assert pipeline.stream.trigger_interval_ms == 1_000
     assert pipeline.topic_for(table) == "billing.public.customers"
     assert pipeline.sink_table(table) == "public_customers"
 
@@ -170,6 +170,12 @@ def test_every_error_is_reported_at_once() -> None:
 @pytest.mark.parametrize("interval", ["500 milliseconds", "1 second", "5 seconds", "2 minutes"])
 def test_trigger_intervals_parse(interval: str) -> None:
     assert PipelineConfig.model_validate(minimal(stream={"trigger_interval": interval})).stream.trigger_interval_ms > 0
+
+
+def test_read_parallelism_defaults_to_sparks_and_must_be_positive() -> None:
+    assert PipelineConfig.model_validate(minimal()).stream.read_parallelism is None
+    assert PipelineConfig.model_validate(minimal(stream={"read_parallelism": 4})).stream.read_parallelism == 4
+    assert "stream.read_parallelism: " in error_of(minimal(stream={"read_parallelism": 0}))
 
 
 def test_yaml_syntax_error_names_file_and_line(tmp_path: Path) -> None:

@@ -52,6 +52,10 @@ EXPECTED_PROPERTIES = {
     "interval.handling.mode",
     "binary.handling.mode",
     "hstore.handling.mode",
+    "poll.interval.ms",
+    "max.batch.size",
+    "max.queue.size",
+    "max.queue.size.in.bytes",
     "skipped.operations",
     "tombstones.on.delete",
     "signal.enabled.channels",
@@ -109,6 +113,20 @@ def test_password_is_an_env_reference_never_the_secret(example: PipelineConfig, 
     config = connector_config(example, offline_settings)
     assert config["database.password"] == "${env:CDC_POSTGRES_PASSWORD}"
     assert "s3cret" not in json.dumps(config)
+
+
+def test_capture_is_tuned_for_throughput_and_latency_and_the_pipeline_can_override_it(
+    example: PipelineConfig, offline_settings: Settings
+) -> None:
+    config = connector_config(example, offline_settings)
+    # Debezium's 500 ms idle sleep would delay every change committed while its queue is empty.
+    assert int(config["poll.interval.ms"]) <= 100
+    assert int(config["max.batch.size"]) < int(config["max.queue.size"])
+    assert 0 < int(config["max.queue.size.in.bytes"]) <= 128 << 20  # wide rows cannot fill the worker's heap
+    tuned = example.model_copy(
+        update={"source": example.source.model_copy(update={"connector_properties": {"poll.interval.ms": "500"}})}
+    )
+    assert connector_config(tuned, offline_settings)["poll.interval.ms"] == "500"
 
 
 def test_include_lists_are_escaped_regexes(example: PipelineConfig, offline_settings: Settings) -> None:

@@ -181,6 +181,9 @@ def run(pipeline: PipelineConfig, settings: Settings, checkpoint_location: str) 
         DeadLetters(settings.kafka_bootstrap_servers, pipeline.dlq_topic),
         on_batch=recorder.batch_applied,
     )
+    # Split each Kafka partition's offsets among the master's cores: decoding (the JSON parse) is most of a
+    # batch's time, and a table's topic has one partition. Ordering does not depend on it (source positions).
+    read_parallelism = pipeline.stream.read_parallelism or spark.sparkContext.defaultParallelism
     source = (
         spark.readStream.format("kafka")
         .option("kafka.bootstrap.servers", settings.kafka_bootstrap_servers)
@@ -190,6 +193,7 @@ def run(pipeline: PipelineConfig, settings: Settings, checkpoint_location: str) 
         # Missing offsets (retention, a recreated topic) stop the query loudly instead of skipping data.
         .option("failOnDataLoss", "true")
         .options(**KAFKA_OFFSET_FETCH)
+        .option("minPartitions", str(read_parallelism))
         .load()
     )
     query = (
