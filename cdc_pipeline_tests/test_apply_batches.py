@@ -37,9 +37,12 @@ def compact(message: Any) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode()
 
 
-def change(key: int, name: str | None, lsn: int, op: str = "c", **schema_extra: Any) -> tuple[bytes, bytes]:
+def change(
+    key: int, name: str | None, lsn: int, op: str = "c", snapshot: str | None = None, **schema_extra: Any
+) -> tuple[bytes, bytes]:
     """A change of `public.control` (id bigint, name text, and `extra` int when the schema says so), as
-    JsonConverter writes it."""
+    JsonConverter writes it; with `snapshot` (Debezium's marker: first, true, last_in_data_collection,
+    last...) a snapshot row of the snapshot at `lsn`."""
     fields = [
         {"type": "int64", "optional": False, "field": "id"},
         {"type": "string", "optional": True, "field": "name"},
@@ -59,6 +62,9 @@ def change(key: int, name: str | None, lsn: int, op: str = "c", **schema_extra: 
         **schema_extra,
     }
     source = {"lsn": lsn, "sequence": json.dumps([str(lsn), str(lsn)]), "ts_ms": 1_700_000_000_000}
+    if snapshot is not None:
+        op = "r"
+        source = {**source, "snapshot": snapshot, "sequence": json.dumps([None, str(lsn)])}
     payload = {"op": op, "before": None, "after": None if op == "d" else after, "source": source}
     key_schema = {"type": "struct", "fields": [{"type": "int64", "optional": False, "field": "id"}]}
     return compact({"schema": key_schema, "payload": {"id": key}}), compact({"schema": schema, "payload": payload})
@@ -123,4 +129,47 @@ def test_a_full_schema_cache_starts_over_without_dead_letters(
     # A known schema and a new one (a column added) in the same batch: the cache is full and cleared.
     run(spark, applier, 5, [change(2, "two", 50), change(3, "three", 51, extra=True)])
     assert replica(clickhouse, unique_name) == {1: "one", 2: "two", 3: "three"}
+    assert dead.letters == []
+
+
+def snapshot(lsn: int, rows: dict[int, str], *, complete: bool) -> list[tuple[bytes, bytes]]:
+    """A snapshot of `public.control` at `lsn` as Debezium marks it; `complete=False`: cut off after `rows`
+    (Kafka Connect killed mid-snapshot), so its last row carries no end marker."""
+    keys = sorted(rows)
+    markers = ["first" if i == 0 else "true" for i in range(len(keys))]
+    if complete:
+        markers[-1] = "last"
+    return [change(key, rows[key], lsn, snapshot=marker) for key, marker in zip(keys, markers, strict=True)]
+
+
+def test_a_snapshot_after_an_interrupted_one_leaves_no_row_the_source_deleted_in_between(
+    spark: Any, clickhouse: Client, unique_name: str, writer: Any
+) -> None:
+    """Connect killed mid-snapshot: the first snapshot wrote rows 1-3; 3 and 4 are deleted before the new
+    snapshot (4 came from the stream before it), which the stream will never send a delete for."""
+    applier, dead, _ = writer
+    run(spark, applier, 1, [change(4, "streamed", 50)])
+    run(spark, applier, 2, snapshot(100, {1: "one", 2: "two", 3: "three"}, complete=False))
+    assert replica(clickhouse, unique_name) == {1: "one", 2: "two", 3: "three", 4: "streamed"}
+    # The new snapshot's end is in the next batch (a replay of both batches gives the same replica).
+    second = snapshot(200, {1: "one v2", 2: "two", 5: "five"}, complete=True)
+    run(spark, applier, 3, second[:2])
+    run(spark, applier, 4, [*second[2:], change(6, "after", 300)])
+    assert replica(clickhouse, unique_name) == {1: "one v2", 2: "two", 5: "five", 6: "after"}
+    run(spark, applier, 3, second[:2])
+    run(spark, applier, 4, [*second[2:], change(6, "after", 300)])
+    assert replica(clickhouse, unique_name) == {1: "one v2", 2: "two", 5: "five", 6: "after"}
+    # A later complete snapshot after a complete one removes nothing (a blocking snapshot may be filtered).
+    run(spark, applier, 5, snapshot(400, {1: "one v3"}, complete=True))
+    assert replica(clickhouse, unique_name) == {1: "one v3", 2: "two", 5: "five", 6: "after"}
+    assert dead.letters == []
+
+
+def test_an_interrupted_snapshot_and_its_successor_in_one_batch(
+    spark: Any, clickhouse: Client, unique_name: str, writer: Any
+) -> None:
+    applier, dead, _ = writer
+    first = snapshot(100, {1: "one", 2: "two", 3: "three"}, complete=False)
+    run(spark, applier, 1, [*first, *snapshot(200, {1: "one", 2: "two v2"}, complete=True)])
+    assert replica(clickhouse, unique_name) == {1: "one", 2: "two v2"}
     assert dead.letters == []

@@ -12,7 +12,9 @@ from cdc_pipeline.streaming.batch import (
     Change,
     DecodedBatch,
     anchor_positions,
+    interrupted_before,
     positions,
+    snapshot_ends,
     snapshot_points,
     unanchored_topics,
 )
@@ -147,6 +149,29 @@ def test_snapshot_points_and_unanchored_topics_come_from_valid_changes_only() ->
     assert snapshot_points(table) == [(TOPIC, 0, 0, 100), (TOPIC, 1, 2, 200)]
     assert unanchored_topics(table) == []
     assert unanchored_topics(anchored_table(record(5, "u", 1, 90, 90, unanchored=True))) == [TOPIC]
+
+
+def test_snapshot_ends_are_valid_last_rows_and_absent_without_the_column() -> None:
+    schema = ANCHORED_SCHEMA.append(pa.field("snapshot_end", pa.bool_()))
+    rows = [
+        {"snapshot_lsn": None, "unanchored": False, "snapshot_end": None, **r}
+        for r in (
+            record(0, "r", 1, 100, 0, snapshot_lsn=100),
+            record(1, "r", 2, 100, 0, snapshot_lsn=100, snapshot_end=True),
+            record(2, "r", 3, 200, 0, snapshot_lsn=200, snapshot_end=True, error="bad"),
+        )
+    ]
+    assert snapshot_ends(pa.Table.from_pylist(rows, schema=schema)) == [(TOPIC, 0, 1, 100)]
+    assert snapshot_ends(anchored_table(record(0, "r", 1, 100, 0, snapshot_lsn=100))) == []
+
+
+def test_a_snapshot_is_interrupted_when_the_one_before_it_never_ended() -> None:
+    starts = [(0, 100), (27, 200), (300, 400)]
+    assert interrupted_before(starts, set(), 27) == 100  # 100 started at 0 and never ended
+    assert interrupted_before(starts, {100}, 27) is None
+    assert interrupted_before(starts, {100}, 300) == 200  # only the snapshot right before counts
+    assert interrupted_before(starts, {200}, 300) is None
+    assert interrupted_before(starts, set(), 0) is None  # the first snapshot of the topic
 
 
 def test_anchoring_moves_a_truncate_before_the_batch_decides_what_it_wipes() -> None:

@@ -43,7 +43,9 @@ from cdc_pipeline.streaming.batch import (
     DecodedBatch,
     SchemaUse,
     anchor_positions,
+    interrupted_before,
     positions,
+    snapshot_ends,
     snapshot_points,
     unanchored_topics,
 )
@@ -126,6 +128,7 @@ class BatchStats:
     clamped_values: int = 0
     toast_merged: int = 0
     sink_retries: int = 0
+    snapshot_repairs: int = 0  # tables swept after an interrupted snapshot (see _after_snapshot_ends)
     latest_source_ts_ms: int | None = None
     tables: dict[str, int] = field(default_factory=dict)
     # Where the batch's time went, in seconds: decode (the Spark job and the Arrow transfer), positions
@@ -253,6 +256,7 @@ class ChangeApplier:
         # Aggregates hook (streaming/aggregates.py): no cost for tables without aggregates.
         self.aggregates = StreamAggregates(pipeline, database, sink.client, self._retrying)
         self.snapshot_points = SnapshotPointLog(sink.client, database)
+        self._snapshot_ends: dict[str, list[tuple[int, int, int]]] = {}  # topic -> (partition, offset, lsn)
 
     def __call__(self, batch: DataFrame, batch_id: int) -> None:
         """Apply one micro-batch. Spark runs one job over it in the usual case: decode every record in one
@@ -332,6 +336,9 @@ class ChangeApplier:
         snapshots = snapshot_points(table)
         if snapshots:
             self._retrying(lambda: self.snapshot_points.record(snapshots), "recording snapshot points")
+        self._snapshot_ends = {}
+        for topic, partition, offset, lsn in snapshot_ends(table):
+            self._snapshot_ends.setdefault(topic, []).append((partition, offset, lsn))
         unanchored = unanchored_topics(table)
         if unanchored:
             points = self._retrying(lambda: self.snapshot_points.read(unanchored), "reading snapshot points")
@@ -480,6 +487,39 @@ class ChangeApplier:
                 )
                 stats.truncates += 1 if done else 0
             self._write_rows(found, table, columns, topic_schemas, changes.get(topic, []), stats)
+            self._after_snapshot_ends(topic, table, stats)
+        ends = [(t, p, o, lsn) for t, found_ends in self._snapshot_ends.items() for p, o, lsn in found_ends]
+        if ends:
+            self._retrying(lambda: self.snapshot_points.record_ends(ends), "recording snapshot ends")
+
+    def _after_snapshot_ends(self, topic: str, table: ReplicaTable, stats: BatchStats) -> None:
+        """A table snapshot completed in this batch right after one that was interrupted (Kafka Connect
+        killed mid-snapshot, see streaming/snapshots.py): rows the interrupted snapshot wrote, or the stream
+        before it, that the source deleted before this snapshot are in no record to come. Every replica row
+        older than this snapshot (it rewrote every row it read) is marked deleted as of it. A snapshot after
+        a complete one removes nothing (a blocking snapshot may have been filtered)."""
+        for partition, offset, lsn in self._snapshot_ends.get(topic, []):
+            starts, ended = self._retrying(
+                lambda p=partition: self.snapshot_points.history(topic, p), "reading snapshot history"
+            )
+            first = min((start for start, start_lsn in starts if start_lsn == lsn), default=offset)
+            interrupted = interrupted_before(starts, ended, first)
+            if interrupted is None:
+                continue
+            log.warning(
+                "%s: snapshot at LSN %s completed after snapshot at LSN %s was interrupted; marking deleted every "
+                "row of %s older than it (rows deleted in the source between the two snapshots)",
+                topic, lsn, interrupted, table.qualified,
+            )  # fmt: skip
+            self.aggregates.before_truncate(table)  # aggregates hook: every window is recomputed
+            row_version = version(lsn, 0)
+            done = self._retrying(
+                lambda v=row_version: self.sink.truncate(table, v, _ts(None)),
+                f"removing rows older than the snapshot at LSN {lsn} from {table.qualified}",
+                table,
+            )
+            self.aggregates.after_write(table)
+            stats.snapshot_repairs += 1 if done else 0
 
     # -- rows ----------------------------------------------------------------------------------------------
 

@@ -26,8 +26,8 @@ DECODED_COLUMNS = (
     "topic", "partition", "offset", "op", "commit_lsn", "change_lsn", "key_json", "after_json", "before_json",
     "value_schema_id", "key_schema_id", "source_ts_ms", "error",
 )  # fmt: skip
-# Where each snapshot starts and which changes have no previous commit position (see envelope.py).
-ANCHOR_COLUMNS = ("snapshot_lsn", "unanchored")
+# Where each snapshot starts and ends, and which changes have no previous commit position (see envelope.py).
+ANCHOR_COLUMNS = ("snapshot_lsn", "unanchored", "snapshot_end")
 
 # (topic, partition) -> [(first offset of a snapshot's rows, its LSN)] (see streaming/snapshots.py).
 SnapshotPoints = dict[tuple[str, int], list[tuple[int, int]]]
@@ -163,6 +163,29 @@ def snapshot_points(table: pa.Table) -> list[tuple[str, int, int, int]]:
             strict=True,
         )
     )
+
+
+def snapshot_ends(table: pa.Table) -> list[tuple[str, int, int, int]]:
+    """(topic, partition, offset, LSN) of each table snapshot that completes in the batch: its last row
+    (valid rows only)."""
+    if "snapshot_end" not in table.column_names:
+        return []
+    rows = _valid(table)
+    rows = rows.filter(pc.fill_null(rows.column("snapshot_end"), False))
+    return sorted(
+        zip(*(rows.column(name).to_pylist() for name in ("topic", "partition", "offset", "snapshot_lsn")), strict=True)
+    )
+
+
+def interrupted_before(starts: list[tuple[int, int]], ends: set[int], first_offset: int) -> int | None:
+    """The LSN of the snapshot that precedes the one starting at `first_offset` in a topic partition, when
+    that snapshot never completed (no end recorded for its LSN); else None. `starts`: (first offset, LSN)
+    of every snapshot of the partition; `ends`: the LSNs of those that completed."""
+    before = [(offset, lsn) for offset, lsn in starts if offset < first_offset]
+    if not before:
+        return None
+    _, lsn = max(before)
+    return None if lsn in ends else lsn
 
 
 def unanchored_topics(table: pa.Table) -> list[str]:

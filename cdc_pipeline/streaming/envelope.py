@@ -174,6 +174,9 @@ def decode_envelope(raw: DataFrame) -> DataFrame:
         # a streamed change has no previous commit position (the first transaction after a connector start).
         F.when(snapshot_row, lsn).alias("snapshot_lsn"),
         (~snapshot_row & sequence.getItem(0).isNull()).alias("unanchored"),
+        # The last row of a table in a snapshot (Debezium marks it `last_in_data_collection`, or `last` for
+        # the snapshot's very last row): the table's snapshot is complete (see batch.snapshot_ends).
+        (snapshot_row & snapshot.isin("last", "last_in_data_collection")).alias("snapshot_end"),
         error.alias("error"),
     )
 

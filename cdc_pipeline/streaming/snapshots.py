@@ -6,6 +6,13 @@ previous commit position, only its change LSN, which can be older than the snaps
 stream records every snapshot it applies as (topic, partition, first offset, LSN) in
 `<database>._cdc_snapshot_points` (a few rows per snapshot), and reads them back only for a batch
 that holds such a change, so a replay of any range finds the snapshots before it too.
+
+It also records where each table's snapshot completes (its last row, `last_in_data_collection` or `last`)
+in `<database>._cdc_snapshot_ends`. A snapshot that never completed was interrupted (Kafka Connect killed
+mid-snapshot): Debezium then takes a new snapshot, at a later LSN, and streams only what follows it. A row
+the first snapshot wrote and the source deleted before the second one is in neither the second snapshot
+nor the stream, so when the next snapshot of the table completes, the stream marks deleted every replica
+row older than it (see `ChangeApplier`).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from clickhouse_connect.driver.client import Client
 from cdc_pipeline.streaming.batch import SnapshotPoints
 
 SNAPSHOT_POINTS_TABLE = "_cdc_snapshot_points"
+SNAPSHOT_ENDS_TABLE = "_cdc_snapshot_ends"
 
 
 def snapshot_points_sql(database: str) -> str:
@@ -25,6 +33,14 @@ def snapshot_points_sql(database: str) -> str:
         f"CREATE TABLE IF NOT EXISTS {quote_identifier(database)}.{SNAPSHOT_POINTS_TABLE} "
         "(topic String, partition Int32, first_offset Int64, lsn UInt64) "
         "ENGINE = ReplacingMergeTree ORDER BY (topic, partition, lsn, first_offset)"
+    )
+
+
+def snapshot_ends_sql(database: str) -> str:
+    return (
+        f"CREATE TABLE IF NOT EXISTS {quote_identifier(database)}.{SNAPSHOT_ENDS_TABLE} "
+        "(topic String, partition Int32, lsn UInt64, last_offset Int64) "
+        "ENGINE = ReplacingMergeTree ORDER BY (topic, partition, lsn)"
     )
 
 
@@ -36,13 +52,28 @@ class SnapshotPointLog:
         self.client = client
         self.database = database
         self._table = f"{quote_identifier(database)}.{SNAPSHOT_POINTS_TABLE}"
+        self._ends = f"{quote_identifier(database)}.{SNAPSHOT_ENDS_TABLE}"
         self._created = False
         self._recorded: set[tuple[str, int, int]] = set()  # (topic, partition, lsn) recorded by this process
+        self._recorded_ends: set[tuple[str, int, int]] = set()
 
     def _ensure(self) -> None:
-        if not self._created:
-            self.client.command(snapshot_points_sql(self.database))
-            self._created = True
+        if self._created:
+            return
+        had_ends = self.client.query(
+            "SELECT count() FROM system.tables WHERE database = {db:String} AND name = {t:String}",
+            parameters={"db": self.database, "t": SNAPSHOT_ENDS_TABLE},
+        ).result_rows[0][0]
+        self.client.command(snapshot_points_sql(self.database))
+        self.client.command(snapshot_ends_sql(self.database))
+        if not had_ends:
+            # A replica from before ends were recorded: its snapshots count as complete (none is taken for
+            # interrupted, so nothing is removed on their account).
+            self.client.command(
+                f"INSERT INTO {self._ends} (topic, partition, lsn, last_offset) "
+                f"SELECT topic, partition, lsn, -1 FROM {self._table}"
+            )
+        self._created = True
 
     def record(self, points: Iterable[tuple[str, int, int, int]]) -> None:
         """Record (topic, partition, first_offset, lsn) points, once per (topic, partition, lsn) per process."""
@@ -54,6 +85,34 @@ class SnapshotPointLog:
             self._table, [list(point) for point in new], column_names=["topic", "partition", "first_offset", "lsn"]
         )
         self._recorded.update((topic, partition, lsn) for topic, partition, _, lsn in new)
+
+    def record_ends(self, ends: Iterable[tuple[str, int, int, int]]) -> None:
+        """Record (topic, partition, last offset, lsn) of table snapshots that completed."""
+        new = [end for end in ends if (end[0], end[1], end[3]) not in self._recorded_ends]
+        if not new:
+            return
+        self._ensure()
+        self.client.insert(
+            self._ends,
+            [[topic, partition, lsn, offset] for topic, partition, offset, lsn in new],
+            column_names=["topic", "partition", "lsn", "last_offset"],
+        )
+        self._recorded_ends.update((topic, partition, lsn) for topic, partition, _, lsn in new)
+
+    def history(self, topic: str, partition: int) -> tuple[list[tuple[int, int]], set[int]]:
+        """Every snapshot of a topic partition: [(first offset, lsn)] and the LSNs of those that completed."""
+        self._ensure()
+        params = {"topic": topic, "partition": partition}
+        starts = self.client.query(
+            f"SELECT min(first_offset), lsn FROM {self._table} "
+            "WHERE topic = {topic:String} AND partition = {partition:Int32} GROUP BY lsn",
+            parameters=params,
+        ).result_rows
+        ends = self.client.query(
+            f"SELECT DISTINCT lsn FROM {self._ends} WHERE topic = {{topic:String}} AND partition = {{partition:Int32}}",
+            parameters=params,
+        ).result_rows
+        return [(int(offset), int(lsn)) for offset, lsn in starts], {int(row[0]) for row in ends}
 
     def read(self, topics: Iterable[str]) -> SnapshotPoints:
         """(topic, partition) -> [(first offset, lsn)] of every recorded snapshot of these topics."""
