@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 from clickhouse_connect.driver.client import Client
-from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from cdc_pipeline.clickhouse_client import connect_clickhouse
 from cdc_pipeline.resources import KafkaResource
@@ -295,6 +295,43 @@ def test_a_blocking_snapshot_repairs_a_stale_replica_row(
         )
         source.execute(f'UPDATE "{s}".accounts SET balance = 0 WHERE id = 20')  # streamed after the snapshot
         assert running.wait_until_replica_matches(source, clickhouse, ["accounts"], timeout=300) == 20
+
+
+def test_connect_killed_mid_snapshot_leaves_no_row_deleted_before_the_new_snapshot(
+    settings: Settings,
+    local_stack: LocalStack,
+    source: psycopg.Connection,
+    clickhouse: Client,
+    unique_name: str,
+    tmp_path: Path,
+) -> None:
+    """Kafka Connect killed while its first snapshot runs: at restart Debezium takes a new snapshot, at a later
+    LSN, and streams only what follows it. Rows the first snapshot had already sent and the source deleted
+    before the second are in no record to come: the stream marks them deleted when the new snapshot completes."""
+    s, rows = unique_name, 60_000
+    source.execute(f'CREATE SCHEMA "{s}"')
+    source.execute(f'CREATE TABLE "{s}".events (id int PRIMARY KEY, note text)')
+    source.execute(f'INSERT INTO "{s}".events SELECT i, repeat(md5(i::text), 4) FROM generate_series(1, {rows}) i')
+    with pipeline_for_schema(settings, s, ["events"], tmp_path) as running:
+        (topic,) = running.config.topics()
+        running.start_stream()
+        consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": unique_name})
+
+        def in_kafka() -> int:
+            return int(consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=30, cached=False)[1])
+
+        try:
+            wait_for(lambda: in_kafka() >= 2000, 600, "the first 2000 snapshot rows in Kafka")
+            # Rows 1-50 come first in the table: the running snapshot has sent them already.
+            source.execute(f'DELETE FROM "{s}".events WHERE id <= 50')
+            local_stack.connect.process.stop(sig=signal.SIGKILL)
+            sent = in_kafka()
+        finally:
+            consumer.close()
+        assert sent < rows, "the snapshot completed before the kill: nothing was interrupted"
+        local_stack.up()
+        assert running.wait_until_replica_matches(source, clickhouse, ["events"], timeout=900) == rows - 50
+        assert "was interrupted; marking deleted every row" in running.log_path.read_text(errors="replace")
 
 
 # -- 4. poison records of any shape -------------------------------------------------------------------------------
