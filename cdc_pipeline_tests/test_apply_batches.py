@@ -172,4 +172,8 @@ def test_an_interrupted_snapshot_and_its_successor_in_one_batch(
     first = snapshot(100, {1: "one", 2: "two", 3: "three"}, complete=False)
     run(spark, applier, 1, [*first, *snapshot(200, {1: "one", 2: "two v2"}, complete=True)])
     assert replica(clickhouse, unique_name) == {1: "one", 2: "two v2"}
+    # A complete snapshot and the next one in one batch: the first is not taken for interrupted.
+    complete = [*snapshot(300, {1: "one", 7: "seven"}, complete=True), *snapshot(400, {1: "one v4"}, complete=True)]
+    run(spark, applier, 2, complete)
+    assert replica(clickhouse, unique_name) == {1: "one v4", 2: "two v2", 7: "seven"}
     assert dead.letters == []

@@ -336,8 +336,13 @@ class ChangeApplier:
         snapshots = snapshot_points(table)
         if snapshots:
             self._retrying(lambda: self.snapshot_points.record(snapshots), "recording snapshot points")
+        # Ends are recorded before any is acted on: a snapshot that completed earlier in this same batch is
+        # not taken for interrupted by the next one.
+        ends = snapshot_ends(table)
+        if ends:
+            self._retrying(lambda: self.snapshot_points.record_ends(ends), "recording snapshot ends")
         self._snapshot_ends = {}
-        for topic, partition, offset, lsn in snapshot_ends(table):
+        for topic, partition, offset, lsn in ends:
             self._snapshot_ends.setdefault(topic, []).append((partition, offset, lsn))
         unanchored = unanchored_topics(table)
         if unanchored:
@@ -488,9 +493,6 @@ class ChangeApplier:
                 stats.truncates += 1 if done else 0
             self._write_rows(found, table, columns, topic_schemas, changes.get(topic, []), stats)
             self._after_snapshot_ends(topic, table, stats)
-        ends = [(t, p, o, lsn) for t, found_ends in self._snapshot_ends.items() for p, o, lsn in found_ends]
-        if ends:
-            self._retrying(lambda: self.snapshot_points.record_ends(ends), "recording snapshot ends")
 
     def _after_snapshot_ends(self, topic: str, table: ReplicaTable, stats: BatchStats) -> None:
         """A table snapshot completed in this batch right after one that was interrupted (Kafka Connect
