@@ -15,6 +15,7 @@ from clickhouse_connect.driver.client import Client
 from cdc_pipeline.config import parse_pipeline_config
 from cdc_pipeline.streaming import apply as apply_module
 from cdc_pipeline.streaming.apply import ChangeApplier
+from cdc_pipeline.streaming.envelope import decode_envelope
 from cdc_pipeline.streaming.sink import ClickHouseSink
 
 pytestmark = pytest.mark.integration
@@ -177,3 +178,37 @@ def test_an_interrupted_snapshot_and_its_successor_in_one_batch(
     run(spark, applier, 2, complete)
     assert replica(clickhouse, unique_name) == {1: "one v4", 2: "two v2", 7: "seven"}
     assert dead.letters == []
+
+
+def test_the_streams_decoded_batches_read_raw_records_from_kafka_by_position(
+    spark: Any, clickhouse: Client, unique_name: str
+) -> None:
+    """The stream decodes in its own query (`decode_envelope(keep_raw=True)`): the writer reads the raw
+    records of a new schema and of dead letters through `read_records` (from Kafka, by position), not by
+    computing the batch's decode again."""
+    clickhouse.command(f"CREATE DATABASE IF NOT EXISTS `{unique_name}`")
+    pipeline = parse_pipeline_config(
+        {"name": "cap", "tables": [{"name": "public.control"}], "sink": {"clickhouse": {"database": unique_name}}}
+    )
+    records = [change(1, "one", 60), (b'{"id":2}', b"not json"), change(3, "three", 61)]
+    rows = [(key, value, TOPIC, 0, 600 + i) for i, (key, value) in enumerate(records)]
+    kafka = spark.createDataFrame(rows, "key binary, value binary, topic string, partition int, offset long")
+    asked: list[list[tuple[str, int, int]]] = []
+
+    def read_records(wanted: list[tuple[str, int, int]]) -> Any:
+        asked.append(wanted)
+        return kafka
+
+    dead = RecordingDeadLetters()
+    applier = ChangeApplier(
+        pipeline,
+        unique_name,
+        ClickHouseSink(clickhouse),
+        dead,
+        retry_seconds=5,
+        read_records=read_records,  # type: ignore[arg-type]
+    )
+    applier(decode_envelope(kafka, keep_raw=True), 6)
+    assert asked == [[(TOPIC, 0, 600)], [(TOPIC, 0, 601)]]  # the new schema's first record, the dead letter
+    assert replica(clickhouse, unique_name) == {1: "one", 3: "three"}
+    assert [(offset, value) for offset, _, value in dead.letters] == [(601, b"not json")]

@@ -12,7 +12,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from cdc_pipeline.streaming.batch import Change, DecodedBatch, anchor_positions, snapshot_points, unanchored_topics
-from cdc_pipeline.streaming.envelope import decode_envelope, version
+from cdc_pipeline.streaming.envelope import decode_envelope, offset_ranges, version
 
 TOPIC = "shop.public.customers"
 
@@ -156,3 +156,9 @@ def test_anchoring_uses_only_the_snapshots_before_the_change(spark: SparkSession
     # A snapshot before it with a newer LSN lifts it; one at its own offset or after does not count.
     assert by_offset(anchor_positions(table, {(TOPIC, 0): [(0, 400)]})) == [(100, 0), (400, 300)]
     assert by_offset(anchor_positions(table, {(TOPIC, 0): [(1, 400)]})) == [(100, 0), (300, 300)]
+
+
+def test_offset_ranges_cover_the_wanted_positions_of_each_partition() -> None:
+    wanted = [("a", 0, 7), ("a", 0, 3), ("a", 1, 5), ("b", 0, 9)]
+    assert offset_ranges(wanted) == ({"a": {"0": 3, "1": 5}, "b": {"0": 9}}, {"a": {"0": 8, "1": 6}, "b": {"0": 10}})
+    assert offset_ranges([]) == ({}, {})

@@ -31,14 +31,16 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError, DataError, OperationalError
 from pyspark.sql import DataFrame
-from pyspark.sql import functions as F
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from cdc_pipeline.config import PipelineConfig, TableConfig
 from cdc_pipeline.streaming.aggregates import StreamAggregates
 from cdc_pipeline.streaming.batch import (
+    ANCHOR_COLUMNS,
+    DECODED_COLUMNS,
     Change,
     DecodedBatch,
     SchemaUse,
@@ -50,7 +52,7 @@ from cdc_pipeline.streaming.batch import (
     unanchored_topics,
 )
 from cdc_pipeline.streaming.dlq import DeadLetters
-from cdc_pipeline.streaming.envelope import decode_envelope, records_at, schema_from_prefix, version
+from cdc_pipeline.streaming.envelope import decode_envelope, is_decoded, records_at, schema_from_prefix, version
 from cdc_pipeline.streaming.evolution import TypeConversionError
 from cdc_pipeline.streaming.sink import ClickHouseSink, ReplicaTable, ReplicaTableMissingError, normalize_key
 from cdc_pipeline.streaming.snapshots import SnapshotPointLog
@@ -236,6 +238,7 @@ class ChangeApplier:
         dead_letters: DeadLetters,
         on_batch: Callable[[BatchStats], None] | None = None,
         retry_seconds: float | None = None,
+        read_records: Callable[[list[tuple[str, int, int]]], DataFrame] | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.database = database
@@ -243,6 +246,9 @@ class ChangeApplier:
         self.dead_letters = dead_letters
         self.on_batch = on_batch
         self.retry_seconds = pipeline.stream.sink_retry_seconds if retry_seconds is None else retry_seconds
+        # Kafka records at these positions, read from Kafka itself (`app.py`): a decoded batch computes its
+        # whole decode again for any read, while the records of a new schema or a dead letter are a few.
+        self.read_records = read_records
         self._stats = BatchStats(-1)
         self._clamp_context: tuple[ReplicaTable | None, str | None] = (None, None)  # the row being converted
         # Parsed schemas by (topic, schema id), kept across batches: a schema's JSON is read and parsed
@@ -259,15 +265,21 @@ class ChangeApplier:
         self._snapshot_ends: dict[str, list[tuple[int, int, int]]] = {}  # topic -> (partition, offset, lsn)
 
     def __call__(self, batch: DataFrame, batch_id: int) -> None:
-        """Apply one micro-batch. Spark runs one job over it in the usual case: decode every record in one
-        pass and ship a few columns per record (no raw bytes) to the driver as Arrow. The batch is read
-        again only for the first record of a schema not seen before and for dead letters' raw bytes."""
+        """Apply one micro-batch: Kafka records, or the streaming query's decoded ones (`decode_envelope` with
+        `keep_raw`: the decode is planned once, when the query starts, not for every batch). Spark runs one
+        job over it in the usual case: decode every record in one pass and ship a few columns per record (no
+        raw bytes) to the driver as Arrow. The batch is read again only for the first record of a schema not
+        seen before and for dead letters' raw bytes."""
         stats = self._stats = BatchStats(batch_id)
         self._dead = []
         self._refused = {}
         started = now = time.perf_counter()
-        decoded = decode_envelope(batch).filter(F.col("op").isNotNull() | F.col("error").isNotNull())
-        table = decoded.toArrow()
+        if not is_decoded(batch):  # a replay, or a test: raw Kafka records
+            batch = decode_envelope(batch, keep_raw=True)
+        table = batch.select(*DECODED_COLUMNS, *ANCHOR_COLUMNS).toArrow()
+        # Tombstones carry nothing. Filtered here, not in Spark: a filter would be pushed below the decode and
+        # parse every record twice.
+        table = table.filter(pc.or_(pc.is_valid(table.column("op")), pc.is_valid(table.column("error"))))
         now = stats.timed("decode", now)
         found = DecodedBatch.of(self._positions(table))
         now = stats.timed("positions", now)
@@ -359,12 +371,17 @@ class ChangeApplier:
             return
         raw = {
             (row.topic, row.partition, row.offset): (row.key, row.value)
-            for row in records_at(batch, positions(record for record, _ in self._dead)).collect()
+            for row in self._records_at(batch, positions(record for record, _ in self._dead))
         }
         for record, reason in self._dead:
             key, value = raw.get((record.topic, record.partition, record.offset), (None, None))
             self.dead_letters.send(key, value, reason, record.topic, record.partition, record.offset)
         self._dead = []
+
+    def _records_at(self, batch: DataFrame, wanted: list[tuple[str, int, int]]) -> list[Any]:
+        """The raw records of the batch at these positions (see `envelope.records_at`)."""
+        source = self.read_records(wanted) if self.read_records is not None and is_decoded(batch) else batch
+        return records_at(source, wanted).collect()
 
     def _schemas(self, batch: DataFrame, found: DecodedBatch) -> dict[str, _Schemas]:
         uses = [u for u in found.schema_uses if self.pipeline.table_for_topic(u.topic) is not None]
@@ -378,7 +395,7 @@ class ChangeApplier:
             if len(self._value_schemas) + len(self._key_schemas) > SCHEMA_CACHE_LIMIT:
                 self._value_schemas.clear()
                 self._key_schemas.clear()
-            for row in records_at(batch, positions(u for u in uses if unknown(u))).collect():
+            for row in self._records_at(batch, positions(u for u in uses if unknown(u))):
                 texts[(row.topic, row.partition, row.offset)] = row
         by_topic: dict[str, _Schemas] = defaultdict(_Schemas)
         for use in uses:

@@ -86,14 +86,16 @@ def _value_schema_id(value: Column) -> tuple[Column, Column]:
     return schema_id, canonical | schema.isNotNull()
 
 
-def decode_envelope(raw: DataFrame) -> DataFrame:
+def decode_envelope(raw: DataFrame, *, keep_raw: bool = False) -> DataFrame:
     """One row per Kafka record: op, source position, key/after/before JSON, schema ids and `error`
-    (null when valid). The value is parsed once (`from_json`), not once per field; the raw key and value
-    bytes are not carried along (fetch them by (topic, partition, offset) for the few dead letters).
+    (null when valid). The value is parsed once (`from_json`), not once per field. With `keep_raw`, the
+    raw `key` and `value` columns follow (the streaming query decodes in its own plan, and the batch writer
+    reads the raw bytes of the few dead letters and new schemas from the same rows, see `records_at`).
 
     Tombstones (null value, emitted after a delete for log compaction) get op null and no error:
     they carry nothing to apply.
     """
+    raw_columns = ["key", "value"] if keep_raw else []
     text = F.col("value").cast("string")
     value_schema_id, has_value_schema = _value_schema_id(text)
     # Each stage is its own projection: every parse runs once per record and later stages refer to its
@@ -102,6 +104,7 @@ def decode_envelope(raw: DataFrame) -> DataFrame:
         "topic",
         "partition",
         "offset",
+        *raw_columns,
         F.col("value").isNull().alias("_tombstone"),
         F.from_json(text, VALUE_TYPE).getField("payload").alias("_p"),
         F.from_json(F.col("key").cast("string"), KEY_TYPE).alias("_k"),
@@ -113,6 +116,7 @@ def decode_envelope(raw: DataFrame) -> DataFrame:
         "topic",
         "partition",
         "offset",
+        *raw_columns,
         "_tombstone",
         "_has_schema",
         "value_schema_id",
@@ -178,13 +182,36 @@ def decode_envelope(raw: DataFrame) -> DataFrame:
         # the snapshot's very last row): the table's snapshot is complete (see batch.snapshot_ends).
         (snapshot_row & snapshot.isin("last", "last_in_data_collection")).alias("snapshot_end"),
         error.alias("error"),
+        *raw_columns,
     )
+
+
+def is_decoded(records: DataFrame) -> bool:
+    """Whether `records` come from `decode_envelope(..., keep_raw=True)` (the streaming query's own plan)
+    rather than straight from Kafka."""
+    return {"after_json", "error", "key", "value"} <= set(records.columns)
+
+
+def offset_ranges(
+    positions: Sequence[tuple[str, int, int]],
+) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
+    """The Kafka `startingOffsets` and `endingOffsets` (exclusive) that hold these (topic, partition, offset)
+    positions: per partition, its first to its last wanted offset."""
+    starting: dict[str, dict[str, int]] = {}
+    ending: dict[str, dict[str, int]] = {}
+    for topic, partition, offset in positions:
+        first = starting.setdefault(topic, {}).get(str(partition), offset)
+        last = ending.setdefault(topic, {}).get(str(partition), offset + 1)
+        starting[topic][str(partition)] = min(first, offset)
+        ending[topic][str(partition)] = max(last, offset + 1)
+    return starting, ending
 
 
 def records_at(raw: DataFrame, positions: Sequence[tuple[str, int, int]]) -> DataFrame:
     """The raw records at these (topic, partition, offset) positions (dead letters, the first record of a
-    schema not seen before), with their value schema (JsonConverter's layout: `value_prefix`, see
-    `schema_from_prefix`; else the JSON text `value_schema`) and the JSON text of their key schema."""
+    schema not seen before), of Kafka records or of decoded ones that kept them (`keep_raw`), with their value
+    schema (JsonConverter's layout: `value_prefix`, see `schema_from_prefix`; else the JSON text
+    `value_schema`) and the JSON text of their key schema."""
     by_partition: dict[tuple[str, int], list[int]] = defaultdict(list)
     for topic, partition, offset in positions:
         by_partition[(topic, partition)].append(offset)
