@@ -304,6 +304,10 @@ def stream_run(
     "--latency-seconds", default=60.0, show_default=True, type=click.FloatRange(min=1), help="Latency window."
 )
 @click.option(
+    "--latency-warmup-seconds", default=20.0, show_default=True, type=click.FloatRange(min=0),
+    help="Load before the latency window (not measured): the JVM's first batches compile and catch up.",
+)  # fmt: skip
+@click.option(
     "--scenarios", default="snapshot,burst,catchup,latency", show_default=True, help="Comma list of scenarios."
 )
 @click.option(
@@ -323,6 +327,7 @@ def bench(
     rows: int,
     rate: int,
     latency_seconds: float,
+    latency_warmup_seconds: float,
     scenarios: str,
     output: Path,
     keep_stack: bool,
@@ -354,7 +359,8 @@ def bench(
             raise click.BadParameter(str(exc), param_hint=hint) from None
     defaults = StreamConfig()
     options = BenchOptions(
-        rows=rows, rate=rate, latency_seconds=latency_seconds, scenarios=chosen,
+        rows=rows, rate=rate, latency_seconds=latency_seconds, latency_warmup_seconds=latency_warmup_seconds,
+        scenarios=chosen,
         rows_per_transaction=rows_per_transaction,
         trigger_interval=trigger_interval or defaults.trigger_interval,
         max_offsets_per_trigger=max_offsets_per_trigger or defaults.max_offsets_per_trigger,

@@ -401,7 +401,8 @@ class StreamConfig(_Model):
         None,
         gt=0,
         description="Byte budget of a micro-batch's Kafka records (key + value), e.g. `64MiB`; default: derived "
-        "from the heap at start (a 1 GiB driver: 128 MiB). Offsets per trigger are lowered to fit it.",
+        "from the heap at start ((heap - 300 MiB) / 8: a 1 GiB driver, about 90 MiB). Offsets per trigger are "
+        "lowered to fit it.",
     )
     read_parallelism: int | None = Field(
         None,

@@ -45,7 +45,7 @@ def test_bench_measures_every_scenario(local_stack: LocalStack, tmp_path: Path) 
     result = subprocess.run(
         [
             sys.executable, "-m", "cdc_pipeline.cli", "bench", "--rows", "2000", "--latency-seconds", "10",
-            "--rate", "100", "--use-running-stack", "--output", str(output),
+            "--latency-warmup-seconds", "5", "--rate", "100", "--use-running-stack", "--output", str(output),
         ],
         cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True, timeout=1700,
     )  # fmt: skip

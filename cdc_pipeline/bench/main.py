@@ -40,6 +40,7 @@ def run_bench(base: Settings, options: BenchOptions, *, output: Path, use_runnin
             "rows": options.rows,
             "rate": options.rate,
             "latency_seconds": options.latency_seconds,
+            "latency_warmup_seconds": options.latency_warmup_seconds,
             "scenarios": list(options.scenarios),
             "rows_per_transaction": options.rows_per_transaction,
             "use_running_stack": use_running_stack,
