@@ -111,20 +111,27 @@ def bind_to_jvm() -> int | None:
     return jvm
 
 
-def read_records(spark: SparkSession, settings: Settings, wanted: list[tuple[str, int, int]]) -> DataFrame:
-    """The Kafka records from the first to the last of these (topic, partition, offset) positions of each
-    partition (the batch writer keeps the wanted ones, see `envelope.records_at`)."""
-    starting, ending = offset_ranges(wanted)
+def read_kafka_range(
+    spark: SparkSession, settings: Settings, starting: dict[str, dict[str, int]], ending: dict[str, dict[str, int]]
+) -> DataFrame:
+    """The Kafka records from `starting` to `ending` (exclusive), both {"topic": {"partition": offset}}."""
+    assign = {topic: sorted(int(p) for p in partitions) for topic, partitions in starting.items()}
     return (
         spark.read.format("kafka")
         .option("kafka.bootstrap.servers", settings.kafka_bootstrap_servers)
-        .option("assign", json.dumps({topic: sorted(int(p) for p in parts) for topic, parts in starting.items()}))
+        .option("assign", json.dumps(assign))
         .option("startingOffsets", json.dumps(starting))
         .option("endingOffsets", json.dumps(ending))
         .option("failOnDataLoss", "true")
         .options(**KAFKA_OFFSET_FETCH)
         .load()
     )
+
+
+def read_records(spark: SparkSession, settings: Settings, wanted: list[tuple[str, int, int]]) -> DataFrame:
+    """The Kafka records from the first to the last of these (topic, partition, offset) positions of each
+    partition (the batch writer keeps the wanted ones, see `envelope.records_at`)."""
+    return read_kafka_range(spark, settings, *offset_ranges(wanted))
 
 
 def trigger_limit(spark: SparkSession, pipeline: PipelineConfig, settings: Settings) -> TriggerLimit:

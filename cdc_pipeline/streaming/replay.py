@@ -27,7 +27,7 @@ from cdc_pipeline.clickhouse_client import connect_clickhouse
 from cdc_pipeline.config import load_pipeline_config
 from cdc_pipeline.control.replay_runner import read_result as read_result  # the reader's side, kept here too
 from cdc_pipeline.settings import Settings
-from cdc_pipeline.streaming.app import KAFKA_OFFSET_FETCH, bind_to_jvm
+from cdc_pipeline.streaming.app import bind_to_jvm, read_kafka_range
 from cdc_pipeline.streaming.apply import BatchStats, ChangeApplier
 from cdc_pipeline.streaming.dlq import DeadLetters
 from cdc_pipeline.streaming.evolution import SchemaEvolution
@@ -59,17 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     database = pipeline.clickhouse_database(settings.clickhouse_database)
 
     spark = SparkSession.builder.appName(f"{pipeline.query_name}_replay").getOrCreate()
-    assign = {topic: [int(p) for p in partitions] for topic, partitions in starting.items()}
-    records = (
-        spark.read.format("kafka")
-        .option("kafka.bootstrap.servers", settings.kafka_bootstrap_servers)
-        .option("assign", json.dumps(assign))
-        .option("startingOffsets", json.dumps(starting))
-        .option("endingOffsets", json.dumps(ending))
-        .option("failOnDataLoss", "true")
-        .options(**KAFKA_OFFSET_FETCH)
-        .load()
-    )
+    records = read_kafka_range(spark, settings, starting, ending)
     result: dict[str, BatchStats] = {}
     evolution = SchemaEvolution.from_settings(pipeline, settings)
     applier = ChangeApplier(
