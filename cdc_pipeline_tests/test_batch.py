@@ -12,6 +12,7 @@ from cdc_pipeline.streaming.batch import (
     Change,
     DecodedBatch,
     anchor_positions,
+    initial_snapshot_ends,
     interrupted_before,
     positions,
     snapshot_ends,
@@ -165,6 +166,23 @@ def test_snapshot_ends_are_valid_last_rows_and_absent_without_the_column() -> No
     assert snapshot_ends(anchored_table(record(0, "r", 1, 100, 0, snapshot_lsn=100))) == []
 
 
+def test_initial_snapshot_ends_are_those_whose_rows_have_no_previous_commit() -> None:
+    schema = ANCHORED_SCHEMA.append(pa.field("snapshot_end", pa.bool_()))
+    schema = schema.append(pa.field("snapshot_initial", pa.bool_()))
+    rows = [
+        {"snapshot_lsn": None, "unanchored": False, "snapshot_end": None, "snapshot_initial": None, **r}
+        for r in (
+            record(0, "r", 1, 100, 0, snapshot_lsn=100, snapshot_end=True, snapshot_initial=True),
+            record(1, "r", 2, 200, 0, snapshot_lsn=200, snapshot_end=True, snapshot_initial=False),  # blocking
+            record(2, "r", 3, 300, 0, snapshot_lsn=300, snapshot_initial=True),  # not the last row
+        )
+    ]
+    table = pa.Table.from_pylist(rows, schema=schema)
+    assert initial_snapshot_ends(table) == {(TOPIC, 0, 100)}
+    assert snapshot_ends(table) == [(TOPIC, 0, 0, 100), (TOPIC, 0, 1, 200)]
+    assert initial_snapshot_ends(table.drop_columns(["snapshot_initial"])) == set()
+
+
 def test_a_snapshot_is_interrupted_when_the_one_before_it_never_ended() -> None:
     starts = [(0, 100), (27, 200), (300, 400)]
     assert interrupted_before(starts, set(), 27) == 100  # 100 started at 0 and never ended
@@ -172,6 +190,10 @@ def test_a_snapshot_is_interrupted_when_the_one_before_it_never_ended() -> None:
     assert interrupted_before(starts, {100}, 300) == 200  # only the snapshot right before counts
     assert interrupted_before(starts, {200}, 300) is None
     assert interrupted_before(starts, set(), 0) is None  # the first snapshot of the topic
+    # An initial snapshot (the connector started without offsets) after a complete one: streamed deletes in
+    # between may be lost; the first snapshot of a topic still has nothing before it.
+    assert interrupted_before(starts, {100, 200}, 300, initial=True) == 200
+    assert interrupted_before(starts, set(), 0, initial=True) is None
 
 
 def test_anchoring_moves_a_truncate_before_the_batch_decides_what_it_wipes() -> None:

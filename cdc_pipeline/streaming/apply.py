@@ -45,6 +45,7 @@ from cdc_pipeline.streaming.batch import (
     DecodedBatch,
     SchemaUse,
     anchor_positions,
+    initial_snapshot_ends,
     interrupted_before,
     positions,
     snapshot_ends,
@@ -262,7 +263,8 @@ class ChangeApplier:
         # Aggregates hook (streaming/aggregates.py): no cost for tables without aggregates.
         self.aggregates = StreamAggregates(pipeline, database, sink.client, self._retrying)
         self.snapshot_points = SnapshotPointLog(sink.client, database)
-        self._snapshot_ends: dict[str, list[tuple[int, int, int]]] = {}  # topic -> (partition, offset, lsn)
+        # topic -> (partition, offset, lsn, taken at a connector start without offsets)
+        self._snapshot_ends: dict[str, list[tuple[int, int, int, bool]]] = {}
 
     def __call__(self, batch: DataFrame, batch_id: int) -> None:
         """Apply one micro-batch: Kafka records, or the streaming query's decoded ones (`decode_envelope` with
@@ -354,8 +356,10 @@ class ChangeApplier:
         if ends:
             self._retrying(lambda: self.snapshot_points.record_ends(ends), "recording snapshot ends")
         self._snapshot_ends = {}
+        initial = initial_snapshot_ends(table)
         for topic, partition, offset, lsn in ends:
-            self._snapshot_ends.setdefault(topic, []).append((partition, offset, lsn))
+            taken_at_start = (topic, partition, lsn) in initial
+            self._snapshot_ends.setdefault(topic, []).append((partition, offset, lsn, taken_at_start))
         unanchored = unanchored_topics(table)
         if unanchored:
             points = self._retrying(lambda: self.snapshot_points.read(unanchored), "reading snapshot points")
@@ -512,23 +516,30 @@ class ChangeApplier:
             self._after_snapshot_ends(topic, table, stats)
 
     def _after_snapshot_ends(self, topic: str, table: ReplicaTable, stats: BatchStats) -> None:
-        """A table snapshot completed in this batch right after one that was interrupted (Kafka Connect
-        killed mid-snapshot, see streaming/snapshots.py): rows the interrupted snapshot wrote, or the stream
-        before it, that the source deleted before this snapshot are in no record to come. Every replica row
-        older than this snapshot (it rewrote every row it read) is marked deleted as of it. A snapshot after
-        a complete one removes nothing (a blocking snapshot may have been filtered)."""
-        for partition, offset, lsn in self._snapshot_ends.get(topic, []):
+        """A table snapshot completed in this batch after an earlier snapshot of the topic, and rows the source
+        deleted between the two may be in no record (see streaming/snapshots.py): the earlier snapshot was
+        interrupted (Kafka Connect killed mid-snapshot), or this one is an initial snapshot (the connector
+        started without offsets, e.g. killed before it flushed them, and streams only what follows this
+        snapshot). Every replica row older than this snapshot (it rewrote every row it read) is marked
+        deleted as of it. A blocking snapshot after a complete one removes nothing (it may carry a filter,
+        and streaming went on around it)."""
+        for partition, offset, lsn, initial in self._snapshot_ends.get(topic, []):
             starts, ended = self._retrying(
                 lambda p=partition: self.snapshot_points.history(topic, p), "reading snapshot history"
             )
             first = min((start for start, start_lsn in starts if start_lsn == lsn), default=offset)
-            interrupted = interrupted_before(starts, ended, first)
-            if interrupted is None:
+            previous = interrupted_before(starts, ended, first, initial=initial)
+            if previous is None:
                 continue
+            why = (
+                f"the snapshot at LSN {previous} before it was interrupted"
+                if previous not in ended
+                else "the connector took it when it started without offsets"
+            )
             log.warning(
-                "%s: snapshot at LSN %s completed after snapshot at LSN %s was interrupted; marking deleted every "
-                "row of %s older than it (rows deleted in the source between the two snapshots)",
-                topic, lsn, interrupted, table.qualified,
+                "%s: snapshot at LSN %s completed and %s; marking deleted every row of %s older than it (rows "
+                "deleted in the source between the two snapshots)",
+                topic, lsn, why, table.qualified,
             )  # fmt: skip
             self.aggregates.before_truncate(table)  # aggregates hook: every window is recomputed
             row_version = version(lsn, 0)

@@ -27,7 +27,7 @@ DECODED_COLUMNS = (
     "value_schema_id", "key_schema_id", "source_ts_ms", "error",
 )  # fmt: skip
 # Where each snapshot starts and ends, and which changes have no previous commit position (see envelope.py).
-ANCHOR_COLUMNS = ("snapshot_lsn", "unanchored", "snapshot_end")
+ANCHOR_COLUMNS = ("snapshot_lsn", "unanchored", "snapshot_end", "snapshot_initial")
 
 # (topic, partition) -> [(first offset of a snapshot's rows, its LSN)] (see streaming/snapshots.py).
 SnapshotPoints = dict[tuple[str, int], list[tuple[int, int]]]
@@ -168,24 +168,43 @@ def snapshot_points(table: pa.Table) -> list[tuple[str, int, int, int]]:
 def snapshot_ends(table: pa.Table) -> list[tuple[str, int, int, int]]:
     """(topic, partition, offset, LSN) of each table snapshot that completes in the batch: its last row
     (valid rows only)."""
+    return [end[:4] for end in _snapshot_end_rows(table)]
+
+
+def initial_snapshot_ends(table: pa.Table) -> set[tuple[str, int, int]]:
+    """(topic, partition, LSN) of the table snapshots completing in the batch that the connector took when it
+    started without offsets (Debezium's initial snapshot: its rows carry no previous commit position)."""
+    return {(topic, partition, lsn) for topic, partition, _, lsn, initial in _snapshot_end_rows(table) if initial}
+
+
+def _snapshot_end_rows(table: pa.Table) -> list[tuple[str, int, int, int, bool]]:
     if "snapshot_end" not in table.column_names:
         return []
     rows = _valid(table)
     rows = rows.filter(pc.fill_null(rows.column("snapshot_end"), False))
-    return sorted(
-        zip(*(rows.column(name).to_pylist() for name in ("topic", "partition", "offset", "snapshot_lsn")), strict=True)
+    initial = (
+        pc.fill_null(rows.column("snapshot_initial"), False)
+        if "snapshot_initial" in rows.column_names
+        else pa.array([False] * rows.num_rows)
     )
+    columns = [rows.column(name).to_pylist() for name in ("topic", "partition", "offset", "snapshot_lsn")]
+    return sorted(zip(*columns, initial.to_pylist(), strict=True))
 
 
-def interrupted_before(starts: list[tuple[int, int]], ends: set[int], first_offset: int) -> int | None:
+def interrupted_before(
+    starts: list[tuple[int, int]], ends: set[int], first_offset: int, *, initial: bool = False
+) -> int | None:
     """The LSN of the snapshot that precedes the one starting at `first_offset` in a topic partition, when
-    that snapshot never completed (no end recorded for its LSN); else None. `starts`: (first offset, LSN)
-    of every snapshot of the partition; `ends`: the LSNs of those that completed."""
+    the rows between them may hold deletes no record carries: that snapshot never completed (no end
+    recorded for its LSN), or the new one is `initial` (the connector started without offsets, so Debezium
+    streams only what follows the new snapshot); else None. `starts`: (first offset, LSN) of every snapshot
+    of the partition; `ends`: the LSNs of those that completed. A blocking snapshot after a complete one
+    gives None: it may carry a filter, and streaming went on around it."""
     before = [(offset, lsn) for offset, lsn in starts if offset < first_offset]
     if not before:
         return None
     _, lsn = max(before)
-    return None if lsn in ends else lsn
+    return lsn if initial or lsn not in ends else None
 
 
 def unanchored_topics(table: pa.Table) -> list[str]:

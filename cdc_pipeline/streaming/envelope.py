@@ -181,6 +181,10 @@ def decode_envelope(raw: DataFrame, *, keep_raw: bool = False) -> DataFrame:
         # The last row of a table in a snapshot (Debezium marks it `last_in_data_collection`, or `last` for
         # the snapshot's very last row): the table's snapshot is complete (see batch.snapshot_ends).
         (snapshot_row & snapshot.isin("last", "last_in_data_collection")).alias("snapshot_end"),
+        # A snapshot taken when the connector started without offsets (its rows have no previous commit
+        # position; a blocking snapshot's do): Debezium streams only what follows it (see
+        # batch.snapshot_ends).
+        (snapshot_row & sequence.getItem(0).isNull()).alias("snapshot_initial"),
         error.alias("error"),
         *raw_columns,
     )
