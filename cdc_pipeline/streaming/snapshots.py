@@ -12,7 +12,8 @@ in `<database>._cdc_snapshot_ends`. A snapshot that never completed was interrup
 mid-snapshot): Debezium then takes a new snapshot, at a later LSN, and streams only what follows it. A row
 the first snapshot wrote and the source deleted before the second one is in neither the second snapshot
 nor the stream, so when the next snapshot of the table completes, the stream marks deleted every replica
-row older than it (see `ChangeApplier`).
+row older than it (see `ChangeApplier`). The same holds after an initial snapshot (the connector started
+without offsets: killed before it flushed them) that follows a complete one.
 """
 
 from __future__ import annotations
