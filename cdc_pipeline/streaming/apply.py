@@ -383,8 +383,8 @@ class ChangeApplier:
         self._dead = []
 
     def _records_at(self, batch: DataFrame, wanted: list[tuple[str, int, int]]) -> list[Any]:
-        """The raw records of the batch at these positions (see `envelope.records_at`)."""
-        source = self.read_records(wanted) if self.read_records is not None and is_decoded(batch) else batch
+        """The raw records of the (decoded) batch at these positions (see `envelope.records_at`)."""
+        source = self.read_records(wanted) if self.read_records is not None else batch
         return records_at(source, wanted).collect()
 
     def _schemas(self, batch: DataFrame, found: DecodedBatch) -> dict[str, _Schemas]:
