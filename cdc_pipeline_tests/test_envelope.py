@@ -11,7 +11,14 @@ import pytest
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from cdc_pipeline.streaming.batch import Change, DecodedBatch, anchor_positions, snapshot_points, unanchored_topics
+from cdc_pipeline.streaming.batch import (
+    DECODED_COLUMNS,
+    Change,
+    DecodedBatch,
+    anchor_positions,
+    snapshot_points,
+    unanchored_topics,
+)
 from cdc_pipeline.streaming.envelope import decode_envelope, offset_ranges, version
 
 TOPIC = "shop.public.customers"
@@ -57,6 +64,74 @@ def test_decode_flags_bad_records_with_a_reason(spark: SparkSession) -> None:
     assert errors[2].startswith("missing key")
     assert errors[3].startswith("missing source position")
     assert errors[4] is None
+
+
+# A schema with non-ASCII text (its prefix is longer in bytes than in characters) and a column named
+# "payload" (its after image holds `,"payload":` too).
+ODD_SCHEMA = {
+    "type": "struct",
+    "fields": [
+        {"type": "int64", "optional": False, "field": "id", "doc": 'clé ✓ ","payload":'},
+        {"type": "string", "optional": True, "field": "payload"},
+    ],
+    "optional": False,
+    "name": "shop.public.téléphones.Value",
+}
+
+
+def odd_envelope(
+    op: str, key: int, payload: str | None, commit: int, change: int, *, compact: bool
+) -> tuple[bytes, bytes]:
+    source = {"lsn": change, "sequence": json.dumps([str(commit), str(change)]), "ts_ms": 1_700_000_000_000 + change}
+    after = None if op == "d" else {"id": key, "payload": payload}
+    before = {"id": key, "payload": "ancien ✓"} if op != "c" else None
+    value = {"schema": ODD_SCHEMA, "payload": {"op": op, "before": before, "after": after, "source": source}}
+    separators = (",", ":") if compact else (", ", ": ")
+    key_bytes = json.dumps({"schema": {"type": "struct"}, "payload": {"id": key}}, separators=separators).encode()
+    return key_bytes, json.dumps(value, separators=separators, ensure_ascii=False).encode()
+
+
+def test_the_converter_layout_decodes_exactly_like_the_whole_value(spark: SparkSession) -> None:
+    """JsonConverter's compact layout has its payload parsed from the bytes after the schema prefix (see
+    envelope.SCHEMA_PREFIX); any other layout is parsed whole. Both give the same changes."""
+    changes = [
+        ("c", 1, 'é,"payload":{}', 100, 90),
+        ("u", 1, '{"payload": "ü"}', 110, 105),
+        ("u", 2, None, 120, 115),
+        ("d", 2, None, 130, 125),
+    ]
+    columns = [c for c in DECODED_COLUMNS if c != "value_schema_id"]  # a hash of the schema's own text
+
+    def decoded(compact: bool) -> list[tuple[object, ...]]:
+        records = [odd_envelope(*change, compact=compact) for change in changes]
+        rows = decode_envelope(kafka_rows(spark, records)).orderBy("offset").collect()
+        return [tuple(row[c] for c in columns) for row in rows]
+
+    compact, spaced = decoded(True), decoded(False)
+    assert compact == spaced
+    assert all(row[columns.index("error")] is None for row in compact)
+    after = [
+        json.loads(row[columns.index("after_json")]) if row[columns.index("after_json")] else None for row in compact
+    ]
+    assert after == [
+        {"id": 1, "payload": 'é,"payload":{}'},
+        {"id": 1, "payload": '{"payload": "ü"}'},
+        {"id": 2, "payload": None},
+        None,
+    ]
+    assert json.loads(compact[1][columns.index("before_json")]) == {"id": 1, "payload": "ancien ✓"}
+
+
+def test_the_converter_layout_with_a_broken_payload_is_malformed(spark: SparkSession) -> None:
+    key, value = odd_envelope("c", 1, "x", 100, 90, compact=True)
+    records = [
+        (key, value[:-3]),  # cut short
+        (key, value[:-1] + b',"extra":1}'),  # more after the payload: the payload is still read
+        (key, value + b"\n"),  # trailing whitespace: read the same
+    ]
+    rows = decode_envelope(kafka_rows(spark, records)).orderBy("offset").collect()
+    assert rows[0].error.startswith("malformed message")
+    assert [(r.op, r.error, json.loads(r.after_json)) for r in rows[1:]] == [("c", None, {"id": 1, "payload": "x"})] * 2
 
 
 @pytest.mark.parametrize(("a", "b"), [((1, 5), (2, 0)), ((2, 1), (2, 2))])

@@ -49,12 +49,13 @@ def _json(column: Column, path: str) -> Column:
 _SOURCE_TYPE = "struct<lsn:string,sequence:string,snapshot:string,ts_ms:string>"
 VALUE_TYPE = f"struct<payload:struct<op:string,before:string,after:string,source:{_SOURCE_TYPE}>>"
 KEY_TYPE = "struct<schema:string,payload:string>"
-# JsonConverter writes `{"schema":{...},"payload":{...}}`: schema first, no spaces. The value is parsed
-# with a type that has no `schema` field, so the JSON parser skips the schema (~6 KB) without building or
-# re-serializing it, and the schema's id is the hash of the text before the first `,"payload":`. That
-# text is the whole schema unless the schema itself holds an object key "payload" (no Connect schema
-# does): the writer checks it once per schema id (`schema_from_prefix`) and dead-letters the records of a
-# schema that fails, so one id never stands for two schemas. Any other layout hashes the `$.schema` text.
+# JsonConverter writes `{"schema":{...},"payload":{...}}`: schema first, no spaces. The schema's id is the
+# hash of the text before the first `,"payload":`. That text is the whole schema unless the schema itself
+# holds an object key "payload" (no Connect schema does): the writer checks it once per schema id
+# (`schema_from_prefix`) and dead-letters the records of a schema that fails, so one id never stands for
+# two schemas. The JSON parser then reads `{"payload":...}` only, the bytes after that prefix: the schema
+# is most of a record (~6 of 7 KB for a 9-column table); tokenizing it for every record, even to skip
+# it, cost about a sixth of the decode. Any other layout is parsed whole and hashes the `$.schema` text.
 SCHEMA_PREFIX = '{"schema":'
 _PAYLOAD_MARK = ',"payload":'
 
@@ -77,18 +78,32 @@ def schema_from_prefix(prefix: str) -> object:
     return json.loads(prefix[len(SCHEMA_PREFIX) :])
 
 
-def _value_schema_id(value: Column) -> tuple[Column, Column]:
-    """(schema id, has a schema) of a record value (see SCHEMA_PREFIX)."""
-    canonical = _canonical(value)
-    schema = value_schema_text(value)
-    # Byte-wise string functions only: instr/length/substr count characters and cost more than the parse.
-    schema_id = F.when(canonical, F.xxhash64(F.substring_index(value, _PAYLOAD_MARK, 1))).otherwise(F.xxhash64(schema))
-    return schema_id, canonical | schema.isNotNull()
+def _schema_prefix(value: Column) -> Column:
+    """The text before the first `,"payload":` of a JsonConverter-layout value (see SCHEMA_PREFIX), else null."""
+    # Byte-wise string functions only: instr/length/substr on strings count characters.
+    return F.when(_canonical(value), F.substring_index(value, _PAYLOAD_MARK, 1))
+
+
+def _value_schema_id(text: Column, prefix: Column) -> tuple[Column, Column]:
+    """(schema id, has a schema) of a record value, given its `_schema_prefix` (see SCHEMA_PREFIX)."""
+    schema = value_schema_text(text)
+    schema_id = F.when(prefix.isNotNull(), F.xxhash64(prefix)).otherwise(F.xxhash64(schema))
+    return schema_id, prefix.isNotNull() | schema.isNotNull()
+
+
+def _payload(value: Column, text: Column, prefix: Column) -> Column:
+    """The envelope's payload struct. JsonConverter's layout: parsed from `{"payload":` and the bytes after
+    the schema prefix (cut from the binary value by byte position). Any other layout, or a value whose cut
+    holds no payload (a schema with a "payload" key, see SCHEMA_PREFIX; a broken value): parsed whole."""
+    after_prefix = value.substr(F.octet_length(prefix) + 2, F.octet_length(value)).cast("string")
+    cut = F.when(prefix.isNotNull(), F.from_json(F.concat(F.lit("{"), after_prefix), VALUE_TYPE).getField("payload"))
+    return F.coalesce(cut, F.from_json(text, VALUE_TYPE).getField("payload"))
 
 
 def decode_envelope(raw: DataFrame, *, keep_raw: bool = False) -> DataFrame:
     """One row per Kafka record: op, source position, key/after/before JSON, schema ids and `error`
-    (null when valid). The value is parsed once (`from_json`), not once per field. With `keep_raw`, the
+    (null when valid). The value is parsed once (`from_json`), not once per field; in JsonConverter's layout,
+    only its bytes after the schema (see SCHEMA_PREFIX). With `keep_raw`, the
     raw `key` and `value` columns follow (the streaming query decodes in its own plan, and the batch writer
     reads the raw bytes of the few dead letters and new schemas from the same rows, see `records_at`).
 
@@ -96,17 +111,21 @@ def decode_envelope(raw: DataFrame, *, keep_raw: bool = False) -> DataFrame:
     they carry nothing to apply.
     """
     raw_columns = ["key", "value"] if keep_raw else []
-    text = F.col("value").cast("string")
-    value_schema_id, has_value_schema = _value_schema_id(text)
     # Each stage is its own projection: every parse runs once per record and later stages refer to its
     # result (Spark keeps a projection apart when inlining it would repeat an expensive expression).
-    parsed = raw.select(
+    text = F.col("value").cast("string")
+    split = raw.select(
+        "topic", "partition", "offset", "key", "value", text.alias("_text"), _schema_prefix(text).alias("_prefix")
+    )
+    text, prefix = F.col("_text"), F.col("_prefix")
+    value_schema_id, has_value_schema = _value_schema_id(text, prefix)
+    parsed = split.select(
         "topic",
         "partition",
         "offset",
         *raw_columns,
         F.col("value").isNull().alias("_tombstone"),
-        F.from_json(text, VALUE_TYPE).getField("payload").alias("_p"),
+        _payload(F.col("value"), text, prefix).alias("_p"),
         F.from_json(F.col("key").cast("string"), KEY_TYPE).alias("_k"),
         value_schema_id.alias("value_schema_id"),
         has_value_schema.alias("_has_schema"),
@@ -233,7 +252,7 @@ def records_at(raw: DataFrame, positions: Sequence[tuple[str, int, int]]) -> Dat
         "value",
         # JsonConverter's layout: the schema is read from the prefix its id was hashed from (see
         # schema_from_prefix); any other layout: from the parsed value.
-        F.when(_canonical(text), F.substring_index(text, _PAYLOAD_MARK, 1)).alias("value_prefix"),
+        _schema_prefix(text).alias("value_prefix"),
         F.when(~_canonical(text), value_schema_text(text)).alias("value_schema"),
         _json(F.col("key").cast("string"), "$.schema").alias("key_schema"),
     )
