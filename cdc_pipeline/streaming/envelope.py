@@ -102,10 +102,10 @@ def _payload(value: Column, text: Column, prefix: Column) -> Column:
 
 def decode_envelope(raw: DataFrame, *, keep_raw: bool = False) -> DataFrame:
     """One row per Kafka record: op, source position, key/after/before JSON, schema ids and `error`
-    (null when valid). The value is parsed once (`from_json`), not once per field; in JsonConverter's layout,
-    only its bytes after the schema (see SCHEMA_PREFIX). With `keep_raw`, the
-    raw `key` and `value` columns follow (the streaming query decodes in its own plan, and the batch writer
-    reads the raw bytes of the few dead letters and new schemas from the same rows, see `records_at`).
+    (null when valid). The value is parsed once (`from_json`), not once per field; in JsonConverter's
+    layout, only its bytes after the schema (see SCHEMA_PREFIX). With `keep_raw`, the raw `key` and `value`
+    columns follow (the streaming query decodes in its own plan, and the batch writer reads the raw bytes of
+    the few dead letters and new schemas from the same rows, see `records_at`).
 
     Tombstones (null value, emitted after a delete for log compaction) get op null and no error:
     they carry nothing to apply.
