@@ -60,6 +60,17 @@ def change(
     if schema_extra.pop("extra", False):
         fields.append({"type": "int32", "optional": True, "field": "extra"})
         after = {**after, "extra": 7}
+    source = {"lsn": lsn, "sequence": json.dumps([str(lsn), str(lsn)]), "ts_ms": 1_700_000_000_000}
+    if snapshot is not None:
+        op = "r"
+        source = {**source, "snapshot": snapshot, "sequence": json.dumps([str(lsn) if blocking else None, str(lsn)])}
+    return envelope(key, fields, None if op == "d" else after, op, source, **schema_extra)
+
+
+def envelope(
+    key: int, fields: list[dict[str, Any]], after: dict[str, Any] | None, op: str, source: dict[str, Any], **extra: Any
+) -> tuple[bytes, bytes]:
+    """The key and value JsonConverter writes for a change of a table keyed by `id` with these fields."""
     schema = {
         "type": "struct",
         "fields": [
@@ -68,13 +79,9 @@ def change(
             {"type": "struct", "fields": [], "optional": False, "field": "source"},
             {"type": "string", "optional": False, "field": "op"},
         ],
-        **schema_extra,
+        **extra,
     }
-    source = {"lsn": lsn, "sequence": json.dumps([str(lsn), str(lsn)]), "ts_ms": 1_700_000_000_000}
-    if snapshot is not None:
-        op = "r"
-        source = {**source, "snapshot": snapshot, "sequence": json.dumps([str(lsn) if blocking else None, str(lsn)])}
-    payload = {"op": op, "before": None, "after": None if op == "d" else after, "source": source}
+    payload = {"op": op, "before": None, "after": after, "source": source}
     key_schema = {"type": "struct", "fields": [{"type": "int64", "optional": False, "field": "id"}]}
     return compact({"schema": key_schema, "payload": {"id": key}}), compact({"schema": schema, "payload": payload})
 
@@ -242,3 +249,66 @@ def test_the_streams_decoded_batches_read_raw_records_from_kafka_by_position(
     assert asked == [[(TOPIC, 0, 600)], [(TOPIC, 0, 601)]]  # the new schema's first record, the dead letter
     assert replica(clickhouse, unique_name) == {1: "one", 3: "three"}
     assert [(offset, value) for offset, _, value in dead.letters] == [(601, b"not json")]
+
+
+def _typed_change(key: int, after: dict[str, Any] | None, lsn: int, op: str = "c") -> tuple[bytes, bytes]:
+    """A change of `public.control` with typed columns, as JsonConverter writes them (Debezium's logical
+    types and source-type parameters)."""
+
+    def field(name: str, kind: str, source: str, logical: str | None = None, **params: str) -> dict[str, Any]:
+        parameters = {"__debezium.source.column.type": source, **params}
+        return {"type": kind, "optional": name != "id", "field": name, "parameters": parameters} | (
+            {"name": logical} if logical else {}
+        )
+
+    fields = [
+        field("id", "int64", "INT8"),
+        field("qty", "int32", "INT4"),
+        field(
+            "amount",
+            "string",
+            "NUMERIC",
+            **{"__debezium.source.column.length": "12", "__debezium.source.column.scale": "2"},
+        ),
+        field("name", "string", "TEXT"),
+        field("doc", "string", "JSONB", "io.debezium.data.Json"),
+        field("born", "int32", "DATE", "io.debezium.time.Date"),
+        field("seen", "int64", "TIMESTAMP", "io.debezium.time.MicroTimestamp"),
+        field("at", "string", "TIMESTAMPTZ", "io.debezium.time.ZonedTimestamp"),
+    ]
+    source = {"lsn": lsn, "sequence": json.dumps([str(lsn), str(lsn)]), "ts_ms": 1_700_000_000_123}
+    return envelope(key, fields, after, op, source)
+
+
+def test_ordinary_rows_are_converted_column_wise_and_land_exactly(
+    spark: Any, clickhouse: Client, unique_name: str, writer: Any
+) -> None:
+    """Rows of ordinary types take the column-wise conversion (streaming/columnar.py) and land exactly;
+    an update with an unchanged TOASTed value in the same batch takes the row path and keeps the value."""
+    applier, dead, _ = writer
+    seen: list[Any] = []
+    applier.on_batch = seen.append
+
+    def row(key: int, name: str | None, **overrides: Any) -> dict[str, Any]:
+        return {
+            "id": key, "qty": -2_147_483_648, "amount": "-9999999999.99", "name": name, "doc": '{"a": "\\"é\\""}',
+            "born": -25_567, "seen": 10_413_791_999_999_999, "at": "2026-03-01T12:00:00.000001+05:30",
+        } | overrides  # fmt: skip
+
+    run(spark, applier, 6, [_typed_change(k, row(k, f'name {k} ✓ \n \\ "q"'), 60 + k) for k in range(1, 4)])
+    assert [s.columnar_rows for s in seen] == [3]
+    toasted = row(2, "__debezium_unavailable_value", qty=5)
+    run(spark, applier, 7, [_typed_change(2, toasted, 70, op="u"), _typed_change(3, row(3, None, qty=None), 71, "u")])
+    assert [s.columnar_rows for s in seen] == [3, 1]  # the TOASTed update went row by row
+    assert dead.letters == []
+    got = clickhouse.query(
+        f"SELECT id, qty, toString(amount), name, doc, toString(born), toString(seen), toString(at), "
+        f"toString(_source_ts) FROM `{unique_name}`.`public_control` FINAL ORDER BY id"
+    ).result_rows
+    common = ("-9999999999.99", '{"a": "\\"é\\""}', "1900-01-01", "2299-12-31 23:59:59.999999")
+    at, ts = "2026-03-01 06:30:00.000001", "2023-11-14 22:13:20.123"
+    assert got == [
+        (1, -2_147_483_648, common[0], 'name 1 ✓ \n \\ "q"', *common[1:], at, ts),
+        (2, 5, common[0], 'name 2 ✓ \n \\ "q"', *common[1:], at, ts),
+        (3, None, common[0], None, *common[1:], at, ts),
+    ]

@@ -271,6 +271,10 @@ class StreamAggregates:
         self._watermarks: dict[str, int | None] = {}  # aggregate -> max event time seen (µs)
         self._version = 0
 
+    def covers(self, table: Any) -> bool:
+        """Whether any aggregate reads `table` (its writes then need the rows' keys: see before_write)."""
+        return bool(self._aggregates(table))
+
     def _aggregates(self, table: Any) -> list[AggregateConfig]:
         return self.by_table.get(table.name, []) if table.database == self.database else []
 

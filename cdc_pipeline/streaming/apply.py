@@ -37,6 +37,7 @@ from pyspark.sql import DataFrame
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from cdc_pipeline.config import PipelineConfig, TableConfig
+from cdc_pipeline.streaming import columnar
 from cdc_pipeline.streaming.aggregates import StreamAggregates
 from cdc_pipeline.streaming.batch import (
     ANCHOR_COLUMNS,
@@ -45,6 +46,7 @@ from cdc_pipeline.streaming.batch import (
     DecodedBatch,
     SchemaUse,
     anchor_positions,
+    changes,
     initial_snapshot_ends,
     interrupted_before,
     positions,
@@ -52,6 +54,7 @@ from cdc_pipeline.streaming.batch import (
     snapshot_points,
     unanchored_topics,
 )
+from cdc_pipeline.streaming.columnar import Block
 from cdc_pipeline.streaming.dlq import DeadLetters
 from cdc_pipeline.streaming.envelope import decode_envelope, is_decoded, records_at, schema_from_prefix, version
 from cdc_pipeline.streaming.evolution import TypeConversionError
@@ -130,6 +133,7 @@ class BatchStats:
     dlq_count: int = 0
     clamped_values: int = 0
     toast_merged: int = 0
+    columnar_rows: int = 0  # rows converted column-wise (streaming/columnar.py); the rest went row by row
     sink_retries: int = 0
     snapshot_repairs: int = 0  # tables swept after an interrupted snapshot (see _after_snapshot_ends)
     latest_source_ts_ms: int | None = None
@@ -294,10 +298,11 @@ class ChangeApplier:
         self.dead_letters.flush()
         stats.timed("dead_letters", now)
         log.info(
-            "batch %s: %s record(s), %s applied, %s deleted, %s dead-lettered in %.3fs (%s)",
+            "batch %s: %s record(s), %s applied (%s converted column-wise), %s deleted, %s dead-lettered in %.3fs (%s)",
             batch_id,
             found.records,
             stats.applied_rows,
+            stats.columnar_rows,
             stats.deleted_rows,
             stats.dlq_count,
             time.perf_counter() - started,
@@ -476,9 +481,9 @@ class ChangeApplier:
         schemas = self._schemas(batch, found)
         stats.timed("schemas", now)
         truncates = {topic: version(*position) for topic, position in found.truncates.items()}
-        changes = found.latest_by_topic()
+        latest = found.latest_tables()
 
-        for topic in sorted(set(changes) | set(truncates)):
+        for topic in sorted(set(latest) | set(truncates)):
             table_config = self.pipeline.table_for_topic(topic)
             if table_config is None:
                 log.warning("ignoring records of unconfigured topic %s", topic)
@@ -500,7 +505,8 @@ class ChangeApplier:
             if columns and keys:
                 # The columns of the first schema group with rows to write (see _Schemas.phases): a batch
                 # holding a type change converts the replica once, after the older schema's rows.
-                written = {c.value_schema_id for c in changes.get(topic, []) if c.op != "d"}
+                rows = latest.get(topic)
+                written = set() if rows is None else set(_written_schemas(rows))
                 phases = [specs for vids, specs in topic_schemas.phases() if vids & written]
                 first = _phase_columns(columns, phases[0]) if phases else columns
                 self._ensure_columns(table, first, topic_schemas.partial_columns())  # refused: see _write_rows
@@ -512,7 +518,7 @@ class ChangeApplier:
                     table,
                 )
                 stats.truncates += 1 if done else 0
-            self._write_rows(found, table, columns, topic_schemas, changes.get(topic, []), stats)
+            self._write_rows(found, topic, table, columns, topic_schemas, latest.get(topic), stats)
             self._after_snapshot_ends(topic, table, stats)
 
     def _after_snapshot_ends(self, topic: str, table: ReplicaTable, stats: BatchStats) -> None:
@@ -556,13 +562,18 @@ class ChangeApplier:
     def _write_rows(
         self,
         found: DecodedBatch,
+        topic: str,
         table: ReplicaTable,
         columns: list[ColumnSpec],
         schemas: _Schemas,
-        rows: list[Any],
+        latest: pa.Table | None,
         stats: BatchStats,
     ) -> None:
+        """Write the topic's last change per key: column-wise where streaming/columnar.py can convert them
+        exactly, row by row (below) for the rest."""
         started = time.perf_counter()
+        blocks, left = self._columnar(table, schemas, latest, stats) if latest is not None else ([], None)
+        rows: list[Any] = changes(left) if left is not None else []
         converted: list[_Converted] = []
         retry_keys: dict[str, set[int]] = {}  # key_json -> offsets already dead-lettered
         for row in rows:
@@ -576,7 +587,7 @@ class ChangeApplier:
         pending = [c for c in converted if c.missing]
         history: dict[str, list[Any]] = {}
         if retry_keys or pending:
-            history = found.history(rows[0].topic, {*retry_keys, *(c.row.key_json for c in pending)})
+            history = found.history(topic, {*retry_keys, *(c.row.key_json for c in pending)})
 
         # A dead-lettered change falls back to the newest older change of its row in this batch that applies.
         for key_json, dead in retry_keys.items():
@@ -600,6 +611,9 @@ class ChangeApplier:
         # Per schema group (in order), per column list: the rows to upsert.
         upserts: list[dict[tuple[str, ...], list[tuple[Any, list[Any]]]]] = [defaultdict(list) for _ in phases]
         deletes: list[tuple[Any, list[Any]]] = []
+        fast: list[list[Block]] = [[] for _ in phases]
+        for block in blocks:
+            fast[phase_of[block.value_schema_id]].append(block)
         for change in converted:
             if change.missing:
                 continue  # dead-lettered by _fill_unavailable
@@ -610,8 +624,8 @@ class ChangeApplier:
         # Aggregates hook: the windows these rows are in before the write (see streaming/aggregates.py).
         self.aggregates.before_write(table, [c.key for c in converted if not c.missing])
         known = {c.name for c in columns}
-        for (_, specs), groups in zip(phases, upserts, strict=True):
-            if not groups:
+        for (_, specs), groups, phase_blocks in zip(phases, upserts, fast, strict=True):
+            if not groups and not phase_blocks:
                 continue
             phase_columns = _phase_columns(columns, specs)
             # Each row in its own schema's types: the replica's columns take this group's types first (a
@@ -620,7 +634,12 @@ class ChangeApplier:
                 for group in groups.values():
                     for row, _ in group:
                         self._dead_letter(row, f"schema change refused: {refused}", stats)
+                for block in phase_blocks:
+                    for row in changes(block.rows):
+                        self._dead_letter(row, f"schema change refused: {refused}", stats)
                 continue
+            for block in phase_blocks:
+                stats.applied_rows += self._insert_block(table, phase_columns, schemas, block, stats)
             for names, group in groups.items():
                 if set(names) - known:  # cannot happen: every converted row's schema is in `columns`
                     raise RuntimeError(
@@ -643,7 +662,93 @@ class ChangeApplier:
         for row, _ in deletes:
             stats.saw_source_ts(row.source_ts_ms)
         self.aggregates.after_write(table)  # aggregates hook: recompute the windows the rows were and are in
-        stats.tables[table.name] = stats.tables.get(table.name, 0) + len(rows)
+        stats.tables[table.name] = stats.tables.get(table.name, 0) + len(rows) + sum(len(b) for b in blocks)
+
+    def _columnar(
+        self, table: ReplicaTable, schemas: _Schemas, rows: pa.Table, stats: BatchStats
+    ) -> tuple[list[Block], pa.Table]:
+        """Convert what streaming/columnar.py can of the rows (row changes of schemas the row path would
+        accept as they are), one block per (value schema, key schema); the rows left for the row path."""
+        if not table.key_columns or self.aggregates.covers(table) or rows.num_rows == 0:
+            return [], rows  # aggregates need every row's key (before_write); the row path gives them
+        candidate = pc.is_in(rows.column("op"), pa.array(["c", "r", "u"]))
+        pairs = rows.filter(candidate).group_by(["value_schema_id", "key_schema_id"]).aggregate([])
+        blocks: list[Block] = []
+        left = [rows.filter(pc.invert(candidate))]
+        for vid, kid in zip(
+            pairs.column("value_schema_id").to_pylist(), pairs.column("key_schema_id").to_pylist(), strict=True
+        ):
+            mask = pc.and_(
+                candidate,
+                pc.and_(pc.equal(rows.column("value_schema_id"), vid), pc.equal(rows.column("key_schema_id"), kid)),
+            )
+            group = rows.filter(pc.fill_null(mask, False))
+            value_specs, key_specs = schemas.values.get(vid), schemas.keys.get(kid)
+            usable = (
+                ("value", vid) not in schemas.bad
+                and ("key", kid) not in schemas.bad
+                and value_specs is not None
+                and key_specs is not None
+                and set(key_specs) == set(table.key_columns)
+                and columnar.supports(value_specs)
+                and columnar.supports(key_specs)
+            )
+            if not usable:
+                left.append(group)
+                continue
+            # Ticks only for ClickHouse alone: the warehouse (RoutingSink) writes date and datetime objects.
+            ticks = isinstance(self.sink, ClickHouseSink)
+            block, rest = columnar.convert(group, value_specs, key_specs, ticks=ticks)  # type: ignore[arg-type]
+            if block is not None:
+                blocks.append(block)
+                stats.columnar_rows += len(block)
+            left.append(rest)
+        # Rows with a null schema id (none is valid) are in no pair: keep them for the row path too.
+        nulls = rows.filter(
+            pc.and_(
+                candidate, pc.or_(pc.is_null(rows.column("value_schema_id")), pc.is_null(rows.column("key_schema_id")))
+            )
+        )
+        return blocks, pa.concat_tables([*left, nulls])
+
+    def _insert_block(
+        self, table: ReplicaTable, columns: list[ColumnSpec], schemas: _Schemas, block: Block, stats: BatchStats
+    ) -> int:
+        """Insert a block converted column-wise. When ClickHouse refuses a value (a content error), the
+        block's rows are converted and inserted by the row path, which isolates and dead-letters them."""
+        values = block.values()
+
+        def attempt() -> int:
+            started = time.perf_counter()
+            try:
+                self.sink.ensure_table(table, columns)  # cached: no round trip unless the table changed or vanished
+                return self.sink.upsert(table, block.names, values)
+            finally:
+                stats.timed("sink", started)
+
+        try:
+            written = self._retrying(attempt, f"writing {len(values)} row(s) to {table.qualified}", table)
+        except Exception as exc:
+            if not is_content_error(exc):
+                raise
+            log.warning(
+                "%s: ClickHouse refused a value of a %s-row block; inserting its rows one group at a time to find it",
+                table.qualified, len(values),
+            )  # fmt: skip
+            groups: dict[tuple[str, ...], list[tuple[Any, list[Any]]]] = defaultdict(list)
+            for row in changes(block.rows):
+                try:
+                    change = self._convert(row, table, schemas)
+                except RowError as error:
+                    self._dead_letter(row, str(error), stats)
+                    continue
+                groups[change.names].append((change.row, change.values))
+            written = sum(
+                self._insert(table, columns, lambda v, n=names: self.sink.upsert(table, n, v), group, stats)
+                for names, group in groups.items()
+            )
+        stats.saw_source_ts(block.latest_source_ts_ms)
+        return int(written)
 
     def _ensure_columns(
         self, table: ReplicaTable, columns: list[ColumnSpec], partial: Collection[str] = ()
@@ -814,6 +919,12 @@ class ChangeApplier:
         """Dead-letter the record: sent with its raw bytes at the end of the batch (see _send_dead_letters)."""
         self._dead.append((record, reason))
         stats.dlq_count += 1
+
+
+def _written_schemas(rows: pa.Table) -> list[int]:
+    """The value schema ids of the rows that write values (every op but d)."""
+    written = rows.filter(pc.fill_null(pc.not_equal(rows.column("op"), "d"), True))
+    return [v for v in pc.unique(written.column("value_schema_id")).to_pylist() if v is not None]
 
 
 def _key_specs(text: str | None) -> dict[str, ColumnSpec] | str | None:

@@ -132,6 +132,11 @@ class DecodedBatch:
             found.setdefault(change.topic, []).append(change)
         return found
 
+    def latest_tables(self) -> dict[str, pa.Table]:
+        """`latest` by topic, as Arrow tables (the columnar path converts them; see streaming/columnar.py)."""
+        topics = self.latest.column("topic")
+        return {topic: self.latest.filter(pc.equal(topics, topic)) for topic in pc.unique(topics).to_pylist()}
+
     def history(self, topic: str, key_jsons: Collection[str]) -> dict[str, list[Change]]:
         """Every change of these rows in this batch (after its last truncate), newest first."""
         if not key_jsons:

@@ -106,6 +106,9 @@ class ColumnSpec:
     source_type: str | None = None
     source_length: str | None = None
     source_scale: str | None = None
+    # How streaming/columnar.py converts the column's values column-wise (see COLUMNAR_KINDS), or None
+    # when only `convert` can (arrays, bytea, uuid, time, temporal text): the row then takes the row path.
+    columnar: str | None = None
 
 
 def _column(field: dict[str, Any]) -> str:
@@ -438,6 +441,38 @@ def value_converter(
     return required
 
 
+# Column-wise conversions (streaming/columnar.py), each giving exactly what `value_converter` gives:
+# int16/int32/int64/bool/float64 (JSON numbers and booleans), string (any text column), numeric_text
+# (unconstrained NUMERIC text), decimal (Decimal(p, s)), date (Date), micros (MicroTimestamp), millis
+# (Timestamp), zoned (ZonedTimestamp).
+COLUMNAR_KINDS = ("int16", "int32", "int64", "bool", "float64", "string", "numeric_text", "decimal", "date",
+                  "micros", "millis", "zoned")  # fmt: skip
+
+
+def columnar_kind(field: dict[str, Any], out_of_range: OutOfRange = "dlq") -> str | None:
+    """The column-wise conversion of a field (one of COLUMNAR_KINDS), or None when it has none."""
+    if field.get("type") == "array":
+        return None
+    name, kind = field.get("name"), field.get("type")
+    if name in _TEMPORAL and out_of_range == "text":
+        return None
+    temporal = {_DATE: "date", _MICRO_TIMESTAMP: "micros", _TIMESTAMP: "millis", _ZONED_TIMESTAMP: "zoned"}
+    if name is not None:
+        # Json, Enum, Interval and ZonedTime columns pass their text through like any other string.
+        return temporal.get(name) or ("string" if name in (_JSON, _ENUM, _INTERVAL, _ZONED_TIME) else None)
+    if kind in ("int16", "int32", "int64"):
+        return kind
+    if kind == "boolean":
+        return "bool"
+    if kind in ("float", "double"):
+        return "float64"
+    if kind == "string":
+        if _source_type(field) == "NUMERIC":
+            return "decimal" if _decimal_type(field) else "numeric_text"
+        return "string"
+    return None
+
+
 def _is_binary(field: dict[str, Any]) -> bool:
     item = field.get("items") if field.get("type") == "array" else field
     return isinstance(item, dict) and item.get("type") == "bytes"
@@ -481,6 +516,7 @@ def columns_from_schema(
                     source_type=(field.get("parameters") or {}).get(SOURCE_TYPE),
                     source_length=(field.get("parameters") or {}).get(SOURCE_LENGTH),
                     source_scale=(field.get("parameters") or {}).get(SOURCE_SCALE),
+                    columnar=columnar_kind(field, column_policy),
                 )
             )
         except UnsupportedTypeError:
