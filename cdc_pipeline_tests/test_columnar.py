@@ -203,6 +203,14 @@ def test_a_value_arrow_cannot_read_with_the_schema_leaves_the_whole_group_to_the
     assert _compare(two, specs, ticks=False) == set()
     not_object = [_record(id=1), ("r", _dumps({"id": 2}), "[1]")]
     assert _compare(not_object, specs, ticks=False) == set()
+    # An image Spark took from a JSON string can hold any text: two objects on two lines beside an empty
+    # image would have the right line count; each row must be one line.
+    for first, second in (("\n", ""), ("\r", " ")):
+        split = [
+            ("r", _dumps({"id": 1}), _dumps(_after(id=1)) + first + _dumps(_after(id=2))),
+            ("r", _dumps({"id": 2}), second),
+        ]
+        assert _compare(split, specs, ticks=False) == set()
 
 
 def test_schemas_without_a_column_wise_conversion_are_not_supported() -> None:

@@ -145,8 +145,11 @@ def _parse(texts: pa.ChunkedArray, specs: dict[str, ColumnSpec]) -> pa.Table:
     schema = pa.schema([(name, _JSON_TYPES[spec.columnar]) for name, spec in specs.items()])  # type: ignore[index]
     if texts.null_count:
         raise NotColumnar("an image is null")
-    # One document, one object per line: a JSON text holds no raw newline but between tokens, and a value
-    # that spans lines or holds two objects changes the row count, checked below.
+    # One document, one line per image: each image must be one line that is not blank (an image Spark took
+    # from a JSON string can hold any text: a newline would split it, an empty one would vanish). Then a
+    # line with more than one object changes the row count, checked below, and one with none fails.
+    if not pc.all(pc.starts_with(texts, "{")).as_py() or pc.any(pc.match_substring_regex(texts, "[\n\r]")).as_py():
+        raise NotColumnar("an image is not one line holding an object")
     joined = pc.binary_join_element_wise(texts, "", "\n")
     document = b"".join(_text_bytes(chunk) for chunk in joined.chunks)
     try:
