@@ -275,6 +275,7 @@ def _typed_change(key: int, after: dict[str, Any] | None, lsn: int, op: str = "c
         field("born", "int32", "DATE", "io.debezium.time.Date"),
         field("seen", "int64", "TIMESTAMP", "io.debezium.time.MicroTimestamp"),
         field("at", "string", "TIMESTAMPTZ", "io.debezium.time.ZonedTimestamp"),
+        field("uid", "string", "UUID", "io.debezium.data.Uuid"),
     ]
     source = {"lsn": lsn, "sequence": json.dumps([str(lsn), str(lsn)]), "ts_ms": 1_700_000_000_123}
     return envelope(key, fields, after, op, source)
@@ -293,6 +294,7 @@ def test_ordinary_rows_are_converted_column_wise_and_land_exactly(
         return {
             "id": key, "qty": -2_147_483_648, "amount": "-9999999999.99", "name": name, "doc": '{"a": "\\"é\\""}',
             "born": -25_567, "seen": 10_413_791_999_999_999, "at": "2026-03-01T12:00:00.000001+05:30",
+            "uid": "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11",
         } | overrides  # fmt: skip
 
     run(spark, applier, 6, [_typed_change(k, row(k, f'name {k} ✓ \n \\ "q"'), 60 + k) for k in range(1, 4)])
@@ -303,12 +305,12 @@ def test_ordinary_rows_are_converted_column_wise_and_land_exactly(
     assert dead.letters == []
     got = clickhouse.query(
         f"SELECT id, qty, toString(amount), name, doc, toString(born), toString(seen), toString(at), "
-        f"toString(_source_ts) FROM `{unique_name}`.`public_control` FINAL ORDER BY id"
+        f"toString(_source_ts), toString(uid) FROM `{unique_name}`.`public_control` FINAL ORDER BY id"
     ).result_rows
     common = ("-9999999999.99", '{"a": "\\"é\\""}', "1900-01-01", "2299-12-31 23:59:59.999999")
-    at, ts = "2026-03-01 06:30:00.000001", "2023-11-14 22:13:20.123"
+    at, ts, uid = "2026-03-01 06:30:00.000001", "2023-11-14 22:13:20.123", "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"
     assert got == [
-        (1, -2_147_483_648, common[0], 'name 1 ✓ \n \\ "q"', *common[1:], at, ts),
-        (2, 5, common[0], 'name 2 ✓ \n \\ "q"', *common[1:], at, ts),
-        (3, None, common[0], None, *common[1:], at, ts),
+        (1, -2_147_483_648, common[0], 'name 1 ✓ \n \\ "q"', *common[1:], at, ts, uid),
+        (2, 5, common[0], 'name 2 ✓ \n \\ "q"', *common[1:], at, ts, uid),
+        (3, None, common[0], None, *common[1:], at, ts, uid),
     ]

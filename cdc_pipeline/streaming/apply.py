@@ -696,9 +696,10 @@ class ChangeApplier:
             if not usable:
                 left.append(group)
                 continue
-            # Ticks only for ClickHouse alone: the warehouse (RoutingSink) writes date and datetime objects.
-            ticks = isinstance(self.sink, ClickHouseSink)
-            block, rest = columnar.convert(group, value_specs, key_specs, ticks=ticks)  # type: ignore[arg-type]
+            # clickhouse-connect's own forms only for ClickHouse alone: the warehouse (RoutingSink) writes
+            # date, datetime and UUID objects.
+            native = isinstance(self.sink, ClickHouseSink)
+            block, rest = columnar.convert(group, value_specs, key_specs, native=native)  # type: ignore[arg-type]
             if block is not None:
                 blocks.append(block)
                 stats.columnar_rows += len(block)

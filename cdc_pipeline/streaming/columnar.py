@@ -6,15 +6,16 @@ converted with Arrow compute. No Python runs per row but the one expression that
 It gives exactly what the row path (`ChangeApplier._convert`, `types.value_converter`) gives, or leaves
 the row to it: a row is converted here only when nothing about it needs a decision the row path makes.
 Rows that go to the row path (and then apply, clamp or dead-letter exactly as before):
-- any row of a schema with a column that has no column-wise conversion (arrays, bytea, uuid, time,
-  temporal columns stored as text), a column name JSON would escape, or no key schema;
+- any row of a schema with a column that has no column-wise conversion (arrays, bytea, time, temporal
+  columns stored as text, and uuid unless ClickHouse is the only sink), a column name JSON would escape,
+  or no key schema;
 - every row of a schema group whose after or key images Arrow cannot parse with the schema's types (a
   string where a number belongs, an integer out of range, a fraction in an integer, an unknown or repeated
   field, invalid JSON);
 - a row whose image lacks one of the schema's fields, holds NULL in a NOT NULL column, holds Debezium's
   unavailable-value placeholder (an unchanged TOASTed value), a decimal not in plain notation, a timestamp
-  not in Debezium's ISO 8601 form, or a date or timestamp outside ClickHouse's range (the column's
-  out-of-range policy decides it).
+  not in Debezium's ISO 8601 form, a uuid not in PostgreSQL's text form, or a date or timestamp outside
+  ClickHouse's range (the column's out-of-range policy decides it).
 """
 
 from __future__ import annotations
@@ -37,14 +38,16 @@ UNAVAILABLE = "__debezium_unavailable_value"
 _JSON_TYPES: dict[str, pa.DataType] = {
     "int16": pa.int16(), "int32": pa.int32(), "int64": pa.int64(), "bool": pa.bool_(), "float64": pa.float64(),
     "string": pa.string(), "numeric_text": pa.string(), "decimal": pa.string(), "zoned": pa.string(),
-    "date": pa.int64(), "micros": pa.int64(), "millis": pa.int64(),
+    "date": pa.int64(), "micros": pa.int64(), "millis": pa.int64(), "uuid": pa.string(),
 }  # fmt: skip
 # Kinds whose JSON values are strings: where the TOAST placeholder can be.
-_TEXT_KINDS = frozenset({"string", "numeric_text", "decimal", "zoned"})
+_TEXT_KINDS = frozenset({"string", "numeric_text", "decimal", "zoned", "uuid"})
 # BigDecimal.toPlainString, as Debezium writes decimal.handling.mode=string.
 _PLAIN_DECIMAL = r"^-?[0-9]+(\.[0-9]+)?$"
 # Debezium's ZonedTimestamp: ISO 8601 with at most microseconds and a zone (Z or an offset).
 _ZONED = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$"
+# io.debezium.data.Uuid: PostgreSQL's text form (uuid.UUID also takes braces, a urn: prefix or no hyphens).
+_UUID_TEXT = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 _MIN_MILLIS = -(-_MIN_MICROS // 1000)
 _MAX_MILLIS = _MAX_MICROS // 1000
 _TS_LIMIT_MS = 253_402_300_800_000  # apply._ts: a source timestamp outside [0, this) is the epoch
@@ -81,15 +84,18 @@ def supports(specs: dict[str, ColumnSpec]) -> bool:
 
 
 def convert(
-    rows: pa.Table, value_specs: dict[str, ColumnSpec], key_specs: dict[str, ColumnSpec], *, ticks: bool = False
+    rows: pa.Table, value_specs: dict[str, ColumnSpec], key_specs: dict[str, ColumnSpec], *, native: bool = False
 ) -> tuple[Block | None, pa.Table]:
     """Convert `rows` (decoded row changes with ops c, r or u, of one value schema and one key schema,
     both `supports`-ed) column-wise: (the block, or None, and the rows left for the row path).
 
-    With `ticks`, dates and timestamps are integers in the ClickHouse column's own unit (days since 1970,
-    microseconds, and milliseconds for _source_ts): clickhouse-connect writes integers as they are, the
-    same values it computes from the row path's date and datetime objects, without making them. Without
-    it (a sink that is not ClickHouse alone), they are date and aware UTC datetime objects."""
+    With `native`, values take the form clickhouse-connect writes as it is: dates and timestamps are
+    integers in the ClickHouse column's own unit (days since 1970, microseconds, and milliseconds for
+    _source_ts) and UUIDs their text, the same bytes it writes for the row path's date, datetime and
+    uuid.UUID objects, without making them. Without it (a sink that is not ClickHouse alone), they are
+    date and aware UTC datetime objects, and a schema with a uuid column is left to the row path."""
+    if not native and any(spec.columnar == "uuid" for spec in (*value_specs.values(), *key_specs.values())):
+        return None, rows
     if rows.num_rows == 0:
         return None, rows
     try:
@@ -112,7 +118,7 @@ def convert(
     taken = rows.filter(good)
     after = after.filter(good)
     try:
-        columns = [_values(after.column(name), spec, ticks) for name, spec in value_specs.items()]
+        columns = [_values(after.column(name), spec, native) for name, spec in value_specs.items()]
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OverflowError, ValueError):
         return None, rows
     commit = taken.column("commit_lsn").to_pylist()
@@ -120,7 +126,7 @@ def convert(
     ts = taken.column("source_ts_ms").cast(pa.int64())
     in_range = pc.fill_null(pc.and_(pc.greater_equal(ts, 0), pc.less(ts, _TS_LIMIT_MS)), False)
     source_ts = pc.if_else(in_range, ts, 0)
-    if not ticks:
+    if not native:
         source_ts = source_ts.cast(pa.timestamp("ms", tz="UTC"))
     # BatchStats.saw_source_ts: a source timestamp counts when it is in (0, _TS_LIMIT_MS).
     latest = pc.max(pc.if_else(pc.and_(in_range, pc.greater(ts, 0)), ts, None)).as_py()
@@ -193,6 +199,8 @@ def _row_path(
             checks.append(pc.invert(pc.match_substring_regex(column, _PLAIN_DECIMAL)))
         elif kind == "zoned":
             checks.append(pc.invert(pc.match_substring_regex(column, _ZONED)))
+        elif kind == "uuid":
+            checks.append(pc.invert(pc.match_substring_regex(column, _UUID_TEXT)))
         elif kind == "date":
             checks.append(_outside(column, _MIN_DAYS, _MAX_DAYS))
         elif kind == "micros":
@@ -222,9 +230,9 @@ def _outside(column: Any, low: int, high: int) -> pa.Array:
     return pc.or_(pc.less(column, low), pc.greater(column, high))
 
 
-def _values(column: pa.ChunkedArray, spec: ColumnSpec, ticks: bool) -> list[Any]:
-    """The column's values as the row path's converter gives them, or their ticks (see convert); the
-    rows were checked by _row_path first."""
+def _values(column: pa.ChunkedArray, spec: ColumnSpec, native: bool) -> list[Any]:
+    """The column's values as the row path's converter gives them, or in clickhouse-connect's own form
+    (`native`, see convert); the rows were checked by _row_path first."""
     kind = spec.columnar
     if kind == "numeric_text":
         return pc.if_else(pc.equal(column, "NAN"), "NaN", column).to_pylist()
@@ -234,13 +242,13 @@ def _values(column: pa.ChunkedArray, spec: ColumnSpec, ticks: bool) -> list[Any]
         return pc.cast(column, target).to_pylist()
     if kind == "date":
         days = column.cast(pa.int32())
-        return days.to_pylist() if ticks else days.cast(pa.date32()).to_pylist()
+        return days.to_pylist() if native else days.cast(pa.date32()).to_pylist()
     if kind in ("micros", "millis", "zoned"):
         if kind == "zoned":
             micros = pc.cast(pc.cast(column, _UTC_MICROS), pa.int64())
         else:
             micros = column if kind == "micros" else pc.multiply(column, 1000)
-        return micros.to_pylist() if ticks else micros.cast(_UTC_MICROS).to_pylist()
+        return micros.to_pylist() if native else micros.cast(_UTC_MICROS).to_pylist()
     return column.to_pylist()
 
 

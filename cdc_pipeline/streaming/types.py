@@ -107,7 +107,7 @@ class ColumnSpec:
     source_length: str | None = None
     source_scale: str | None = None
     # How streaming/columnar.py converts the column's values column-wise (see COLUMNAR_KINDS), or None
-    # when only `convert` can (arrays, bytea, uuid, time, temporal text): the row then takes the row path.
+    # when only `convert` can (arrays, bytea, time, temporal text): the row then takes the row path.
     columnar: str | None = None
 
 
@@ -444,9 +444,9 @@ def value_converter(
 # Column-wise conversions (streaming/columnar.py), each giving exactly what `value_converter` gives:
 # int16/int32/int64/bool/float64 (JSON numbers and booleans), string (any text column), numeric_text
 # (unconstrained NUMERIC text), decimal (Decimal(p, s)), date (Date), micros (MicroTimestamp), millis
-# (Timestamp), zoned (ZonedTimestamp).
+# (Timestamp), zoned (ZonedTimestamp), uuid (Uuid, for ClickHouse alone).
 COLUMNAR_KINDS = ("int16", "int32", "int64", "bool", "float64", "string", "numeric_text", "decimal", "date",
-                  "micros", "millis", "zoned")  # fmt: skip
+                  "micros", "millis", "zoned", "uuid")  # fmt: skip
 
 
 def columnar_kind(field: dict[str, Any], out_of_range: OutOfRange = "dlq") -> str | None:
@@ -459,6 +459,8 @@ def columnar_kind(field: dict[str, Any], out_of_range: OutOfRange = "dlq") -> st
     temporal = {_DATE: "date", _MICRO_TIMESTAMP: "micros", _TIMESTAMP: "millis", _ZONED_TIMESTAMP: "zoned"}
     if name is not None:
         # Json, Enum, Interval and ZonedTime columns pass their text through like any other string.
+        if name == _UUID:
+            return "uuid"
         return temporal.get(name) or ("string" if name in (_JSON, _ENUM, _INTERVAL, _ZONED_TIME) else None)
     if kind in ("int16", "int32", "int64"):
         return kind
