@@ -54,7 +54,7 @@ from cdc_pipeline.streaming.batch import (
     snapshot_points,
     unanchored_topics,
 )
-from cdc_pipeline.streaming.columnar import Block
+from cdc_pipeline.streaming.columnar import UNAVAILABLE, Block
 from cdc_pipeline.streaming.dlq import DeadLetters
 from cdc_pipeline.streaming.envelope import decode_envelope, is_decoded, records_at, schema_from_prefix, version
 from cdc_pipeline.streaming.evolution import TypeConversionError
@@ -68,7 +68,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Debezium's `unavailable.value.placeholder` (its default) as it arrives for each kind of column.
-UNAVAILABLE = "__debezium_unavailable_value"
 _UNAVAILABLE_FORMS: tuple[Any, ...] = (
     UNAVAILABLE,
     base64.b64encode(UNAVAILABLE.encode()).decode(),  # bytea

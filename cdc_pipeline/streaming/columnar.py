@@ -30,8 +30,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pa_json
 
+from cdc_pipeline.streaming.envelope import version
 from cdc_pipeline.streaming.types import _MAX_DAYS, _MAX_MICROS, _MIN_DAYS, _MIN_MICROS, ColumnSpec
 
+# Debezium's `unavailable.value.placeholder` (its default): an unchanged TOASTed value.
 UNAVAILABLE = "__debezium_unavailable_value"
 
 # The JSON type Arrow parses each kind as (see types.COLUMNAR_KINDS).
@@ -131,7 +133,7 @@ def convert(
     # BatchStats.saw_source_ts: a source timestamp counts when it is in (0, _TS_LIMIT_MS).
     latest = pc.max(pc.if_else(pc.and_(in_range, pc.greater(ts, 0)), ts, None)).as_py()
     columns += [
-        [(c << 64) | h for c, h in zip(commit, change, strict=True)],
+        [version(c, h) for c, h in zip(commit, change, strict=True)],
         [0] * taken.num_rows,
         source_ts.to_pylist(),
     ]
@@ -198,7 +200,15 @@ def _row_path(
         if kind == "decimal":
             checks.append(pc.invert(pc.match_substring_regex(column, _PLAIN_DECIMAL)))
         elif kind == "zoned":
-            checks.append(pc.invert(pc.match_substring_regex(column, _ZONED)))
+            usable = pc.fill_null(pc.match_substring_regex(column, _ZONED), False)
+            # Outside ClickHouse's range once in UTC (read only where the form is Debezium's).
+            try:
+                micros = pc.cast(
+                    pc.cast(pc.if_else(usable, column, pa.scalar(None, pa.string())), _UTC_MICROS), pa.int64()
+                )
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                raise NotColumnar(f"column {name!r}: a timestamp Arrow cannot read") from None
+            checks += [pc.invert(usable), _outside(micros, _MIN_MICROS, _MAX_MICROS)]
         elif kind == "uuid":
             checks.append(pc.invert(pc.match_substring_regex(column, _UUID_TEXT)))
         elif kind == "date":
@@ -210,19 +220,6 @@ def _row_path(
         for check in checks:
             # A null check result is a null value, which the optional column may hold: not a reason.
             bad = pc.or_(bad, pc.fill_null(check, False))
-    if any(spec.columnar == "zoned" for spec in specs.values()):
-        # Outside ClickHouse's range once in UTC (checked on the rows the regex let through).
-        for name, spec in specs.items():
-            if spec.columnar != "zoned":
-                continue
-            column = parsed.column(name)
-            usable = pc.fill_null(pc.match_substring_regex(column, _ZONED), False)
-            micros = pc.if_else(usable, column, pa.scalar(None, pa.string()))
-            try:
-                parsed_micros = pc.cast(pc.cast(micros, _UTC_MICROS), pa.int64())
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                raise NotColumnar(f"column {name!r}: a timestamp Arrow cannot read") from None
-            bad = pc.or_(bad, pc.fill_null(_outside(parsed_micros, _MIN_MICROS, _MAX_MICROS), False))
     return bad
 
 
